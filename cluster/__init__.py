@@ -1,0 +1,1 @@
+"""maskpot cluster plumbing: SLURM env → ranks, sbatch rendering. Imports no other maskpot package."""

@@ -1,0 +1,1 @@
+"""maskpot data layer: readers, corpus generation, Ray sharding into WebDataset tars, streaming graphs."""

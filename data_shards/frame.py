@@ -1,0 +1,79 @@
+"""One labelled (or unlabelled) atomic structure, and the checks every reader applies to it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_shards.keys import MAX_Z
+
+MIN_PAIR_DISTANCE = 0.1  # Å; closer pairs are treated as corrupt input
+
+
+class FrameError(ValueError):
+    """Bad input, located precisely: which file, which frame, which field, and why."""
+
+    def __init__(self, source: str, frame: int | None, field_name: str, reason: str):
+        self.source, self.frame, self.field, self.reason = str(source), frame, field_name, reason
+        where = f"{source}" + (f", frame {frame}" if frame is not None else "")
+        super().__init__(f"{where}, field '{field_name}': {reason}")
+
+    def as_record(self) -> dict:
+        return {"source": self.source, "frame": self.frame, "field": self.field, "reason": self.reason}
+
+
+@dataclass
+class Frame:
+    """Arrays in Å / eV / eV/Å. `energy` and `forces` may be None for position-only corpora."""
+
+    species: np.ndarray                 # (n,) int64 atomic numbers
+    positions: np.ndarray               # (n, 3) float64 Å
+    cell: np.ndarray                    # (3, 3) float64 Å, zeros when not periodic
+    pbc: np.ndarray                     # (3,) bool
+    energy: float | None = None         # eV
+    forces: np.ndarray | None = None    # (n, 3) float64 eV/Å
+    source: str = ""                    # file or folder the frame was read from
+    index: int = 0                      # frame index inside `source`
+    info: dict = field(default_factory=dict)  # small json-able extras (e.g. group, seed)
+
+    @property
+    def natoms(self) -> int:
+        return int(self.species.shape[0])
+
+    def validate(self, require_labels: bool = True) -> "Frame":
+        """Raise FrameError naming source, frame and field on the first problem found."""
+        src, i = self.source, self.index
+
+        def bad(field_name: str, reason: str) -> FrameError:
+            return FrameError(src, i, field_name, reason)
+
+        n = self.species.shape[0] if self.species.ndim == 1 else -1
+        if n <= 0:
+            raise bad("species", "frame has no atoms" if n == 0 else f"shape {self.species.shape}, expected (n,)")
+        if not np.issubdtype(self.species.dtype, np.integer):
+            raise bad("species", f"dtype {self.species.dtype} is not integer")
+        if self.species.min() <= 0 or self.species.max() > MAX_Z:
+            z = int(self.species.min() if self.species.min() <= 0 else self.species.max())
+            raise bad("species", f"unknown element Z={z} (valid 1..{MAX_Z})")
+        if self.positions.shape != (n, 3):
+            raise bad("positions", f"shape {self.positions.shape}, expected ({n}, 3)")
+        if not np.isfinite(self.positions).all():
+            raise bad("positions", "contains NaN or infinite values")
+        if self.cell.shape != (3, 3) or not np.isfinite(self.cell).all():
+            raise bad("cell", f"shape {self.cell.shape} or non-finite values; expected finite (3, 3)")
+        if self.pbc.shape != (3,):
+            raise bad("pbc", f"shape {self.pbc.shape}, expected (3,)")
+        if self.pbc.any() and abs(np.linalg.det(self.cell)) < 1e-6:
+            raise bad("cell", "periodic frame with a singular (zero-volume) cell")
+        if require_labels and self.energy is None:
+            raise bad("energy", "missing")
+        if self.energy is not None and not np.isfinite(self.energy):
+            raise bad("energy", f"not finite ({self.energy})")
+        if require_labels and self.forces is None:
+            raise bad("forces", "missing")
+        if self.forces is not None:
+            if self.forces.shape != (n, 3):
+                raise bad("forces", f"shape {self.forces.shape}, expected ({n}, 3)")
+            if not np.isfinite(self.forces).all():
+                raise bad("forces", "contains NaN or infinite values")
+        return self

@@ -1,0 +1,1 @@
+"""maskpot finetuning: energy/force training from exports, MLflow tracking, evaluation, the CLI."""

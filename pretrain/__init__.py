@@ -1,0 +1,1 @@
+"""maskpot pretraining: GNN models, pretext transforms and losses, the DeepSpeed loop, exports."""
