@@ -1,0 +1,161 @@
+"""`generate tip3p` and `shards build|inspect|verify` sub-commands (also `python -m data_shards …`).
+
+Handlers are `func(args) -> int`. User errors are ValueError subclasses; the top-level CLI prints them
+as one line without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_shards.manifest import MANIFEST_DIR, QUARANTINE_NAME, SPLITS, load_manifest, verify_shards
+
+EXIT_USER_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _generate_tip3p(args) -> int:
+    from data_shards.tip3p import generate_tip3p
+
+    _setup_logging()
+    path = generate_tip3p(args.out, n_molecules=args.molecules, n_frames=args.frames, seed=args.seed,
+                          steps_between_frames=args.steps_between_frames, temperature=args.temperature)
+    print(f"wrote {args.frames} frames of {args.molecules} TIP3P waters to {path}")
+    return 0
+
+
+def _build(args) -> int:
+    from data_shards.build import build_shards
+
+    _setup_logging()
+    manifest = build_shards(args.inputs, args.out, shard_size=args.shard_size,
+                            split_fractions=tuple(args.split_fractions), ray_address=args.ray_address,
+                            num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial)
+    splits = ", ".join(f"{s} {manifest['splits'][s]['samples']}" for s in SPLITS)
+    totals = manifest["totals"]
+    print(f"wrote {len(manifest['shards'])} shards ({splits} samples) to {manifest[MANIFEST_DIR]}; "
+          f"{totals['quarantined']} of {totals['frames_read']} frames quarantined"
+          + (f" (see {QUARANTINE_NAME})" if totals["quarantined"] else ""))
+    return 0
+
+
+def _fmt(value, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.6g}{unit}"
+
+
+def _inspect(args) -> int:
+    m = load_manifest(args.dir)
+    t = m["totals"]
+    print(f"{m[MANIFEST_DIR]}: schema {m['schema_version']}, maskpot {m.get('maskpot_version')}, "
+          f"labelled {m.get('labelled')}")
+    print(f"frames read {t['frames_read']}, samples written {t['samples_written']}, quarantined {t['quarantined']}")
+    for split in SPLITS:
+        s = m["splits"][split]
+        print(f"  {split:5s} {s['samples']:8d} samples in {s['shards']} shards")
+    for inp in m.get("inputs", []):
+        print(f"  input {inp['path']} ({inp['format']}, {inp['frames']} frames, split {inp['split']})")
+    print("elements (atoms): " + ", ".join(f"Z={z}: {n}" for z, n in m.get("elements", {}).items()))
+    st = m.get("stats", {})
+    if st:
+        e0 = ", ".join(f"Z={z}: {v:.6f}" for z, v in st["e0"].items()) or "n/a"
+        print(f"stats ({st['split']}, {st['structures']} structures): E0 [eV] {e0}"
+              + (" (rank deficient: minimum-norm split)" if st["e0_rank_deficient"] else ""))
+        print(f"  energy per atom after E0: mean {_fmt(st['energy_per_atom_mean'], ' eV')}, "
+              f"std {_fmt(st['energy_per_atom_std'], ' eV')}")
+        per_z = ", ".join(f"Z={z}: {v:.4f}" for z, v in st["force_rms_per_element"].items())
+        print(f"  force RMS {_fmt(st['force_rms'], ' eV/Å')}" + (f" ({per_z})" if per_z else ""))
+    return 0
+
+
+def _verify(args) -> int:
+    problems = verify_shards(args.dir)
+    for line in problems:
+        print(line)
+    n = len(load_manifest(args.dir, check_files=False)["shards"])
+    if problems:
+        print(f"{len(problems)} problem(s) in {n} shards")
+        return 1
+    print(f"all {n} shards match the manifest (sha256 and size)")
+    return 0
+
+
+def _add_generate(subparsers) -> None:
+    gen = subparsers.add_parser("generate", help="generate a training corpus (flexible TIP3P water with OpenMM)")
+    kinds = gen.add_subparsers(dest="corpus", metavar="CORPUS", required=True)
+    p = kinds.add_parser("tip3p", help="flexible TIP3P water MD (OpenMM, PME, Langevin) → extxyz with energies "
+                                       "[eV] and forces [eV/Å]")
+    p.add_argument("--out", required=True, help="output folder for the extxyz corpus (created if missing)")
+    p.add_argument("--molecules", type=_positive_int, default=64,
+                   help="water molecules per periodic box (default: 64)")
+    p.add_argument("--frames", type=_positive_int, default=100, help="frames to write (default: 100)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for placement and velocities (default: 0)")
+    p.add_argument("--steps-between-frames", type=_positive_int, default=100,
+                   help="MD steps of 0.5 fs between written frames (default: 100 = 50 fs)")
+    p.add_argument("--temperature", type=float, default=300.0,
+                   help="thermostat temperature in K (default: 300)")
+    p.set_defaults(func=_generate_tip3p)
+
+
+def _add_shards(subparsers) -> None:
+    shards = subparsers.add_parser("shards", help="build, inspect and verify WebDataset shards")
+    actions = shards.add_subparsers(dest="action", metavar="ACTION", required=True)
+    b = actions.add_parser(
+        "build", help="convert extxyz files / DeePMD folders into shard-NNNNNN.tar + manifest.json (Ray)",
+        description="Inputs prefixed train=, val= or test= go wholly to that split; other inputs are cut in "
+                    "frame order into contiguous train/val/test blocks by --split-fractions. Invalid frames "
+                    "go to quarantine.jsonl and never stop the build.")
+    b.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="extxyz file or DeePMD system/root folder, optionally prefixed train=, val= or test=")
+    b.add_argument("--out", required=True, help="output folder for shards, manifest.json and quarantine.jsonl")
+    b.add_argument("--shard-size", type=_positive_int, default=1000,
+                   help="maximum frames per shard (default: 1000)")
+    b.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of each unprefixed input for train, val, test; must sum to 1 "
+                        "(default: 0.8 0.1 0.1)")
+    b.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster at HOST:PORT (from `ray start --head`); "
+                        "default: start a local Ray runtime in this process")
+    b.add_argument("--num-cpus", type=_positive_int, default=None,
+                   help="CPUs (parallel chunk writers) for the local Ray runtime (default: all cores)")
+    b.add_argument("--no-labels", action="store_true",
+                   help="accept frames without energy/forces (default: frames without labels are quarantined)")
+    b.add_argument("--serial", action="store_true",
+                   help="write chunks one after another in this process, without Ray (default: use Ray)")
+    b.set_defaults(func=_build)
+    i = actions.add_parser("inspect", help="print a manifest's splits, totals, elements and statistics "
+                                           "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
+    i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
+    i.set_defaults(func=_inspect)
+    v = actions.add_parser("verify", help="re-hash every shard (sha256) against the manifest; exit 1 on mismatch")
+    v.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
+    v.set_defaults(func=_verify)
+
+
+def add_commands(subparsers) -> None:
+    """Register `generate` and `shards` on the top-level parser's subparsers."""
+    _add_generate(subparsers)
+    _add_shards(subparsers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_shards",
+                                     description="maskpot data commands (units: Å, eV, eV/Å)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_commands(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,209 @@
+"""Manifest schema (`manifest.json`, schema_version 1), loading/verification, and training statistics.
+
+Statistics are merged from small per-shard partial sums (`StatsPartial`), so Ray tasks never send
+frames back to the driver: E0 per element comes from the normal equations XᵀX e = Xᵀy of the
+element-count matrix X, and the per-atom energy mean/std after E0 is expanded into sums that do not
+need E0 in advance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_shards.frame import Frame
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+QUARANTINE_NAME = "quarantine.jsonl"
+SPLITS = ("train", "val", "test")
+STATS_SPLIT = "train"
+MANIFEST_DIR = "manifest_dir"  # added by load_manifest (absolute folder); never written to disk
+RANK_RTOL = 1e-10  # singular values of XᵀX below this fraction of the largest count as zero
+
+log = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest or shard folder that cannot be used as it is; the message names the file."""
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {list(SPLITS)}")
+
+
+def manifest_file(dir_or_file: str | Path) -> Path:
+    p = Path(dir_or_file)
+    return p / MANIFEST_NAME if p.is_dir() else p
+
+
+def load_manifest(dir_or_file: str | Path, check_files: bool = True) -> dict:
+    """Read and check a manifest. The returned dict also holds MANIFEST_DIR (the absolute folder)."""
+    path = manifest_file(dir_or_file)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path} (build one with `maskpot shards build`)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON: {e}") from e
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    for section in ("shards", "splits", "totals"):
+        if section not in manifest:
+            raise ManifestError(f"{path}: missing section {section!r}")
+    folder = path.parent.resolve()
+    if check_files:
+        for shard in manifest["shards"]:
+            if not (folder / shard["name"]).is_file():
+                raise ManifestError(f"{path}: shard {shard['name']} is listed but missing from {folder}")
+    manifest[MANIFEST_DIR] = str(folder)
+    return manifest
+
+
+def shard_entries(manifest: dict, split: str) -> list[dict]:
+    """The manifest's shard records of one split, in manifest (build plan) order."""
+    _check_split(split)
+    return [s for s in manifest["shards"] if s["split"] == split]
+
+
+def shard_paths(manifest: dict, split: str) -> list[str]:
+    folder = Path(manifest[MANIFEST_DIR])
+    return [str(folder / s["name"]) for s in shard_entries(manifest, split)]
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(dir_or_file: str | Path) -> list[str]:
+    """Re-hash every listed shard. Returns one line per problem (missing, size or sha256 mismatch); [] if all match."""
+    manifest = load_manifest(dir_or_file, check_files=False)
+    folder = Path(manifest[MANIFEST_DIR])
+    problems = []
+    for shard in manifest["shards"]:
+        path = folder / shard["name"]
+        if not path.is_file():
+            problems.append(f"{shard['name']}: missing")
+            continue
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            problems.append(f"{shard['name']}: size {size} bytes, manifest says {shard['bytes']}")
+        digest = file_sha256(path)
+        if digest != shard["sha256"]:
+            problems.append(f"{shard['name']}: sha256 {digest[:16]}… does not match manifest {shard['sha256'][:16]}…")
+    return problems
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@dataclass
+class StatsPartial:
+    """Sums over labelled structures, mergeable across shards. `elements` index the vector/matrix axes.
+
+    With a_s = E_s / n_s (energy per atom) and u_s = x_s / n_s (composition fractions), the per-atom
+    residual after E0 is r_s = a_s - u_s·e0, so Σr and Σr² follow from Σa, Σa², Σu, Σa·u, Σu uᵀ.
+    """
+
+    elements: tuple[int, ...] = ()
+    structures: int = 0
+    xtx: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    xty: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sum_a: float = 0.0
+    sum_a2: float = 0.0
+    sum_u: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sum_au: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    sum_uu: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    force_sq: dict[int, float] = field(default_factory=dict)     # Σ|F|² per element, eV²/Å²
+    force_atoms: dict[int, int] = field(default_factory=dict)    # atoms with forces per element
+
+    def _embed(self, elements: tuple[int, ...]) -> "StatsPartial":
+        """The same sums on a larger element axis (zeros for elements this partial never saw)."""
+        idx = [elements.index(z) for z in self.elements]
+        k = len(elements)
+        out = StatsPartial(elements, self.structures, np.zeros((k, k)), np.zeros(k), self.sum_a, self.sum_a2,
+                           np.zeros(k), np.zeros(k), np.zeros((k, k)), dict(self.force_sq), dict(self.force_atoms))
+        out.xtx[np.ix_(idx, idx)] = self.xtx
+        out.xty[idx] = self.xty
+        out.sum_u[idx] = self.sum_u
+        out.sum_au[idx] = self.sum_au
+        out.sum_uu[np.ix_(idx, idx)] = self.sum_uu
+        return out
+
+    def merge(self, other: "StatsPartial") -> "StatsPartial":
+        elements = tuple(sorted(set(self.elements) | set(other.elements)))
+        a, b = self._embed(elements), other._embed(elements)
+        force_sq = {z: a.force_sq.get(z, 0.0) + b.force_sq.get(z, 0.0) for z in set(a.force_sq) | set(b.force_sq)}
+        force_atoms = {z: a.force_atoms.get(z, 0) + b.force_atoms.get(z, 0)
+                       for z in set(a.force_atoms) | set(b.force_atoms)}
+        return StatsPartial(elements, a.structures + b.structures, a.xtx + b.xtx, a.xty + b.xty,
+                            a.sum_a + b.sum_a, a.sum_a2 + b.sum_a2, a.sum_u + b.sum_u, a.sum_au + b.sum_au,
+                            a.sum_uu + b.sum_uu, force_sq, force_atoms)
+
+    def add_frame(self, frame: Frame) -> None:
+        """Account one validated frame in place (frames without labels add nothing)."""
+        species = np.asarray(frame.species)
+        if frame.forces is not None:
+            forces = np.asarray(frame.forces, dtype=np.float64)
+            zs, inverse = np.unique(species, return_inverse=True)
+            sq_per_z = np.bincount(inverse, weights=np.einsum("ij,ij->i", forces, forces))
+            for z, sq, count in zip(zs.tolist(), sq_per_z.tolist(), np.bincount(inverse).tolist()):
+                self.force_sq[z] = self.force_sq.get(z, 0.0) + sq
+                self.force_atoms[z] = self.force_atoms.get(z, 0) + count
+        if frame.energy is None:
+            return
+        zs, counts = np.unique(species, return_counts=True)
+        x = counts.astype(np.float64)
+        n, energy = float(species.shape[0]), float(frame.energy)
+        a, u = energy / n, x / n
+        one = StatsPartial(tuple(zs.tolist()), 1, np.outer(x, x), x * energy, a, a * a, u, a * u, np.outer(u, u))
+        merged = self.merge(one)
+        self.__dict__.update(merged.__dict__)
+
+
+def finalize_stats(partial: StatsPartial) -> dict:
+    """Merged partial sums → the manifest's `stats` section (E0 by least squares, residual mean/std, force RMS)."""
+    force_atoms = sum(partial.force_atoms.values())
+    force_rms = (float(np.sqrt(sum(partial.force_sq.values()) / (3 * force_atoms))) if force_atoms else None)
+    per_element = {str(z): float(np.sqrt(partial.force_sq[z] / (3 * partial.force_atoms[z])))
+                   for z in sorted(partial.force_atoms) if partial.force_atoms[z]}
+    stats = {"split": STATS_SPLIT, "structures": partial.structures, "e0": {}, "e0_rank_deficient": False,
+             "energy_per_atom_mean": None, "energy_per_atom_std": None,
+             "force_rms": force_rms, "force_rms_per_element": per_element}
+    if partial.structures == 0:
+        return stats
+    singular = np.linalg.svd(partial.xtx, compute_uv=False)
+    rank = int((singular > RANK_RTOL * singular.max()).sum())
+    deficient = rank < len(partial.elements)
+    if deficient:
+        log.warning(
+            "E0 per element is not identifiable from the training set: element counts are collinear "
+            "(rank %d < %d elements %s; e.g. pure water always has n_H = 2 n_O). Using the minimum-norm "
+            "least-squares E0: it predicts structure energies of these compositions correctly, but the "
+            "split of the offset between elements is arbitrary.", rank, len(partial.elements), list(partial.elements))
+    e0, *_ = np.linalg.lstsq(partial.xtx, partial.xty, rcond=RANK_RTOL)
+    n = partial.structures
+    mean = (partial.sum_a - partial.sum_u @ e0) / n
+    mean_sq = (partial.sum_a2 - 2.0 * partial.sum_au @ e0 + e0 @ partial.sum_uu @ e0) / n
+    stats.update(
+        e0={str(z): float(v) for z, v in zip(partial.elements, e0)},
+        e0_rank_deficient=bool(deficient),
+        energy_per_atom_mean=float(mean),
+        energy_per_atom_std=float(np.sqrt(max(mean_sq - mean * mean, 0.0))),
+    )
+    return stats
