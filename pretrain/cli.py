@@ -1,0 +1,52 @@
+"""`maskpot pretrain`: validate the config here, then launch one process per rank with torchrun."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+import torch
+
+from data_shards.config_io import load_config, parse_dotted_overrides
+from data_shards.manifest import load_manifest
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="masked (or denoising) pretraining with DeepSpeed, one process per rank",
+        description="Validates the config, then runs `torchrun --standalone --nproc_per_node N -m pretrain`. "
+                    "Output: OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/, OUT_DIR/export/ (model for finetuning).",
+    )
+    p.add_argument("--config", required=True, help="pretraining YAML (see configs/pretrain_tiny.yaml)")
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
+    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="e.g. train.max_steps=50 deepspeed.zero_stage=2")
+    p.add_argument("--resume", default="auto",
+                   help="auto: continue from OUT_DIR/checkpoints when present (default); never; or a PATH")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume even though the config or the data manifest differs from the checkpoint's")
+    p.set_defaults(func=run)
+
+
+def launch_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "pretrain", "--config", str(args.config), "--resume", args.resume]
+    if args.override:
+        cmd += ["--override", *args.override]
+    if args.allow_config_change:
+        cmd.append("--allow-config-change")
+    return cmd
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.config import PretrainConfig
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
+    load_manifest(cfg.data.manifest_dir)  # a missing or broken shard set fails here, before any rank starts
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    return subprocess.run(launch_command(args), env=env).returncode

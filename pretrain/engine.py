@@ -1,0 +1,133 @@
+"""DeepSpeed plumbing: the JSON config generated from `PretrainConfig`, process-group setup, the engine.
+
+The DeepSpeed JSON is never edited by hand: `deepspeed_config(cfg)` derives it from the dataclass and
+`build_engine` writes a copy into the run folder for the record.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+
+import torch
+
+from data_shards import keys as K
+from pretrain.config import PretrainConfig
+
+STEPS_PER_PRINT_NEVER = 10**9
+
+
+def deepspeed_config(cfg: PretrainConfig) -> dict:
+    """DeepSpeed JSON for `cfg`.
+
+    One micro batch is one loader batch: the loader already packs `data.batch_size` structures into a
+    single torch_geometric graph, and DeepSpeed never slices it. So train_micro_batch_size_per_gpu is 1
+    (it only enters DeepSpeed's bookkeeping: train_batch_size = 1 × accumulation × world size, which
+    DeepSpeed derives itself, so the JSON does not depend on the launch).
+    """
+    ds = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": STEPS_PER_PRINT_NEVER,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or, run alone, create) the process group; returns (rank, world_size).
+
+    torchrun, the deepspeed launcher and `cluster.launch` set RANK/WORLD_SIZE/MASTER_*; a bare
+    `python -m pretrain` becomes a one-process group. CPU-only machines use gloo.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    # Otherwise the first initialize JIT-compiles a shared-memory allreduce (about 1-2 minutes on CPU).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on weight matrices only; none on biases, norm scales, embeddings."""
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or id(p) in embedding_weights else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
+    """Multiplier of `lr` after `step` optimizer steps: linear warm-up, then half-cosine to min_lr."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    floor = min_lr / lr
+    span = max(1, decay_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr)
+    decay_steps = o.decay_steps or cfg.train.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, o.lr, o.min_lr, o.warmup_steps, decay_steps))
+    return optimizer, scheduler
+
+
+def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Path | None = None):
+    """deepspeed.initialize with a torch AdamW (DeepSpeed's own Adam would JIT-compile) and LR schedule."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg)
+    if run_dir is not None and torch.distributed.get_rank() == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    optimizer, scheduler = build_optimizer(cfg, model)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=ds_config)
+    return engine
+
+
+MODEL_INPUT_FLOATS = (K.POSITIONS, K.SHIFT_VECTORS, K.CELL)
+
+
+def to_model_precision(batch, engine):
+    """Move the batch to the engine's device and its geometry to the weights' dtype (bf16 runs).
+
+    DeepSpeed bf16 casts the weights, so the model computes in bf16 throughout: coordinates are then
+    rounded to ~0.03-0.06 Å in a 12 Å box. Targets stay fp32 and losses are taken in fp32.
+    """
+    batch = batch.to(device_of(engine))
+    dtype = next(engine.module.parameters()).dtype
+    for key in MODEL_INPUT_FLOATS:
+        if key in batch and batch[key].is_floating_point() and batch[key].dtype != dtype:
+            batch[key] = batch[key].to(dtype)
+    return batch
+
+
+def device_of(engine) -> torch.device:
+    return torch.device(engine.device) if hasattr(engine, "device") else torch.device("cpu")

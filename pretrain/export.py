@@ -1,0 +1,98 @@
+"""Model-only exports: `model.safetensors` (weights and buffers) + `model.json` (how to rebuild it).
+
+model.json, format_version 1:
+  {"format_version": 1, "model": "egnn", "params": {...architecture...}, "cutoff": Å,
+   "species": [Z, ...], "normalisation": {"energy_scale": float, "e0": {"Z": eV}},
+   "lineage": {"config_sha256", "manifest_sha256", "maskpot_version", "pretrain_objective", "steps"}}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+REQUIRED_META = ("model", "params", "cutoff", "species", "normalisation", "lineage")
+
+
+def save_export(model: torch.nn.Module, directory: str | Path, meta: dict) -> Path:
+    """Write the export folder; float tensors are stored as fp32 whatever the training precision."""
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"export meta lacks {missing}; required: {list(REQUIRED_META)}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        tensors[name] = (t.float() if t.is_floating_point() else t).contiguous().clone()
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+    (directory / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=2) + "\n")
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    directory = Path(directory)
+    path = directory / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: not a maskpot export ({META_FILE} missing)")
+    meta = json.loads(path.read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: format_version missing or not an integer ({version!r})")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version} is newer than this maskpot reads "
+                         f"(up to {FORMAT_VERSION}); upgrade maskpot to load it")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: missing fields {missing}")
+    return meta
+
+
+def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from model.json and load its weights, strictly: every key must match."""
+    from pretrain.models import build_model
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    model = build_model(meta["model"], meta["params"])
+    weights = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match model {meta['model']!r} "
+                         f"with params {meta['params']}: missing keys {missing}, unexpected keys {unexpected}")
+    model.load_state_dict(weights, strict=True)
+    norm = meta["normalisation"]
+    model.set_normalisation(float(norm["energy_scale"]), {int(z): float(v) for z, v in norm["e0"].items()})
+    return model, meta
+
+
+def normalisation_from_stats(manifest: dict) -> dict:
+    """{"energy_scale", "e0"} from manifest statistics.
+
+    energy_scale = force_rms (eV/Å). The per-atom network's gradient is O(1) per Å at initialisation, so
+    F = -energy_scale · ∂Σe/∂r starts at the data's force scale; energy_per_atom_std is not used because
+    for fixed-composition boxes E0 absorbs almost all energy variance and that std is tiny (forces
+    would start orders of magnitude too small). e0 is the per-element least-squares reference energy.
+    An unlabelled corpus has no statistics: scale 1, no E0.
+    """
+    stats = manifest.get("stats") or {}
+    scale = stats.get("force_rms")
+    return {"energy_scale": float(scale) if scale and scale > 0 else 1.0,
+            "e0": {str(z): float(v) for z, v in (stats.get("e0") or {}).items()}}
+
+
+def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The engine's model state with fp32 master weights. Collective under ZeRO / bf16: call on every rank."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    for name, param in engine.module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        state[name] = (master if master is not None else param).detach().float().cpu().clone()
+    return state

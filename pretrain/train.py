@@ -1,0 +1,289 @@
+"""The pretraining loop, one process per rank: `python -m pretrain --config run.yaml` (under torchrun).
+
+Each optimizer step takes `gradient_accumulation_steps` batches per rank; a batch whose loss is not
+finite on any rank is skipped on every rank. Ranks always consume the same number of batches per epoch,
+so no collective can hang on a rank that ran out of data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from data_shards import keys as K
+from data_shards.config_io import config_hash, load_config, parse_dotted_overrides, to_dict
+from data_shards.manifest import load_manifest
+from data_shards.stream import ShardStream
+from pretrain import checkpoint as ckpt
+from pretrain.config import PretrainConfig
+from pretrain.engine import build_engine, init_distributed, to_model_precision
+from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
+from pretrain.models import build_model
+from pretrain.objectives import cosine_mask_loss, denoise_loss
+
+MAX_CONSECUTIVE_NONFINITE = 50
+log = logging.getLogger("pretrain")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain", description="One rank of masked pretraining.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", default="auto", help="auto (default) | never | PATH to checkpoints or a tag")
+    p.add_argument("--allow-config-change", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
+    rank, world_size = init_distributed()
+    quiet_libraries(rank)
+    out_dir = Path(cfg.train.out_dir)
+    manifest = load_manifest(cfg.data.manifest_dir)
+    manifest_hash = ckpt.manifest_sha256(cfg.data.manifest_dir)
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, cfg.model.params)
+    norm = normalisation_from_stats(manifest)
+    model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
+    engine = build_engine(cfg, model, out_dir)
+
+    state = ckpt.TrainState()
+    resume_from = ckpt.resolve_resume(args.resume, out_dir)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(engine, *resume_from, cfg, manifest_hash, args.allow_config_change)
+        log.warning("rank %d resumed from %s at step %d", rank, resume_from[0] / resume_from[1], state.step)
+
+    batches = LockstepBatches(make_stream(cfg, cfg.data.train_split, rank, world_size),
+                              state.epoch, state.batches_in_epoch)
+    validate = make_validator(cfg, manifest, rank, world_size)
+    metrics = MetricsLog(out_dir / "metrics.jsonl", rank, cfg)
+    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
+               **({"disable": True} if rank else {}))  # rank 0 honours TQDM_DISABLE
+
+    while state.step < cfg.train.max_steps:
+        started = time.perf_counter()
+        loss = train_step(engine, cfg, batches, state)
+        state.step += 1
+        state.epoch, state.batches_in_epoch = batches.position()
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(1)
+        metrics.train(state, loss, engine.get_lr()[0], time.perf_counter() - started)
+        last = state.step == cfg.train.max_steps
+        if validate and (state.step % cfg.train.val_every == 0 or last):
+            if keep_if_best(state, validate(engine), metrics):
+                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank)
+        if last or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
+            ckpt.save_checkpoint(engine, out_dir, state, cfg, manifest_hash, cfg.train.keep_last)
+
+    if state.best_step < 0:  # no validation (or never a finite one): export the final weights
+        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank)
+    bar.close()
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def keep_if_best(state: ckpt.TrainState, val_loss: float, metrics: MetricsLog) -> bool:
+    improved = val_loss < state.best_val
+    if improved:
+        state.best_val, state.best_step = val_loss, state.step
+    metrics.validation(state, val_loss)
+    return improved
+
+
+def quiet_libraries(rank: int) -> None:
+    logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    from deepspeed.utils import logger as ds_logger
+    ds_logger.setLevel(logging.WARNING)
+
+
+def make_transform(cfg: PretrainConfig, seed: int):
+    from pretrain import transforms as T
+
+    o = cfg.objective
+    if o.kind == "mask":
+        return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
+    if o.kind == "denoise":
+        return T.Denoising(o.noise_sigma, seed)
+    return T.MaskDenoise(o.mask_ratio, o.noise_sigma, seed, grouping=o.water_grouping)
+
+
+def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, seed: int | None = None):
+    d = cfg.data
+    seed = cfg.train.seed if seed is None else seed
+    return ShardStream(d.manifest_dir, split, d.batch_size, cfg.model.cutoff, rank=rank, world_size=world_size,
+                       num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer if split == d.train_split else 0,
+                       seed=seed, transform=make_transform(cfg, seed), limit=d.limit)
+
+
+def all_ranks(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+class LockstepBatches:
+    """Batches of one split, epoch after epoch; an epoch ends for every rank when any rank runs dry."""
+
+    def __init__(self, stream, epoch: int = 0, skip: int = 0):
+        self.stream, self.epoch = stream, epoch
+        self._start()
+        for _ in range(skip):  # resume: the same epoch draws the same batches, so skip those done
+            next(self.iterator)
+        self.consumed = skip
+
+    def _start(self) -> None:
+        self.stream.set_epoch(self.epoch)
+        self.iterator, self.consumed = iter(self.stream), 0
+
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.consumed
+
+    def next(self):
+        for _ in range(2):
+            batch = next(self.iterator, None)
+            if all_ranks(batch is not None):
+                self.consumed += 1
+                return batch
+            self.epoch += 1
+            self._start()
+        raise RuntimeError("the training split yields no batch on at least one rank: use fewer ranks, "
+                           "a smaller data.batch_size, or more shards")
+
+    def close(self) -> None:
+        self.iterator = None
+
+
+def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
+    batch = to_model_precision(batch, engine)
+    out = engine(batch, compute_forces=True)
+    pred = out[K.PRED_FORCES].float()
+    loss = pred.new_zeros(())
+    if cfg.objective.uses_mask:
+        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
+                                       pooled=cfg.objective.pooled_cosine)
+    if cfg.objective.uses_denoise:
+        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
+    return loss
+
+
+def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
+    """(finite on every rank, mean over ranks) with one all-reduce."""
+    value = loss.detach().float().cpu()
+    finite = bool(torch.isfinite(value))
+    t = torch.tensor([1.0 if finite else 0.0, value.item() if finite else 0.0], dtype=torch.float64)
+    dist.all_reduce(t)
+    world = dist.get_world_size()
+    return t[0].item() == world, t[1].item() / world
+
+
+def train_step(engine, cfg: PretrainConfig, batches: LockstepBatches, state: ckpt.TrainState) -> float:
+    """One optimizer step; returns the rank-mean loss of its micro batches."""
+    losses, nonfinite_run = [], 0
+    while len(losses) < cfg.deepspeed.gradient_accumulation_steps:
+        loss = pretext_loss(cfg, engine, batches.next())
+        finite, mean_loss = agree_on_loss(loss)
+        if not finite:
+            state.skipped_nonfinite += 1
+            nonfinite_run += 1
+            log.warning("step %d: non-finite loss on some rank, batch skipped (%d so far)",
+                        state.step + 1, state.skipped_nonfinite)
+            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses: training diverged")
+            continue
+        engine.backward(loss)
+        engine.step()
+        losses.append(mean_loss)
+    return sum(losses) / len(losses)
+
+
+def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: int):
+    """A callable engine → mean validation pretext loss, or None when validation is off."""
+    split = cfg.data.val_split
+    if not cfg.train.val_every or not split or not manifest.get("splits", {}).get(split, {}).get("samples"):
+        if rank == 0 and cfg.train.val_every:
+            log.warning("no validation: split %r is empty or absent; exporting the final weights", split)
+        return None
+    stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
+
+    def validate(engine) -> float:
+        engine.eval()
+        stream.set_epoch(0)  # fixed masks: the same epoch and seed every time
+        batches = iter(stream)
+        total = torch.zeros(2, dtype=torch.float64)
+        for _ in range(cfg.train.val_batches):
+            batch = next(batches, None)
+            if not all_ranks(batch is not None):
+                break
+            total += torch.tensor([pretext_loss(cfg, engine, batch).detach().item(), 1.0], dtype=torch.float64)
+        dist.all_reduce(total)
+        engine.train()
+        return total[0].item() / max(total[1].item(), 1.0)
+
+    return validate
+
+
+def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str, step: int,
+                 out_dir: Path, rank: int) -> None:
+    """Collective (fp32 master weights are gathered); rank 0 writes out_dir/export/."""
+    state = fp32_state_dict(engine)
+    if rank != 0:
+        return
+    model = build_model(cfg.model.name, cfg.model.params)
+    model.load_state_dict(state)
+    meta = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff,
+            "species": sorted(int(z) for z in manifest.get("elements", {})),
+            "normalisation": normalisation_from_stats(manifest),
+            "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,
+                        "maskpot_version": metadata.version("maskpot"),
+                        "pretrain_objective": cfg.objective.kind, "steps": step}}
+    save_export(model, out_dir / "export", meta)
+
+
+class MetricsLog:
+    """Rank 0 appends one json line per logged step (and per validation) to metrics.jsonl."""
+
+    def __init__(self, path: Path, rank: int, cfg: PretrainConfig):
+        self.file = path.open("a") if rank == 0 else None
+        self.every = cfg.train.log_every
+        self.structures_per_step = (cfg.data.batch_size * dist.get_world_size()
+                                    * cfg.deepspeed.gradient_accumulation_steps)
+        self.losses: list[float] = []
+        self.seconds = 0.0
+
+    def _write(self, record: dict) -> None:
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def train(self, state: ckpt.TrainState, loss: float, lr: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.seconds += seconds
+        if state.step % self.every:
+            return
+        steps_per_s = len(self.losses) / self.seconds
+        self._write({"step": state.step, "epoch": state.epoch, "loss": sum(self.losses) / len(self.losses),
+                     "lr": lr, "steps_per_s": steps_per_s, "skipped_nonfinite": state.skipped_nonfinite,
+                     "structures_per_s": steps_per_s * self.structures_per_step})
+        self.losses, self.seconds = [], 0.0
+
+    def validation(self, state: ckpt.TrainState, val_loss: float) -> None:
+        self._write({"step": state.step, "val_loss": val_loss, "best_val": state.best_val,
+                     "best_step": state.best_step})
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
