@@ -1,0 +1,186 @@
+"""`FinetuneConfig`: one dataclass per section, each validated when built (ValueError lists valid options).
+
+Load with `data_shards.config_io.load_config(FinetuneConfig, path, overrides)`. Checks that need the
+files themselves (the manifest's splits, the init export's format_version) run in
+`finetune.train.check_inputs`, still before anything is trained or written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from data_shards.config_io import to_dict
+from data_shards.manifest import SPLITS
+from pretrain.config import ModelConfig
+from pretrain.objectives import LOSS_KINDS
+
+SCHEDULES = ("cosine", "constant")
+DEVICES = ("cpu", "cuda", "auto")
+DB_SCHEMES = ("postgresql", "mysql", "mssql")
+URI_FORMS = ("sqlite:///ABSOLUTE/PATH.db", "http://HOST:PORT", "https://HOST[:PORT]", "file:///ABSOLUTE/DIR",
+             "postgresql://USER@HOST/DB (also mysql, mssql)")
+
+__all__ = ["FinetuneConfig", "DataConfig", "ModelConfig", "OptimConfig", "LossConfig", "TrainConfig",
+           "TrackingConfig", "check_tracking_uri", "flatten_config"]
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_split(name: str, value: str, allow_empty: bool) -> None:
+    if allow_empty and value == "":
+        return
+    _require(value in SPLITS, f"{name} {value!r} is not one of {list(SPLITS)}"
+             + (" (or '' for none)" if allow_empty else ""))
+
+
+@dataclass
+class DataConfig:
+    manifest_dir: str = ""
+    train_split: str = "train"
+    val_split: str = "val"              # required: the best model is chosen on it
+    test_split: str = "test"            # "" skips the final test evaluation
+    train_frames: int | None = None     # labelled budget: the first N training frames (manifest order)
+    batch_size: int = 4                 # structures per step
+    num_workers: int = 0
+    shuffle_buffer: int = 0             # samples; 0 keeps manifest order
+    val_batches: int | None = None      # batches per validation; None = the whole split
+
+    def __post_init__(self):
+        _require(bool(self.manifest_dir), "data.manifest_dir is required (folder holding manifest.json)")
+        _check_split("data.train_split", self.train_split, allow_empty=False)
+        _require(self.val_split != "", "data.val_split is empty: finetuning keeps the model with the best "
+                                       f"validation force RMSE, so name one of {list(SPLITS)}")
+        _check_split("data.val_split", self.val_split, allow_empty=False)
+        _check_split("data.test_split", self.test_split, allow_empty=True)
+        _require(self.train_frames is None or self.train_frames >= 1,
+                 f"data.train_frames must be >= 1 or null (all), got {self.train_frames}")
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        _require(self.val_batches is None or self.val_batches >= 1,
+                 f"data.val_batches must be >= 1 or null (whole split), got {self.val_batches}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    min_lr: float = 1e-5
+    grad_clip: float = 10.0             # max gradient norm; 0 disables clipping
+    schedule: str = "cosine"            # cosine: warm-up then half-cosine to min_lr at train.max_steps
+
+    def __post_init__(self):
+        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.schedule in SCHEDULES, f"optim.schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
+
+
+@dataclass
+class LossConfig:
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    kind: str = "l2"                    # l1 | l2 | huber, on errors divided by the energy scale
+    huber_delta: float = 1.0            # in those normalised units
+
+    def __post_init__(self):
+        _require(self.energy_weight >= 0 and self.force_weight >= 0,
+                 f"loss weights must be >= 0, got energy {self.energy_weight}, force {self.force_weight}")
+        _require(self.energy_weight + self.force_weight > 0, "loss.energy_weight and loss.force_weight are both 0")
+        _require(self.kind in LOSS_KINDS, f"loss.kind {self.kind!r} is not one of {list(LOSS_KINDS)}")
+        _require(self.huber_delta > 0, f"loss.huber_delta must be > 0, got {self.huber_delta}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    eval_every: int = 100               # validation every N steps (and at step 0 and the last step)
+    log_every: int = 10                 # train metrics are averaged and sent to MLflow every N steps
+    seed: int = 0
+    out_dir: str = "runs/finetune"
+    device: str = "auto"                # cpu | cuda | auto (cuda when available)
+    ema_decay: float | None = None      # e.g. 0.99: validate, keep and export an EMA of the weights
+
+    def __post_init__(self):
+        _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
+        _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
+        _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
+        _require(bool(self.out_dir), "train.out_dir is required")
+        _require(self.device in DEVICES, f"train.device {self.device!r} is not one of {list(DEVICES)}")
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+                 f"train.ema_decay must be in (0, 1) or null (off), got {self.ema_decay}")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """ValueError unless `uri` is a tracking URI MLflow can use without guessing."""
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    bad = f"tracking.uri {uri!r} is malformed; valid forms: {list(URI_FORMS)}"
+    if scheme == "sqlite":
+        _require(uri.startswith("sqlite:///") and len(uri) > len("sqlite:///"), bad)
+    elif scheme in ("http", "https"):
+        _require(bool(parsed.hostname), bad)
+        try:
+            parsed.port  # noqa: B018 - raises on a non-numeric or out-of-range port
+        except ValueError:
+            raise ValueError(bad) from None
+    elif scheme == "file":
+        _require(bool(parsed.path) and parsed.netloc in ("", "localhost"), bad)
+    elif scheme in DB_SCHEMES:
+        _require(bool(parsed.hostname) and bool(parsed.path.strip("/")), bad)
+    else:
+        raise ValueError(bad)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None              # None: sqlite:///<train.out_dir>/mlflow.db, artifacts in out_dir
+    experiment: str = "maskpot-finetune"
+    run_name: str | None = None
+    tags: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.uri is not None:
+            check_tracking_uri(self.uri)
+        _require(bool(self.experiment.strip()), "tracking.experiment must be a non-empty name")
+        bad = [k for k, v in self.tags.items() if not isinstance(k, str) or isinstance(v, (dict, list))]
+        _require(not bad, f"tracking.tags must map names to scalars; bad entries: {bad}")
+
+    def resolved_uri(self, out_dir: str | Path) -> str:
+        return self.uri or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+
+
+@dataclass
+class FinetuneConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # ignored (with a note) when `init` is set
+    init: str | None = None             # pretrain export folder (model.json + model.safetensors)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        _require(self.init is None or bool(self.init), "init must be an export folder or null (from scratch)")
+
+
+def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"data.batch_size": 4, "model.params.hidden": 16, ...}: every leaf under its dotted path."""
+    source = to_dict(cfg) if not isinstance(cfg, dict) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in source.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten_config(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,240 @@
+"""A small MLflow wrapper for one finetuning run that never stops training when tracking fails.
+
+Everything logged goes into a journal first (params, tags, metric batches, artifact paths) and is sent
+from there. When the tracking store cannot be reached (a server that is down at the start, or a request
+that fails mid-run) a warning says so once, training goes on, and the unsent part of the journal is
+retried at `finish()`. If it still cannot be sent, it is written to OUT_DIR/mlflow_pending.json and
+`replay_pending(file)` sends it later.
+
+Default store: `sqlite:///<out_dir>/mlflow.db` with artifacts under <out_dir>/mlartifacts (any sqlite
+store keeps new experiments' artifacts in `mlartifacts/` beside the database file). An
+`http://HOST:PORT` URI talks to an `mlflow server` (artifacts proxied by the server). Only the process
+that trains creates a Tracker (finetuning is single-process).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.config import TrackingConfig
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+log = logging.getLogger("finetune.tracking")
+
+ARTIFACTS_DIR = "mlartifacts"
+PENDING_FILE = "mlflow_pending.json"
+HEALTH_TIMEOUT_S = 5.0
+# mlflow's own defaults (7 retries, exponential backoff, 120 s timeout) would stall training for minutes
+# on a dead server; ours fail within seconds and fall back to the journal. Env values set by the user win.
+HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MAX_PARAM_CHARS = 6000
+MAX_BATCH_METRICS = 1000
+MAX_BATCH_PARAMS_TAGS = 100
+
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def server_is_up(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> bool:
+    """GET <uri>/health of an mlflow server; local stores (sqlite, file, databases) count as up."""
+    if not is_http(uri):
+        return True
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 1] + "…"
+
+
+@dataclass
+class Journal:
+    """What the run should hold, in order; `sent` counts the entries already in the store."""
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    entries: list[dict] = field(default_factory=list)   # {"metrics": [[key, value, ms, step], ...]} | {"artifact": ...}
+    sent: int = 0
+    header_sent: bool = False
+
+    def to_json(self) -> dict:
+        return {"params": self.params, "tags": self.tags, "entries": self.entries[self.sent:]}
+
+
+class Tracker:
+    """One MLflow run. Methods never raise on tracking-store errors (they warn and buffer instead)."""
+
+    def __init__(self, cfg: TrackingConfig, out_dir: str | Path):
+        self.enabled = cfg.enabled
+        self.out_dir = Path(out_dir)
+        self.uri = cfg.resolved_uri(out_dir)
+        self.experiment_name = cfg.experiment
+        self.run_name = cfg.run_name
+        self.journal = Journal(tags={str(k): str(v) for k, v in cfg.tags.items()})
+        self.pending_metrics: list[list] = []
+        self.client = None
+        self.experiment_id: str | None = None
+        self.run_id: str | None = None
+        self.offline = False
+        if self.enabled and is_http(self.uri):
+            for name, value in HTTP_ENV_DEFAULTS.items():
+                os.environ.setdefault(name, value)
+
+    # --- what the training loop calls --------------------------------------------------------------
+    def start(self, params: dict[str, Any], tags: dict[str, Any]) -> None:
+        self.journal.params.update({k: _param_value(v) for k, v in params.items()})
+        self.journal.tags.update({k: str(v) for k, v in tags.items()})
+        if not self.enabled:
+            return
+        if not server_is_up(self.uri):
+            self._go_offline(f"no MLflow server answers at {self.uri}/health")
+            return
+        self._send()
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        ms = int(time.time() * 1000)
+        self.pending_metrics += [[k, float(v), ms, int(step)] for k, v in metrics.items()]
+
+    def flush(self) -> None:
+        """Move buffered metrics into the journal and send it (unless offline: then at `finish`)."""
+        if self.pending_metrics:
+            self.journal.entries.append({"metrics": self.pending_metrics})
+            self.pending_metrics = []
+        if self.enabled and not self.offline:
+            self._send()
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a whole folder (its contents go under `artifact_path`)."""
+        self.journal.entries.append({"artifact": str(Path(path).resolve()), "artifact_path": artifact_path})
+        self.flush()
+
+    def finish(self, status: str = "FINISHED") -> dict:
+        """Send what is left (retrying once if offline), end the run; returns where it went."""
+        self.flush()
+        if self.enabled and self.offline:
+            if server_is_up(self.uri):
+                log.warning("MLflow store %s reachable again: sending the buffered run", self.uri)
+                self.offline = False
+                self._send()
+            if self.offline:
+                self._write_pending()
+        if self.enabled and not self.offline and self.run_id is not None:
+            try:
+                self.client.set_terminated(self.run_id, status=status)
+            except Exception as e:  # noqa: BLE001 - tracking must never end a finished training
+                log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, e)
+        return {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
+                "complete": self.enabled and not self.offline and self.run_id is not None,
+                "pending_file": str(self.out_dir / PENDING_FILE) if self.enabled and self.offline else None}
+
+    # --- sending -----------------------------------------------------------------------------------
+    def _go_offline(self, reason: str) -> None:
+        if not self.offline:
+            log.warning("MLflow tracking unavailable (%s); training continues, metrics are buffered and "
+                        "retried at the end (then written to %s)", reason, self.out_dir / PENDING_FILE)
+        self.offline = True
+
+    def _send(self) -> None:
+        try:
+            self._ensure_run()
+            self._send_header()
+            while self.journal.sent < len(self.journal.entries):
+                self._send_entry(self.journal.entries[self.journal.sent])
+                self.journal.sent += 1
+        except Exception as e:  # noqa: BLE001 - any store/network failure: buffer and carry on
+            self._go_offline(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+    def _ensure_run(self) -> None:
+        if self.run_id is not None:
+            return
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=self.uri)
+        experiment = self.client.get_experiment_by_name(self.experiment_name)
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(self.experiment_name,
+                                                               artifact_location=self._artifact_location())
+        else:
+            if experiment.lifecycle_stage == "deleted":
+                self.client.restore_experiment(experiment.experiment_id)
+            self.experiment_id = experiment.experiment_id
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name)
+        self.run_id = run.info.run_id
+
+    def _artifact_location(self) -> str | None:
+        """Next to a sqlite file (inside out_dir for the default store); the server's own for http."""
+        if is_http(self.uri) or self.uri.startswith("file:"):
+            return None
+        if self.uri.startswith("sqlite:///"):
+            return (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / ARTIFACTS_DIR).as_uri()
+        return (self.out_dir / ARTIFACTS_DIR).resolve().as_uri()
+
+    def _send_header(self) -> None:
+        if self.journal.header_sent:
+            return
+        from mlflow.entities import Param, RunTag
+
+        params = [Param(k, v) for k, v in self.journal.params.items()]
+        tags = [RunTag(k, v) for k, v in self.journal.tags.items()]
+        for i in range(0, len(params), MAX_BATCH_PARAMS_TAGS):
+            self.client.log_batch(self.run_id, params=params[i:i + MAX_BATCH_PARAMS_TAGS])
+        for i in range(0, len(tags), MAX_BATCH_PARAMS_TAGS):
+            self.client.log_batch(self.run_id, tags=tags[i:i + MAX_BATCH_PARAMS_TAGS])
+        self.journal.header_sent = True
+
+    def _send_entry(self, entry: dict) -> None:
+        from mlflow.entities import Metric
+
+        if "metrics" in entry:
+            metrics = [Metric(k, v, ms, step) for k, v, ms, step in entry["metrics"]]
+            for i in range(0, len(metrics), MAX_BATCH_METRICS):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_BATCH_METRICS])
+            return
+        path = Path(entry["artifact"])
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), entry["artifact_path"])
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), entry["artifact_path"])
+        else:
+            log.warning("artifact %s no longer exists; not logged", path)
+
+    def _write_pending(self) -> None:
+        path = self.out_dir / PENDING_FILE
+        record = {"tracking_uri": self.uri, "experiment": self.experiment_name, "run_name": self.run_name,
+                  "run_id": self.run_id, "header_sent": self.journal.header_sent, **self.journal.to_json()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+        log.warning("MLflow store %s still unreachable: the run's params, metrics and artifact list are in %s "
+                    "(send them later with finetune.tracking.replay_pending)", self.uri, path)
+
+
+def replay_pending(pending_file: str | Path, uri: str | None = None) -> str:
+    """Send a run saved in mlflow_pending.json to `uri` (default: the one it was meant for); returns the run id."""
+    record = json.loads(Path(pending_file).read_text())
+    cfg = TrackingConfig(uri=uri or record["tracking_uri"], experiment=record["experiment"],
+                         run_name=record["run_name"])
+    tracker = Tracker(cfg, Path(pending_file).parent)
+    tracker.journal = Journal(params=record["params"], tags=record["tags"], entries=record["entries"])
+    if record.get("run_id") and record.get("header_sent"):
+        from mlflow import MlflowClient
+
+        tracker.client, tracker.run_id = MlflowClient(tracking_uri=cfg.uri), record["run_id"]
+        tracker.journal.header_sent = True
+    tracker._send()
+    if tracker.offline:
+        raise ConnectionError(f"MLflow store {cfg.uri} is still unreachable; nothing was lost ({pending_file})")
+    tracker.finish()
+    Path(pending_file).unlink()
+    return tracker.run_id

@@ -1,0 +1,322 @@
+"""The finetuning loop (one process, plain torch): energies + forces, validation, best model, test.
+
+`run_finetune(cfg)`: the model comes from a pretrain export (`cfg.init`, its architecture wins) or is
+built fresh; its normalisation (E0 per element, energy scale) is refitted from the finetune manifest.
+AdamW with warm-up and cosine decay; the loss is `energy_force_loss` on per-atom energies and forces
+(forces by autograd with create_graph). Validation at step 0, every `eval_every` steps and at the end;
+the weights with the lowest validation force RMSE are kept (a worse evaluation never replaces them),
+evaluated on the test split, exported to OUT_DIR/export and logged to MLflow.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+from data_shards import keys as K
+from data_shards.config_io import config_hash, to_dict
+from data_shards.manifest import file_sha256, load_manifest
+from data_shards.stream import ShardStream
+from finetune import metrics as M
+from finetune import plots
+from finetune.config import FinetuneConfig, flatten_config
+from finetune.tracking import Tracker
+from pretrain.engine import lr_factor, param_groups
+from pretrain.export import WEIGHTS_FILE, load_export, normalisation_from_stats, read_meta, save_export
+from pretrain.models import build_model
+from pretrain.objectives import energy_force_loss
+
+log = logging.getLogger("finetune")
+
+MAX_CONSECUTIVE_NONFINITE = 50
+RESULTS_FILE = "results.json"
+CONFIG_FILE = "config.yaml"
+EXPORT_DIR = "export"
+
+
+@dataclass
+class Inputs:
+    """What `check_inputs` found: the manifest, its hash, the init export's meta (or None)."""
+    manifest: dict
+    manifest_sha256: str
+    init_meta: dict | None
+    init_sha256: str | None
+    test_split: str          # "" when there is nothing to test on
+
+
+def check_inputs(cfg: FinetuneConfig) -> Inputs:
+    """Every check that needs the files, before anything is trained or written."""
+    d = cfg.data
+    manifest = load_manifest(d.manifest_dir)
+    where = Path(d.manifest_dir) / "manifest.json"
+    if not manifest.get("labelled"):
+        raise ValueError(f"{where}: the shards are not labelled (energies and forces are needed to finetune)")
+    samples = {s: manifest["splits"].get(s, {}).get("samples", 0) for s in ("train", "val", "test")}
+    if not samples[d.train_split]:
+        raise ValueError(f"{where}: training split {d.train_split!r} is empty (splits: {samples})")
+    if not samples[d.val_split]:
+        raise ValueError(f"{where}: validation split {d.val_split!r} is empty (splits: {samples}); rebuild the "
+                         f"shards with a validation fraction or a val=PATH input, or set data.val_split")
+    if d.train_frames is not None and d.train_frames > samples[d.train_split]:
+        raise ValueError(f"data.train_frames {d.train_frames} exceeds the {samples[d.train_split]} frames of "
+                         f"split {d.train_split!r} in {where}")
+    test_split = d.test_split
+    if test_split and not samples[test_split]:
+        log.warning("test split %r of %s is empty: no test evaluation", test_split, where)
+        test_split = ""
+    init_meta = init_sha = None
+    if cfg.init is not None:
+        init_meta = read_meta(cfg.init)   # missing files, newer format_version: clear errors here
+        init_sha = file_sha256(Path(cfg.init) / WEIGHTS_FILE)
+    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device is 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, dict]:
+    """(model with finetune normalisation, {"model", "params", "cutoff"} of its architecture)."""
+    if cfg.init is None:
+        model = build_model(cfg.model.name, cfg.model.params)
+        arch = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff}
+    else:
+        model, meta = load_export(cfg.init)
+        arch = {"model": meta["model"], "params": meta["params"], "cutoff": float(meta["cutoff"])}
+        if (cfg.model.name, cfg.model.arch_params()) != (arch["model"], arch["params"]):
+            log.warning("note: the model section (%s %s) is ignored; the init export %s defines the "
+                        "architecture (%s %s)", cfg.model.name, cfg.model.params, cfg.init, arch["model"],
+                        arch["params"])
+        new = sorted(set(int(z) for z in inputs.manifest["elements"]) - set(meta["species"]))
+        if new:
+            log.warning("elements %s of the finetune data were not in the pretraining corpus %s", new,
+                        meta["species"])
+    norm = normalisation_from_stats(inputs.manifest)
+    model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
+    return model, arch
+
+
+def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
+    tags = {"maskpot.version": _version(), "maskpot.config_sha256": config_hash(cfg),
+            "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch"}
+    if inputs.init_meta is not None:
+        tags["maskpot.init_sha256"] = inputs.init_sha256
+        for key, value in flatten_config(inputs.init_meta["lineage"]).items():
+            tags[f"maskpot.init.lineage.{key}"] = value
+    return tags
+
+
+def _version() -> str:
+    try:
+        return metadata.version("maskpot")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool) -> ShardStream:
+    d = cfg.data
+    return ShardStream(d.manifest_dir, split, d.batch_size, cutoff, num_workers=d.num_workers,
+                       shuffle_buffer=d.shuffle_buffer if training else 0, seed=cfg.train.seed,
+                       limit=d.train_frames if training else None)
+
+
+def endless_batches(stream: ShardStream):
+    epoch = 0
+    while True:
+        stream.set_epoch(epoch)
+        count = 0
+        for batch in stream:
+            count += 1
+            yield batch
+        if count == 0:
+            raise RuntimeError("the training stream yielded no batch")
+        epoch += 1
+
+
+def make_scheduler(cfg: FinetuneConfig, optimizer):
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if o.schedule == "constant":
+            return min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
+        return lr_factor(step, o.lr, o.min_lr, o.warmup_steps, total)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class Best:
+    step: int = -1
+    force_rmse: float = math.inf
+    figures: dict | None = None
+    state: dict | None = None
+
+    def offer(self, step: int, figures: dict, model: torch.nn.Module) -> bool:
+        """Keep `model`'s weights if they beat the best so far (strictly); never replace by a worse one."""
+        value = figures[M.FORCE_RMSE]
+        if not value < self.force_rmse:
+            return False
+        self.step, self.force_rmse, self.figures = step, value, figures
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return True
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Train, keep the best model, test it, export it, track it; returns the content of results.json."""
+    inputs = check_inputs(cfg)
+    device = resolve_device(cfg.train.device)
+    out_dir = Path(cfg.train.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    model, arch = make_model(cfg, inputs)
+    model.to(device)
+
+    config_path = out_dir / CONFIG_FILE
+    config_path.write_text(f"# resolved finetune config; MLflow store: {cfg.tracking.resolved_uri(out_dir)}\n"
+                           + yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tracker = Tracker(cfg.tracking, out_dir)
+    params = flatten_config(cfg)
+    params.update({f"model.resolved.{k}": v for k, v in flatten_config(arch).items()})
+    tracker.start(params, {**tracking_tags(cfg, inputs), **{str(k): v for k, v in cfg.tracking.tags.items()}})
+    tracker.log_artifact(config_path)
+    try:
+        results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    results["tracking"] = tracker.finish("FINISHED")
+    (out_dir / RESULTS_FILE).write_text(_json(results))
+    return results
+
+
+def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device, tracker: Tracker,
+                    out_dir: Path) -> dict:
+    t = cfg.train
+    train_stream = make_stream(cfg, cfg.data.train_split, arch["cutoff"], training=True)
+    val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    scheduler = make_scheduler(cfg, optimizer)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=False)
+           if t.ema_decay else None)
+    scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
+    energy_scale = float(model.energy_scale)
+    best, history, train_curve = Best(), [], []
+    nonfinite_run = skipped = 0
+    started = time.perf_counter()
+
+    def validate(step: int) -> None:
+        figures = M.evaluate(scored, val_stream, cfg.data.val_batches, device)
+        improved = best.offer(step, figures, scored)
+        history.append({"step": step, **M.without_arrays(figures), "best": improved})
+        tracker.log_metrics({"val/energy_rmse_mev_per_atom": figures[M.ENERGY_RMSE],
+                             "val/force_rmse_mev_per_a": figures[M.FORCE_RMSE],
+                             "val/best_force_rmse_mev_per_a": best.force_rmse}, step)
+        tracker.flush()
+        bar.set_postfix(loss=f"{train_curve[-1][1]:.4g}" if train_curve else "-",
+                        val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
+
+    bar = tqdm(total=t.max_steps, desc="finetune", unit="step")
+    validate(0)
+    batches = endless_batches(train_stream)
+    model.train()
+    for step in range(1, t.max_steps + 1):
+        batch = next(batches).to(device)
+        out = model(batch, compute_forces=True)
+        loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
+                                 batch[K.NATOMS], cfg.loss.energy_weight, cfg.loss.force_weight,
+                                 cfg.loss.kind, energy_scale, cfg.loss.huber_delta)
+        if not torch.isfinite(loss):
+            skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
+            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
+            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses: training diverged; "
+                                         f"lower optim.lr or raise optim.warmup_steps")
+            continue
+        nonfinite_run = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        train_curve.append((step, loss.item()))
+        tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4g}",
+                        val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å")
+        if step % t.eval_every == 0 or step == t.max_steps:
+            validate(step)
+            model.train()
+        elif step % t.log_every == 0:
+            tracker.flush()
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    if best.state is None:
+        raise FloatingPointError(f"no validation gave a finite force RMSE ({[h[M.FORCE_RMSE] for h in history]}); "
+                                 f"lower optim.lr or check the data")
+    scored.load_state_dict(best.state)
+    test = M.evaluate(scored, make_stream(cfg, inputs.test_split, arch["cutoff"], False), device=device) \
+        if inputs.test_split else None
+    if test is not None:
+        tracker.log_metrics({f"test/{k}": v for k, v in M.without_arrays(test).items()
+                             if isinstance(v, float)}, t.max_steps)
+    tracker.log_metrics({"best/step": best.step, "best/val_force_rmse_mev_per_a": best.force_rmse}, t.max_steps)
+
+    export_dir = _export(scored, cfg, inputs, arch, best.step, out_dir)
+    shown = test or best.figures
+    figures = [plots.learning_curve(train_curve, history, out_dir / "learning_curve.png"),
+               *plots.parity_plots(shown[M.ARRAYS], shown, out_dir,
+                                   inputs.test_split or cfg.data.val_split)]
+    for path in figures:
+        tracker.log_artifact(path)
+    tracker.log_artifact(export_dir, "model")
+    return {
+        "best_step": best.step,
+        "best_val": M.without_arrays(best.figures),
+        "test": M.without_arrays(test) if test is not None else None,
+        "test_split": inputs.test_split or None,
+        "history": history,
+        "final_train_loss": train_curve[-1][1] if train_curve else None,
+        "steps": t.max_steps, "skipped_nonfinite": skipped,
+        "train_frames": train_stream.num_samples,
+        "train_seconds": train_seconds,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "init": cfg.init, "init_sha256": inputs.init_sha256,
+        "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
+        "export_dir": str(export_dir), "device": str(device), "ema_decay": t.ema_decay,
+    }
+
+
+def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: int, out_dir: Path) -> Path:
+    init_lineage = inputs.init_meta["lineage"] if inputs.init_meta else {}
+    species = {int(z) for z in inputs.manifest["elements"]} | set((inputs.init_meta or {}).get("species", []))
+    meta = {
+        **arch, "species": sorted(species), "normalisation": normalisation_from_stats(inputs.manifest),
+        "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": inputs.manifest_sha256,
+                    "maskpot_version": _version(),
+                    "pretrain_objective": init_lineage.get("pretrain_objective"),
+                    "steps": best_step, "stage": "finetune",
+                    "init_sha256": inputs.init_sha256, "init_lineage": init_lineage or None},
+    }
+    return save_export(model, out_dir / EXPORT_DIR, meta)
+
+
+def _json(data) -> str:
+    return json.dumps(data, indent=2, default=float) + "\n"

@@ -1,0 +1,105 @@
+"""MLflow tracking against a real `mlflow server` (sqlite backend, proxied artifacts) over HTTP."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune import metrics as M
+from finetune.tracking import server_is_up
+from test_finetune import LEARNS, cfg_with, free_port, one_torch_thread, water_shards, where  # noqa: F401 - fixtures
+
+SERVER_START_TIMEOUT_S = 120.0   # ~20 s alone; 2 busy cores can take several times that
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` in its own process group on a free loopback port; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    log_path = root / "server.log"
+    with log_path.open("w") as log_file:
+        proc = subprocess.Popen(
+            [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1"],
+            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,   # setsid: own process group
+            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not server_is_up(uri, timeout=2.0):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text()[-3000:]
+                pytest.fail(f"mlflow server on {uri} did not become healthy (exit code {proc.poll()}):\n{tail}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+@pytest.mark.slow
+def test_finetune_logs_everything_to_an_mlflow_server(mlflow_server, water_shards, tmp_path):  # noqa: F811
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    from finetune.train import run_finetune
+
+    out = tmp_path / "run"
+    cfg = cfg_with(where(water_shards, out, tracking=True), LEARNS,
+                   {"train": {"max_steps": 12, "eval_every": 4},
+                    "tracking": {"uri": mlflow_server, "experiment": "ft-server-test", "run_name": "tiny",
+                                 "tags": {"purpose": "test"}}})
+    results = run_finetune(cfg)
+    tracking = results["tracking"]
+    assert tracking["complete"] and tracking["tracking_uri"] == mlflow_server
+    assert not (out / "mlflow.db").exists(), "with a server URI nothing is tracked locally"
+
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(tracking["run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny"
+    assert client.get_experiment(run.info.experiment_id).name == "ft-server-test"
+    params = run.data.params
+    assert params["train.max_steps"] == "12" and params["model.params.hidden"] == "16"
+    assert params["data.manifest_dir"] == str(water_shards) and params["model.resolved.cutoff"] == "3.5"
+    tags = run.data.tags
+    assert tags["purpose"] == "test" and tags["maskpot.init"] == "scratch"
+    assert tags["maskpot.manifest_sha256"] == results["manifest_sha256"]
+    assert tags["maskpot.config_sha256"] == results["config_sha256"]
+
+    val = client.get_metric_history(run.info.run_id, "val/force_rmse_mev_per_a")
+    assert [m.step for m in sorted(val, key=lambda m: m.step)] == [0, 4, 8, 12]
+    assert {m.step: m.value for m in val} == pytest.approx(
+        {h["step"]: h[M.FORCE_RMSE] for h in results["history"]})
+    assert len(client.get_metric_history(run.info.run_id, "train/lr")) == 12
+    final = run.data.metrics
+    assert final["test/force_rmse_mev_per_a"] == pytest.approx(results["test"][M.FORCE_RMSE])
+    assert final["test/energy_rmse_mev_per_atom"] == pytest.approx(results["test"][M.ENERGY_RMSE])
+    assert final["best/step"] == results["best_step"]
+
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert listed >= {"config.yaml", "learning_curve.png", "parity_energy.png", "parity_forces.png", "model"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/model.json",
+                                                                                  "model/model.safetensors"}
+    fetched = Path(download_artifacts(run_id=run.info.run_id, artifact_path="model", dst_path=str(tmp_path / "dl"),
+                                      tracking_uri=mlflow_server))
+    for name in ("model.json", "model.safetensors"):
+        assert hashlib.sha256((fetched / name).read_bytes()).digest() == \
+            hashlib.sha256((out / "export" / name).read_bytes()).digest()
+    config = Path(download_artifacts(run_id=run.info.run_id, artifact_path="config.yaml",
+                                     dst_path=str(tmp_path / "dl"), tracking_uri=mlflow_server)).read_text()
+    assert f"manifest_dir: {water_shards}" in config and mlflow_server in config
