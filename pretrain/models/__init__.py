@@ -1,1 +1,20 @@
+"""Model registry: architecture name → (config dataclass, module class); `build_model` validates params."""
+from __future__ import annotations
 
+from torch import nn
+
+from data_shards.config_io import from_dict
+from pretrain.models.egnn import EGNN, EGNNConfig
+
+MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+    "egnn": (EGNNConfig, EGNN),
+}
+
+
+def build_model(name: str, params: dict | None = None) -> nn.Module:
+    """Instantiate architecture `name`; unknown names or params raise ValueError listing the valid ones."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")
+    config_cls, model_cls = MODELS[name]
+    config = from_dict(config_cls, params or {}, f"model {name!r} params")
+    return model_cls(config)
