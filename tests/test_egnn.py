@@ -21,6 +21,22 @@ class TestEGNNWithoutCoordinateUpdates(ModelTestMixin):
         return build_model("egnn", {**SMALL, "update_coords": False})
 
 
+class TestEGNNPaperEdgeInput(ModelTestMixin):
+    def build(self):
+        return build_model("egnn", {**SMALL, "num_rbf": 0})
+
+
+def rbf_term(layer, dist2):
+    """W_g g(d) with the Gaussian basis written out independently of the layer's code."""
+    if layer.edge_rbf is None:
+        return 0.0
+    n = layer.edge_rbf.in_features
+    cutoff = float(layer.rbf_centers[-1])
+    centers = torch.linspace(0.0, cutoff, n, dtype=dist2.dtype)
+    basis = torch.exp(-((n / cutoff) ** 2) * (dist2.sqrt() - centers) ** 2)
+    return basis @ layer.edge_rbf.weight.T
+
+
 def test_registry_lists_valid_names_and_params():
     assert MODELS["egnn"] == (EGNNConfig, EGNN)
     with pytest.raises(ValueError, match=r"unknown model 'gnss'.*\['egnn'\]"):
@@ -34,7 +50,7 @@ def test_registry_lists_valid_names_and_params():
 
 
 def test_paper_size_has_about_0_6_million_parameters():
-    n = sum(p.numel() for p in build_model("egnn", {}).parameters())
+    n = sum(p.numel() for p in build_model("egnn", {"num_rbf": 0}).parameters())
     assert 0.55e6 < n < 0.65e6
 
 
@@ -46,6 +62,8 @@ def test_split_first_layer_equals_linear_on_concatenation():
     dist2 = torch.rand(4, 1, dtype=torch.float64)
     weight = torch.cat([layer.edge_src.weight, layer.edge_dst.weight, layer.edge_dist[:, None]], dim=1)
     expected = torch.nn.functional.linear(torch.cat([h[src], h[dst], dist2], -1), weight, layer.edge_src.bias)
+    assert layer.edge_rbf is not None
+    expected = expected + rbf_term(layer, dist2)
     torch.testing.assert_close(layer.edge_input(h, src, dst, dist2), expected)
 
 
@@ -102,6 +120,7 @@ def reference_energy(model: EGNN, batch) -> torch.Tensor:
         dist2 = (x_i_minus_x_j**2).sum(-1, keepdim=True)
         weight = torch.cat([layer.edge_src.weight, layer.edge_dst.weight, layer.edge_dist[:, None]], dim=1)
         first = torch.nn.functional.linear(torch.cat([h[src], h[dst], dist2], -1), weight, layer.edge_src.bias)
+        first = first + rbf_term(layer, dist2)
         m = silu(layer.edge_out(silu(first)))
         if layer.coord_mlp is not None:
             step = x_i_minus_x_j / (dist2.sqrt() + 1) * layer.coord_mlp(m) * envelope
