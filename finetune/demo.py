@@ -58,7 +58,8 @@ def add_command(subparsers) -> None:
                    help="default: ~10 min on 2 cores; tiny: ~2 min plumbing check (numbers meaningless)")
     p.add_argument("--dft-water", metavar="PATH", default=None,
                    help="finetune on DFT water in DeePMD layout instead of TIP3P labels: a folder holding "
-                        "data_0..data_3 (train data_0+1, val data_2, test data_3), e.g. ../shared/data/water_deepmd")
+                        "data_0..data_3, directly or under data/ (train data_0+1, val data_2, test data_3), "
+                        "e.g. ../shared/data/water_deepmd")
     p.add_argument("--nproc", type=int, default=2, help="DeepSpeed ranks for pretraining (default 2)")
     p.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster (HOST:PORT) instead of starting one in-process")
@@ -103,6 +104,8 @@ def stage_shards(out: Path, scale: DemoScale, args) -> tuple[Path, Path]:
     if not (labelled_dir / "manifest.json").is_file():
         if args.dft_water:
             root = Path(args.dft_water)
+            if not (root / "data_0").is_dir() and (root / "data" / "data_0").is_dir():
+                root = root / "data"  # the deepmd-kit example layout: water/data/data_N
             systems = [root / f"data_{i}" for i in range(4)]
             missing = [str(s) for s in systems if not (s / "type.raw").is_file()]
             if missing:
