@@ -288,4 +288,4 @@ def test_detect_format_errors(tmp_path):
         readers.count_frames(tmp_path / "absent.extxyz")
     with pytest.raises(ValueError, match="valid formats"):
         readers.count_frames(odd, fmt="lammps")
-    assert set(readers.READERS) == {"extxyz", "deepmd"}
+    assert set(readers.READERS) == {"extxyz", "deepmd", "asedb", "npz", "n2p2"}

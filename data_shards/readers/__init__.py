@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from data_shards.frame import Frame, FrameError
-from data_shards.readers import deepmd, extxyz
+from data_shards.readers import asedb, deepmd, extxyz, n2p2, npz
 
 
 @dataclass(frozen=True)
@@ -24,11 +24,17 @@ class Reader:
     iter_frames: Callable[..., Iterator[Frame | FrameError]]
 
 
-READERS: dict[str, Reader] = {
+READERS: dict[str, Reader] = {  # detection tries them in this order
     "extxyz": Reader("extxyz", "extended XYZ file (*.extxyz, *.xyz)",
                      extxyz.detect, extxyz.count_frames, extxyz.iter_frames),
     "deepmd": Reader("deepmd", "DeePMD npy system folder (type.raw, set.*/) or a root holding many",
                      deepmd.detect, deepmd.count_frames, deepmd.iter_frames),
+    "asedb": Reader("asedb", "ASE SQLite database (*.db), one frame per row in id order",
+                    asedb.detect, asedb.count_frames, asedb.iter_frames),
+    "npz": Reader("npz", "NumPy archive (*.npz) with a key map and units (layouts: default, gamd)",
+                  npz.detect, npz.count_frames, npz.iter_frames),
+    "n2p2": Reader("n2p2", "RuNNer/n2p2 input.data (begin/lattice/atom/energy/end blocks; Bohr, Hartree)",
+                   n2p2.detect, n2p2.count_frames, n2p2.iter_frames),
 }
 
 
@@ -73,7 +79,8 @@ def iter_frames(path, fmt: str | None = None, start: int = 0, stop: int | None =
                 **options) -> Iterator[Frame | FrameError]:
     """Stream frames [start, stop) unvalidated; unparseable frames come as FrameError items.
 
-    `options` go to the reader (extxyz: energy_key, forces_key).
+    `options` go to the reader (extxyz, asedb: energy_key, forces_key; npz: layout, keys, units, type_map;
+    n2p2: units).
     """
     if start < 0 or (stop is not None and stop < start):
         raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")

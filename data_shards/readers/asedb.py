@@ -1,0 +1,99 @@
+"""ASE database reader (`*.db`, SQLite through `ase.db.connect`): one frame per row, in id order.
+
+`Frame.index` is the row's position in id order (0-based; ids may have gaps after deletions) and
+`Frame.info["id"]` the row id. Labels are looked up under `energy_key` / `forces_key` first among the row's
+columns and key-value pairs (a stored calculator's energy/forces are columns), then in `row.data`.
+Rows are fetched in pages of `PAGE_ROWS` by id range, so memory holds one page, whatever the database size
+(ase's `select` fetches its whole result set, hence the pages).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import ase.db
+import numpy as np
+
+from data_shards import keys as K
+from data_shards.frame import Frame, FrameError
+
+SUFFIXES = (".db",)
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PAGE_ROWS = 256
+DEFAULT_ENERGY_KEY = K.ENERGY
+DEFAULT_FORCES_KEY = K.FORCES
+_INFO_TYPES = (bool, int, float, str, np.bool_, np.integer, np.floating)
+
+
+def detect(path: Path) -> bool:
+    if not (path.is_file() and path.suffix.lower() in SUFFIXES):
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+
+
+def _connect(path: Path):
+    # type="db" makes ase read the file as SQLite whatever its suffix; append=True never truncates it
+    return ase.db.connect(str(path), type="db", create_indices=False, use_lock_file=False, append=True)
+
+
+def count_frames(path: Path) -> int:
+    """Rows in the database (one SQL COUNT)."""
+    return int(_connect(Path(path)).count())
+
+
+def _lookup(row, key: str):
+    value = row.get(key)
+    if value is None:
+        data = row.get("data") or {}
+        value = data.get(key)
+    return value
+
+
+def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str) -> Frame | FrameError:
+    energy = _lookup(row, energy_key)
+    if energy is not None:
+        try:
+            energy = float(np.asarray(energy, dtype=np.float64).reshape(()))
+        except (TypeError, ValueError):
+            return FrameError(source, index, K.ENERGY, f"row id {row.id}: value {energy!r} under key "
+                                                       f"'{energy_key}' is not a single number")
+    forces = _lookup(row, forces_key)
+    if forces is not None:
+        try:
+            forces = np.asarray(forces, dtype=np.float64)
+        except (TypeError, ValueError):
+            return FrameError(source, index, K.FORCES, f"row id {row.id}: '{forces_key}' is not numeric")
+    try:
+        species = np.asarray(row.numbers, dtype=np.int64)
+        positions = np.asarray(row.positions, dtype=np.float64)
+        cell = np.asarray(row.cell, dtype=np.float64).reshape(3, 3)
+        pbc = np.asarray(row.pbc, dtype=bool).reshape(3)
+    except (AttributeError, TypeError, ValueError) as e:
+        return FrameError(source, index, "row", f"row id {row.id}: cannot read the structure ({e})")
+    info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.key_value_pairs.items()
+            if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key)}
+    info["id"] = int(row.id)
+    return Frame(species=species, positions=positions, cell=cell, pbc=pbc, energy=energy, forces=forces,
+                 source=source, index=index, info=info)
+
+
+def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key: str = DEFAULT_ENERGY_KEY,
+                forces_key: str = DEFAULT_FORCES_KEY) -> Iterator[Frame | FrameError]:
+    """Rows [start, stop) in id order, fetched PAGE_ROWS at a time (keyset pages: `id > last id`)."""
+    path = Path(path)
+    source = str(path)
+    db = _connect(path)
+    index, last_id = start, None
+    while stop is None or index < stop:
+        limit = PAGE_ROWS if stop is None else min(PAGE_ROWS, stop - index)
+        if last_id is None:
+            page = list(db.select(sort="id", offset=start, limit=limit))
+        else:
+            page = list(db.select(f"id>{last_id}", sort="id", limit=limit))
+        for row in page:
+            yield _to_frame(row, source, index, energy_key, forces_key)
+            index += 1
+        if len(page) < limit:
+            return
+        last_id = page[-1].id
