@@ -138,7 +138,9 @@ class EGNNLayer(nn.Module):
         out += self.edge_dst(h).index_select(0, dst)
         out = out.addmm_(dist2, self.edge_dist[None])  # d² · w as a rank-1 matmul: cheaper gradients
         if self.edge_rbf is not None:
-            basis = torch.exp(-self.rbf_gamma * (dist2.sqrt() - self.rbf_centers) ** 2)
+            # DeepSpeed's bf16 casts parameters, not buffers: follow the distances' dtype
+            centers = self.rbf_centers.to(dist2.dtype)
+            basis = torch.exp(-self.rbf_gamma * (dist2.sqrt() - centers) ** 2)
             out = out + self.edge_rbf(basis)
         return out
 
