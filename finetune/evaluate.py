@@ -1,0 +1,122 @@
+"""`maskpot evaluate MODEL DATA`: energy and force errors of an exported model on labelled structures.
+
+DATA is anything the readers understand (extxyz file, DeePMD system folder or root, …) or a shard folder
+with manifest.json (one split, `--split`). Writes OUT/metrics.json, OUT/metrics.md and parity plots, and
+prints the table. Units: energies per atom in meV/atom, forces in meV/Å (see finetune.metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from data_shards import keys as K
+from data_shards.frame import Frame, FrameError
+from data_shards.graph import collate, sample_to_data
+from finetune import metrics as M
+from finetune import plots
+
+METRICS_JSON = "metrics.json"
+METRICS_MD = "metrics.md"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+def frame_sample(frame: Frame) -> dict:
+    return {K.SPECIES: frame.species, K.POSITIONS: frame.positions, K.CELL: frame.cell, K.PBC: frame.pbc,
+            K.ENERGY: frame.energy, K.FORCES: frame.forces}
+
+
+def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
+    """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
+    from data_shards.readers import count_frames, iter_frames
+
+    total = count_frames(path, fmt)
+    if total == 0:
+        raise ValueError(f"{path}: no frames to evaluate")
+    pending = []
+    for item in tqdm(iter_frames(path, fmt), total=total, desc="evaluate", unit="frame"):
+        if isinstance(item, FrameError):
+            raise item
+        pending.append(sample_to_data(frame_sample(item.validate(require_labels=True)), cutoff))
+        if len(pending) == batch_size:
+            yield collate(pending)
+            pending = []
+    if pending:
+        yield collate(pending)
+
+
+def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float):
+    data = Path(data)
+    if (data / MANIFEST).is_file():
+        from data_shards.stream import ShardStream
+
+        if split not in SPLITS:
+            raise ValueError(f"--split {split!r} is not valid; valid: {list(SPLITS)}")
+        stream = ShardStream(data, split, batch_size, cutoff)
+        if not stream.manifest["splits"].get(split, {}).get("samples"):
+            raise ValueError(f"{data / MANIFEST}: split {split!r} is empty")
+        return stream
+    return frame_batches(data, fmt, batch_size, cutoff)
+
+
+def markdown_table(figures: dict, model: str, data: str) -> str:
+    per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
+    rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]), ("energy MAE", "meV/atom", figures[M.ENERGY_MAE]),
+            ("force RMSE", "meV/Å", figures[M.FORCE_RMSE]), ("force MAE", "meV/Å", figures[M.FORCE_MAE])]
+    rows += [(f"force RMSE {K.CHEMICAL_SYMBOLS[int(z)]}", "meV/Å", value) for z, value in sorted(
+        per_element.items(), key=lambda item: int(item[0]))]
+    lines = [f"model: `{model}`  ", f"data: `{data}` ({figures[M.STRUCTURES]} structures, {figures[M.ATOMS]} atoms)",
+             "", "| metric | unit | value |", "|---|---|---:|"]
+    lines += [f"| {name} | {unit} | {value:.2f} |" for name, unit, value in rows]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
+                   device: str = "cpu") -> dict:
+    """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
+    from pretrain.export import load_export
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    model, meta = load_export(model_dir)
+    model.to(device)
+    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]))
+    figures = M.evaluate(model, batches, device=torch.device(device))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = split if (Path(data) / MANIFEST).is_file() else Path(data).name
+    plot_paths = plots.parity_plots(figures[M.ARRAYS], figures, out_dir, label)
+    summary = {**M.without_arrays(figures), "model": str(model_dir), "data": str(data),
+               "split": split if (Path(data) / MANIFEST).is_file() else None,
+               "plots": [p.name for p in plot_paths]}
+    (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / METRICS_MD).write_text(markdown_table(figures, str(model_dir), str(data)))
+    return summary
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate", help="energy/force errors of an exported model on labelled data (tables + parity plots)",
+        description="Evaluate an export folder on labelled structures. DATA: an extxyz file, a DeePMD folder, "
+                    "or a shard folder with manifest.json (then --split picks the split). Writes OUT/metrics.json, "
+                    "OUT/metrics.md, OUT/parity_energy.png and OUT/parity_forces.png.")
+    p.add_argument("model", metavar="MODEL", help="export folder (model.json + model.safetensors)")
+    p.add_argument("data", metavar="DATA", help="labelled data: file/folder a reader understands, or shard folder")
+    p.add_argument("--format", default=None, help="reader name (default: detected from DATA)")
+    p.add_argument("--split", default="test", help="split of a shard folder (default: test)")
+    p.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: ./evaluation)")
+    p.add_argument("--batch-size", type=int, default=8, help="structures per forward pass (default: 8)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device)
+    print((Path(args.out) / METRICS_MD).read_text(), end="")
+    print(f"written: {Path(args.out) / METRICS_JSON}, {', '.join(summary['plots'])}")
+    return 0

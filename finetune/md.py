@@ -1,0 +1,214 @@
+"""`maskpot md MODEL STRUCTURE`: molecular dynamics with an exported model (ASE Langevin or NVE Verlet).
+
+Writes the trajectory (extxyz, energies and forces per frame), a log next to it (`<out>.log`: step, time,
+potential / kinetic / total energy, temperature) and, with `--rdf`, the O–O radial distribution function
+of the trajectory (`<out>_rdf_oo.png` + `.csv`). Units: fs, K, eV, Å.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms, units
+from ase.geometry import get_distances
+from ase.io import read, write
+from ase.md.langevin import Langevin
+from ase.md.velocitydistribution import Stationary, thermalize_momenta
+from ase.md.verlet import VelocityVerlet
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from finetune.calculator import MaskpotCalculator
+
+ENSEMBLES = ("langevin", "nve")
+OXYGEN = 8
+LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
+
+
+@dataclass
+class MDConfig:
+    steps: int
+    temperature: float = 300.0      # K, initial velocities and Langevin bath
+    timestep: float = 0.5           # fs
+    ensemble: str = "langevin"
+    friction: float = 1.0           # 1/ps, Langevin only
+    every: int = 10                 # write a frame (and a log line) every N steps
+    seed: int = 0
+    skin: float = 0.5               # Å, neighbour-list skin of the calculator
+    dtype: str = "float64"
+
+    def __post_init__(self):
+        if self.ensemble not in ENSEMBLES:
+            raise ValueError(f"--ensemble {self.ensemble!r} is not valid; valid: {list(ENSEMBLES)}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
+        if not (isinstance(self.every, int) and self.every >= 1):
+            raise ValueError(f"--every must be a positive integer, got {self.every!r}")
+        for name in ("timestep", "friction"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be >= 0 K, got {self.temperature!r}")
+
+
+def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
+    """Frame `index` of anything the readers understand (extxyz, DeePMD, …) as ASE Atoms."""
+    from data_shards.readers import count_frames, iter_frames
+
+    total = count_frames(path, fmt)
+    if not 0 <= index < total:
+        raise ValueError(f"{path}: frame {index} requested, it has {total} frames")
+    (item,) = list(iter_frames(path, fmt, start=index, stop=index + 1))
+    if isinstance(item, Exception):
+        raise item
+    frame = item.validate(require_labels=False)
+    return Atoms(numbers=frame.species, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
+
+
+def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path) -> dict:
+    """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_suffix(".log")
+    atoms.calc = calc
+    rng = np.random.default_rng(cfg.seed)
+    thermalize_momenta(atoms, temperature_K=cfg.temperature, rng=rng)
+    Stationary(atoms)
+    dt = cfg.timestep * units.fs
+    if cfg.ensemble == "langevin":
+        dyn = Langevin(atoms, dt, temperature_K=cfg.temperature, friction=cfg.friction / (1000 * units.fs),
+                       fixcm=False, rng=rng)
+    else:
+        dyn = VelocityVerlet(atoms, dt)
+    rows: list[tuple] = []
+
+    def record() -> None:
+        epot, ekin = atoms.get_potential_energy(), atoms.get_kinetic_energy()
+        if not np.isfinite(epot):
+            raise FloatingPointError(f"non-finite potential energy at step {dyn.nsteps}")
+        step = dyn.nsteps
+        rows.append((step, step * cfg.timestep, epot, ekin, epot + ekin, atoms.get_temperature()))
+        write(out, atoms, format="extxyz", append=step > 0)
+        log.write(" ".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in rows[-1]) + "\n")
+        log.flush()
+
+    with open(log_path, "w") as log:
+        log.write("# " + " ".join(LOG_COLUMNS) + "\n")
+        record()
+        bar = tqdm(total=cfg.steps, desc=f"md {cfg.ensemble}", unit="step")
+        started = time.perf_counter()
+        for done in range(0, cfg.steps, cfg.every):
+            chunk = min(cfg.every, cfg.steps - done)
+            dyn.run(chunk)
+            record()
+            bar.update(chunk)
+            bar.set_postfix(T=f"{rows[-1][5]:.0f} K", Etot=f"{rows[-1][4]:.3f} eV")
+        seconds = time.perf_counter() - started
+        bar.close()
+    etot = np.array([r[4] for r in rows])
+    return {"steps": cfg.steps, "seconds": seconds, "steps_per_second": cfg.steps / seconds,
+            "atoms": len(atoms), "trajectory": str(out), "log": str(log_path),
+            "max_abs_etot_change_eV": float(np.abs(etot - etot[0]).max()),
+            "final_temperature_K": rows[-1][5], "neighbour_builds": calc.neighbour_builds,
+            "frames_written": len(rows)}
+
+
+def read_log(path) -> np.ndarray:
+    """The md log as a structured array with LOG_COLUMNS fields."""
+    return np.genfromtxt(path, names=list(LOG_COLUMNS), comments="#")
+
+
+def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """O–O g(r) averaged over the frames of a periodic trajectory (list of Atoms or an extxyz path).
+
+    Returns (bin centres in Å, g). r_max must not exceed half the smallest perpendicular box width.
+    """
+    frames = read(trajectory, index=":") if isinstance(trajectory, (str, Path)) else list(trajectory)
+    if not frames:
+        raise ValueError("rdf_oo: the trajectory has no frames")
+    if bins < 1 or not r_max > 0:
+        raise ValueError(f"rdf_oo: need bins >= 1 and r_max > 0, got bins={bins}, r_max={r_max}")
+    edges = np.linspace(0.0, r_max, bins + 1)
+    counts = np.zeros(bins)
+    density_sum = 0.0
+    for index, atoms in enumerate(frames):
+        if not atoms.pbc.all():
+            raise ValueError(f"rdf_oo: frame {index} is not periodic in 3D (pbc={atoms.pbc.tolist()}); "
+                             f"g(r) needs a box volume")
+        volume = atoms.get_volume()
+        widths = volume / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
+        if r_max > 0.5 * widths.min() + 1e-9:
+            raise ValueError(f"rdf_oo: r_max {r_max} Å exceeds half the box width ({0.5 * widths.min():.3f} Å)")
+        oxygen = atoms.positions[atoms.numbers == OXYGEN]
+        n = len(oxygen)
+        if n < 2:
+            raise ValueError(f"rdf_oo: frame {index} has {n} oxygen atoms; need at least 2")
+        _, dist = get_distances(oxygen, cell=atoms.cell, pbc=atoms.pbc)
+        pairs = dist[np.triu_indices(n, k=1)]
+        counts += 2 * np.histogram(pairs, bins=edges)[0]     # each pair counted for both oxygens
+        density_sum += n * (n - 1) / volume                   # N · ρ with ρ = (N − 1)/V
+    shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+    return 0.5 * (edges[1:] + edges[:-1]), counts / (shell * density_sum)
+
+
+def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
+    path = Path(path)
+    fig = Figure(figsize=(5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.plot(r, g, lw=1.2)
+    ax.axhline(1.0, color="grey", lw=0.6, ls=":")
+    ax.set(xlabel="r (Å)", ylabel="g_OO(r)", title="O–O radial distribution function")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def add_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "md", help="molecular dynamics with an exported model (ASE Langevin or NVE), trajectory + log + RDF",
+        description="Run MD from frame --frame of STRUCTURE (extxyz, DeePMD, …) with an export folder. Writes "
+                    "--out (extxyz), <out>.log and with --rdf <out>_rdf_oo.png/.csv.")
+    p.add_argument("model", metavar="MODEL", help="export folder (model.json + model.safetensors)")
+    p.add_argument("structure", metavar="STRUCTURE", help="starting structure: a file/folder a reader understands")
+    p.add_argument("--format", default=None, help="reader name (default: detected)")
+    p.add_argument("--frame", type=int, default=0, help="frame of STRUCTURE to start from (default 0)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--temperature", type=float, required=True, help="K")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
+    p.add_argument("--ensemble", default="langevin", help=f"one of {list(ENSEMBLES)} (default langevin)")
+    p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
+    p.add_argument("--out", default="md.extxyz", help="trajectory file (default md.extxyz)")
+    p.add_argument("--every", type=int, default=10, help="write a frame every N steps (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin, Å (default 0.5)")
+    p.add_argument("--dtype", default="float64", help="float64 (default) or float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rdf", action="store_true", help="also compute and plot the O–O g(r) of the trajectory")
+    p.add_argument("--rdf-rmax", type=float, default=None, help="Å (default: 6 Å or half the box)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
+                   args.seed, args.skin, args.dtype)
+    atoms = load_structure(args.structure, args.format, args.frame)
+    if args.rdf and not atoms.pbc.all():
+        raise ValueError(f"--rdf needs a structure periodic in 3D; {args.structure} has pbc={atoms.pbc.tolist()}")
+    calc = MaskpotCalculator(args.model, dtype=cfg.dtype, skin=cfg.skin, device=args.device)
+    result = run_md(atoms, calc, cfg, args.out)
+    print(f"{result['steps']} steps of {result['atoms']} atoms in {result['seconds']:.1f} s "
+          f"({result['steps_per_second']:.1f} steps/s); final T {result['final_temperature_K']:.0f} K; "
+          f"trajectory {result['trajectory']}, log {result['log']}")
+    if args.rdf:
+        widths = atoms.get_volume() / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
+        r_max = args.rdf_rmax or min(6.0, 0.5 * float(widths.min()))
+        r, g = rdf_oo(args.out, r_max)
+        stem = Path(args.out).with_suffix("")
+        np.savetxt(f"{stem}_rdf_oo.csv", np.column_stack([r, g]), delimiter=",", header="r_A,g_OO", comments="")
+        print(f"O–O g(r): {plot_rdf(r, g, f'{stem}_rdf_oo.png')} (first peak at {r[np.argmax(g)]:.2f} Å)")
+    return 0
