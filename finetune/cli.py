@@ -10,9 +10,11 @@ import argparse
 import os
 import sys
 
+from cluster import cli as cluster_cli
 from data_shards import cli as data_cli
 from finetune import commands as finetune_commands
 from finetune import demo
+from finetune import evaluate, md
 from pretrain import cli as pretrain_cli
 
 EXIT_USER_ERROR = 2
@@ -32,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain_cli.add_command(sub)
     finetune_commands.add_command(sub)
     demo.add_command(sub)
+    evaluate.add_command(sub)
+    md.add_command(sub)
+    cluster_cli.add_commands(sub)  # submit / status / cancel: launches stages by module path
     return parser
 
 

@@ -23,8 +23,8 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from data_shards import keys as K
+from pretrain.models.base import ReferenceEnergyModel
 
-DOUBLE_BUFFERS = ("energy_scale", "e0")  # kept in float64 whatever dtype the module is cast to
 
 
 @dataclass
@@ -157,7 +157,7 @@ class EGNNLayer(nn.Module):
         return h, vectors
 
 
-class EGNN(nn.Module):
+class EGNN(ReferenceEnergyModel):
     def __init__(self, config: EGNNConfig):
         super().__init__()
         self.config = config
@@ -171,34 +171,6 @@ class EGNN(nn.Module):
             for k in range(config.layers)
         )
         self.energy_head = nn.Sequential(nn.Linear(hidden, hidden), SiLU(), nn.Linear(hidden, 1))
-        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
-        self.register_buffer("e0", torch.zeros(K.MAX_Z + 1, dtype=torch.float64))
-
-    @property
-    def species(self) -> list[int]:
-        """Elements with a reference energy set by `set_normalisation` (empty before)."""
-        return [int(z) for z in torch.nonzero(self.e0).flatten()]
-
-    def set_normalisation(self, energy_scale: float, e0: dict[int, float]) -> None:
-        """E = energy_scale · Σ_i e_i + Σ_i E0[Z_i]; elements missing from `e0` get E0 = 0."""
-        if not (math.isfinite(energy_scale) and energy_scale > 0):
-            raise ValueError(f"energy_scale must be a positive finite number (eV), got {energy_scale}")
-        table = torch.zeros_like(self.e0)
-        for z, value in e0.items():
-            if not 1 <= int(z) <= K.MAX_Z:
-                raise ValueError(f"e0 has element Z={z}; valid atomic numbers are 1..{K.MAX_Z}")
-            table[int(z)] = float(value)
-        self.energy_scale.fill_(float(energy_scale))
-        self.e0.copy_(table)
-
-    def _apply(self, fn, recurse=True):
-        # .float()/.bfloat16() must not round the reference energies (~ -3e4 eV) of the E0 table
-        kept = {name: getattr(self, name) for name in DOUBLE_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, value in kept.items():
-            moved = getattr(self, name)
-            self._buffers[name] = value.to(device=moved.device, dtype=torch.float64)
-        return self
 
     def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
         grad_enabled = torch.is_grad_enabled()
@@ -226,11 +198,8 @@ class EGNN(nn.Module):
         for layer in self.layers:
             h, vectors = layer(h, vectors, src, dst, envelope)
 
-        atom_energy = self.energy_head(h).squeeze(-1) * self.energy_scale.to(h.dtype)
-        energy = torch.zeros(num_graphs, dtype=h.dtype, device=h.device).index_add_(0, graph_index, atom_energy)
-        reference = torch.zeros(num_graphs, dtype=torch.float64, device=h.device).index_add_(
-            0, graph_index, self.e0.index_select(0, species))
-        out = {K.PRED_ENERGY: energy.double() + reference}
+        energy, total = self.total_energy(self.energy_head(h).squeeze(-1), species, graph_index, num_graphs)
+        out = {K.PRED_ENERGY: total}
         if compute_forces:
             (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
             out[K.PRED_FORCES] = -grad

@@ -14,7 +14,6 @@ equivariant (the paper relies on data augmentation); forces are a decoder output
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from data_shards import keys as K
-from pretrain.models.egnn import DOUBLE_BUFFERS, cosine_envelope
+from pretrain.models.base import ReferenceEnergyModel
+from pretrain.models.egnn import cosine_envelope
 
 ACTIVATIONS = {"relu": nn.ReLU, "silu": nn.SiLU}
 
@@ -45,42 +45,11 @@ def check_activation(model: str, activation: str) -> None:
         raise ValueError(f"{model} activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
 
 
-class ForceCentricModel(nn.Module):
+class ForceCentricModel(ReferenceEnergyModel):
     """Base of direct-force models: subclasses implement `node_features(batch, vectors) -> h (N, F)` and
     set `force_head`, `energy_head` (per-atom MLPs on h). Forces need no autograd (no double backward)."""
 
     force_centric = True
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
-        self.register_buffer("e0", torch.zeros(K.MAX_Z + 1, dtype=torch.float64))
-
-    @property
-    def species(self) -> list[int]:
-        """Elements with a reference energy set by `set_normalisation` (empty before)."""
-        return [int(z) for z in torch.nonzero(self.e0).flatten()]
-
-    def set_normalisation(self, energy_scale: float, e0: dict[int, float]) -> None:
-        """E = s · Σ_i e_i + Σ_i E0[Z_i] and F = s · f with s = energy_scale; missing elements get E0 = 0."""
-        if not (math.isfinite(energy_scale) and energy_scale > 0):
-            raise ValueError(f"energy_scale must be a positive finite number (eV), got {energy_scale}")
-        table = torch.zeros_like(self.e0)
-        for z, value in e0.items():
-            if not 1 <= int(z) <= K.MAX_Z:
-                raise ValueError(f"e0 has element Z={z}; valid atomic numbers are 1..{K.MAX_Z}")
-            table[int(z)] = float(value)
-        self.energy_scale.fill_(float(energy_scale))
-        self.e0.copy_(table)
-
-    def _apply(self, fn, recurse=True):
-        # .float()/.bfloat16() must not round the reference energies (~ -3e4 eV) of the E0 table
-        kept = {name: getattr(self, name) for name in DOUBLE_BUFFERS}
-        super()._apply(fn, recurse)
-        for name, value in kept.items():
-            moved = getattr(self, name)
-            self._buffers[name] = value.to(device=moved.device, dtype=torch.float64)
-        return self
 
     def node_features(self, batch, vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
@@ -99,14 +68,10 @@ class ForceCentricModel(nn.Module):
         vectors = pos.index_select(0, dst) - pos.index_select(0, src) + batch[K.SHIFT_VECTORS].to(pos.dtype)
         h = self.node_features(batch, vectors.to(dtype), dtype)
 
-        scale = self.energy_scale.to(h.dtype)
-        atom_energy = self.energy_head(h).squeeze(-1) * scale
-        energy = torch.zeros(num_graphs, dtype=h.dtype, device=h.device).index_add_(0, graph_index, atom_energy)
-        reference = torch.zeros(num_graphs, dtype=torch.float64, device=h.device).index_add_(
-            0, graph_index, self.e0.index_select(0, species))
-        out = {K.PRED_ENERGY: energy.double() + reference}
+        _, total = self.total_energy(self.energy_head(h).squeeze(-1), species, graph_index, num_graphs)
+        out = {K.PRED_ENERGY: total}
         if compute_forces:
-            out[K.PRED_FORCES] = self.force_head(h) * scale
+            out[K.PRED_FORCES] = self.force_head(h) * self.energy_scale.to(h.dtype)
         return out
 
 

@@ -1,0 +1,210 @@
+"""Pure functions: ClusterConfig → sbatch script text, one per pipeline stage.
+
+Stages run by module path (`python -m pretrain`, `python -m finetune`, `python -m data_shards shards
+build`), so nothing here imports the packages it launches. Paths are written as given: `cluster.submit`
+makes them absolute before rendering.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+from cluster.config import ClusterConfig
+
+STAGES = ("shards", "pretrain", "finetune")
+PREFLIGHT_IMPORTS = {
+    "shards": ("data_shards.build", "ray"),
+    "pretrain": ("pretrain.train", "deepspeed", "torch"),
+    "finetune": ("finetune.train", "mlflow", "torch"),
+}
+
+
+@dataclass(frozen=True)
+class StageScript:
+    stage: str
+    text: str
+    after: str | None  # stage whose success this one waits for (sbatch --dependency=afterok:<its id>)
+
+
+def _q(value: str) -> str:
+    return shlex.quote(str(value))
+
+
+def log_pattern(cfg: ClusterConfig) -> str:
+    return f"{cfg.launch.run_dir}/logs/%x-%j.out"
+
+
+def job_name(cfg: ClusterConfig, stage: str) -> str:
+    return f"{cfg.slurm.job_name_prefix}-{stage}"
+
+
+def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
+            nodes: int | None = None, ntasks_per_node: int | None = None) -> list[str]:
+    s = cfg.slurm
+    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}", "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
+             f"#SBATCH --job-name={job_name(cfg, stage)}", f"#SBATCH --nodes={nodes or s.nodes}",
+             f"#SBATCH --ntasks-per-node={ntasks_per_node or s.ntasks_per_node}"]
+    if gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+    lines.append(f"#SBATCH --cpus-per-task={s.cpus_per_task}")
+    for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
+                        ("constraint", s.constraint), ("mem", s.mem)):
+        if value is not None:
+            lines.append(f"#SBATCH --{flag}={value}")
+    lines.append(f"#SBATCH --time={s.time}")
+    if s.exclusive:
+        lines.append("#SBATCH --exclusive")
+    if s.signal_before_walltime is not None:
+        lines.append(f"#SBATCH --signal=B:USR1@{s.signal_before_walltime}")
+    if s.requeue:
+        lines.append("#SBATCH --requeue")
+    lines.append(f"#SBATCH --output={log_pattern(cfg)}")
+    lines += [x if x.lstrip().startswith("#SBATCH") else f"#SBATCH {x.strip()}" for x in s.extra_sbatch]
+    return lines
+
+
+def _prologue(cfg: ClusterConfig, stage: str) -> list[str]:
+    lines = ["set -euo pipefail"]
+    if cfg.launch.workdir:
+        lines.append(f"cd {_q(cfg.launch.workdir)}")
+    if cfg.slurm.setup:
+        lines += ["", "# setup (slurm.setup)"] + list(cfg.slurm.setup)
+    lines += ["", f"PYTHON={_q(cfg.launch.python)}",
+              'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}',
+              'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes), started $(date -Is)"']
+    if cfg.launch.preflight:
+        modules = " ".join(PREFLIGHT_IMPORTS[stage])
+        lines += ["", "# preflight: the environment imports on every node before any real work starts",
+                  'srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 '
+                  f'"$PYTHON" -c \'import importlib, socket, sys; [importlib.import_module(m) for m in sys.argv[1:]]; '
+                  f'print("preflight ok on", socket.gethostname())\' {modules}']
+    return lines
+
+
+def _run_step(cfg: ClusterConfig, command: str) -> list[str]:
+    """Run `command` in the background so the USR1 walltime warning can be handled while it runs."""
+    s = cfg.slurm
+    lines = []
+    if s.signal_before_walltime is not None:
+        action = ('scontrol requeue "$SLURM_JOB_ID"' if s.requeue
+                  else 'echo "no requeue configured: the job stops at the walltime"')
+        lines += ["", f"on_walltime() {{ echo \"walltime in {s.signal_before_walltime} s ($(date -Is))\"; {action}; }}",
+                  "trap on_walltime USR1"]
+    lines += ["", f"{command} &", "STEP=$!",
+              "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
+              'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
+              'echo "finished with status $rc at $(date -Is)"', "exit $rc", ""]
+    return lines
+
+
+def _override_args(overrides: list[str]) -> str:
+    return (" --override " + " ".join(_q(o) for o in overrides)) if overrides else ""
+
+
+def _require(value, name: str, stage: str):
+    if not value:
+        raise ValueError(f"stage {stage!r} needs launch.{name} in the cluster config")
+    return value
+
+
+def render_pretrain(cfg: ClusterConfig) -> str:
+    config = _require(cfg.launch.pretrain_config, "pretrain_config", "pretrain")
+    lines = _header(cfg, "pretrain", "DeepSpeed masked pretraining, one task (rank) per GPU",
+                    gpus_per_node=cfg.slurm.gpus_per_node)
+    lines += _prologue(cfg, "pretrain")
+    if cfg.slurm.gpus_per_node:
+        lines += ["", "# NCCL over InfiniBand: set the interface names of your fabric (slurm.setup), e.g.",
+                  "#   export NCCL_SOCKET_IFNAME=ib0  NCCL_IB_HCA=mlx5  NCCL_DEBUG=WARN"]
+    lines += ["", "# cluster.launch maps SLURM_PROCID/NTASKS/LOCALID → RANK/WORLD_SIZE/LOCAL_RANK, MASTER_ADDR =",
+              "# first host of the nodelist, MASTER_PORT from the job id. A requeued job resumes from its checkpoints."]
+    cmd = (f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}'
+           + _override_args(cfg.launch.pretrain_overrides))
+    return "\n".join(lines + _run_step(cfg, cmd))
+
+
+def render_finetune(cfg: ClusterConfig) -> str:
+    config = _require(cfg.launch.finetune_config, "finetune_config", "finetune")
+    lines = _header(cfg, "finetune", "energy + force finetuning (one process)",
+                    gpus_per_node=min(1, cfg.slurm.gpus_per_node),
+                    nodes=1, ntasks_per_node=1)
+    lines += _prologue(cfg, "finetune")
+    cmd = f'srun --nodes=1 --ntasks=1 "$PYTHON" -m finetune --config {_q(config)}'
+    if cfg.launch.finetune_init:
+        cmd += f" --init {_q(cfg.launch.finetune_init)}"
+    return "\n".join(lines + _run_step(cfg, cmd + _override_args(cfg.launch.finetune_overrides)))
+
+
+def render_shards(cfg: ClusterConfig) -> str:
+    inputs = _require(cfg.launch.shards_inputs, "shards_inputs", "shards")
+    out = _require(cfg.launch.shards_out, "shards_out", "shards")
+    r = cfg.ray
+    lines = _header(cfg, "shards", "Ray-on-SLURM conversion to WebDataset shards (one Ray node per SLURM node)",
+                    gpus_per_node=0, ntasks_per_node=1)
+    lines += _prologue(cfg, "shards")
+    start_opts = [f"--num-cpus={r.num_cpus}" if r.num_cpus else '--num-cpus="$SLURM_CPUS_PER_TASK"']
+    if r.object_store_memory:
+        start_opts.append(f"--object-store-memory={r.object_store_memory}")
+    if r.temp_dir:
+        start_opts.append(f"--temp-dir={_q(r.temp_dir)}")
+    opts = " ".join(start_opts)
+    lines += [
+        "", "# Ray head on the first node, one worker on each other node; `--block` keeps each srun step alive.",
+        'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
+        'HEAD=${NODES[0]}',
+        'HEAD_IP=$(srun --nodes=1 --ntasks=1 -w "$HEAD" hostname --ip-address | awk \'{print $1}\')',
+        f'RAY_ADDRESS_ARG="$HEAD_IP:{r.head_port}"',
+        'STEPS=()',
+        'stop_ray() { for p in "${STEPS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }',
+        "trap stop_ray EXIT",
+        f'srun --nodes=1 --ntasks=1 -w "$HEAD" "$PYTHON" -m ray.scripts.scripts start --head '
+        f'--node-ip-address="$HEAD_IP" --port={r.head_port} {opts} --block &',
+        'STEPS+=($!)',
+        'if [ "$SLURM_NNODES" -gt 1 ]; then',
+        '  sleep 5',
+        '  srun --nodes=$((SLURM_NNODES - 1)) --ntasks=$((SLURM_NNODES - 1)) --ntasks-per-node=1 --exclude="$HEAD" \\',
+        f'    "$PYTHON" -m ray.scripts.scripts start --address="$RAY_ADDRESS_ARG" {opts} --block &',
+        '  STEPS+=($!)',
+        'fi',
+        "", f"# wait (at most ray.wait_nodes_s = {r.wait_nodes_s} s) until every node has joined",
+        "NODES_UP=0",
+        f"for _ in $(seq 1 {max(1, r.wait_nodes_s // 5)}); do",
+        '  NODES_UP=$("$PYTHON" -c \'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR"); '
+        'print(sum(n["Alive"] for n in ray.nodes()))\' "$RAY_ADDRESS_ARG" 2>/dev/null | tail -n 1) || NODES_UP=0',
+        '  [ "${NODES_UP:-0}" -ge "$SLURM_NNODES" ] && break',
+        "  sleep 5",
+        "done",
+        'if [ "${NODES_UP:-0}" -lt "$SLURM_NNODES" ]; then',
+        '  echo "only ${NODES_UP:-0} of $SLURM_NNODES Ray nodes joined: giving up" >&2; exit 1',
+        "fi",
+        'echo "Ray cluster up: $NODES_UP nodes at $RAY_ADDRESS_ARG"',
+        "", '"$PYTHON" -m data_shards shards build ' + " ".join(_q(i) for i in inputs)
+        + f" --out {_q(out)} --shard-size {cfg.launch.shard_size}" + ' --ray-address "$RAY_ADDRESS_ARG"',
+        'echo "finished at $(date -Is)"', "",
+    ]
+    return "\n".join(lines)
+
+
+RENDERERS = {"shards": render_shards, "pretrain": render_pretrain, "finetune": render_finetune}
+
+
+def render(cfg: ClusterConfig, stage: str) -> str:
+    if stage not in RENDERERS:
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    return RENDERERS[stage](cfg)
+
+
+def pipeline_stages(cfg: ClusterConfig) -> list[str]:
+    """The stages the config describes, in order: shards (if shards_inputs), pretrain, finetune."""
+    present = {"shards": bool(cfg.launch.shards_inputs), "pretrain": bool(cfg.launch.pretrain_config),
+               "finetune": bool(cfg.launch.finetune_config)}
+    stages = [s for s in STAGES if present[s]]
+    if not stages:
+        raise ValueError("the cluster config names no stage: set launch.shards_inputs, launch.pretrain_config "
+                         "and/or launch.finetune_config")
+    return stages
+
+
+def render_pipeline(cfg: ClusterConfig) -> list[StageScript]:
+    """Scripts of the configured stages, each to be submitted with --dependency=afterok on the previous one."""
+    stages = pipeline_stages(cfg)
+    return [StageScript(s, render(cfg, s), stages[i - 1] if i else None) for i, s in enumerate(stages)]

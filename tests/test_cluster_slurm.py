@@ -1,0 +1,159 @@
+"""Real SLURM (22.05, 2 virtual nodes on this host): `maskpot submit pipeline` runs a 2-node × 1-task DeepSpeed
+pretraining of the tiny model, then the finetune that depends on it (afterok), both to completion."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slurm_cluster import LocalSlurm, SlurmUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    cluster = LocalSlurm(nnodes=2)
+    try:
+        cluster.start()
+    except (SlurmUnavailable, OSError) as e:
+        cluster.stop()
+        pytest.skip(f"NO REAL SLURM: local cluster could not be started: {e}")
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def water_shards(tmp_path_factory) -> Path:
+    """12 flexible-TIP3P frames of 4 H2O: 8 train (2 shards: one per rank) / 2 val / 2 test."""
+    from data_shards.build import build_shards
+    from data_shards.tip3p import tip3p_frames, write_extxyz
+
+    root = tmp_path_factory.mktemp("slurm_shards")
+    frames = tip3p_frames(n_molecules=4, n_frames=12, seed=5, steps_between_frames=10, equilibration_steps=50)
+    write_extxyz(frames[:8], root / "train.xyz")
+    write_extxyz(frames[8:10], root / "val.xyz")
+    write_extxyz(frames[10:], root / "test.xyz")
+    out = root / "shards"
+    build_shards([f"{split}={root / split}.xyz" for split in ("train", "val", "test")], str(out), shard_size=4,
+                 use_ray=False, progress=False)
+    return out
+
+
+def _maskpot(env, *args, module="finetune.cli"):
+    """`maskpot ARGS` (finetune.cli); module="cluster" skips importing torch & co. (3-10 s a call here)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=120)
+
+
+def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, water_shards, tmp_path):
+    t0 = time.monotonic()
+    pre_out, ft_out, run_dir = tmp_path / "pretrain", tmp_path / "finetune", tmp_path / "run"
+    cfg = {
+        "slurm": {"nodes": 2, "ntasks_per_node": 1, "cpus_per_task": 1, "time": "15", "cpu_only": True,
+                  "signal_before_walltime": None, "job_name_prefix": "mp-test",
+                  "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",  # virtual nodes n1/n2 share 127.0.0.1
+                            "export OMP_NUM_THREADS=1 TQDM_DISABLE=1 MLFLOW_DISABLE_TELEMETRY=true"]},
+        "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
+                   "pretrain_config": "configs/pretrain_tiny.yaml",
+                   "pretrain_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={pre_out}",
+                                          "train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2",
+                                          "optim.decay_steps=4"],
+                   "finetune_config": "configs/finetune_tiny.yaml", "finetune_init": str(pre_out / "export"),
+                   "finetune_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={ft_out}",
+                                          "train.max_steps=4", "train.eval_every=2",
+                                          "tracking.enabled=false"]},
+    }
+    cfg_path = tmp_path / "cluster.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+
+    inside = _maskpot(dict(env, SLURM_JOB_ID="9"), "submit", "pretrain", "--config", str(cfg_path))
+    assert inside.returncode == 2 and "--force" in inside.stderr
+
+    sub = _maskpot(env, "submit", "pipeline", "--config", str(cfg_path))
+    assert sub.returncode == 0, sub.stderr
+    print(sub.stdout)
+    jobs = json.loads((run_dir / "jobs.json").read_text())
+    assert [(j["stage"], j["depends_on"]) for j in jobs] == [("pretrain", None), ("finetune", "pretrain")]
+    ids = [j["job_id"] for j in jobs]
+    assert all(i.isdigit() for i in ids)
+
+    status = _maskpot(env, "status", "--config", str(cfg_path), module="cluster")
+    assert status.returncode == 0 and all(i in status.stdout for i in ids)
+
+    slurm.wait_for_jobs(ids, timeout_s=600)
+    logs = {j["stage"]: Path(j["log"]).read_text() if Path(j["log"]).is_file() else "<no log>" for j in jobs}
+    for j in jobs:
+        print(f"--- {j['stage']} job {j['job_id']}: {slurm.job_state(j['job_id'])}\n{logs[j['stage']][-3000:]}")
+    assert all(slurm.job_state(i).startswith("COMPLETED") for i in ids), logs
+
+    pre_log = logs["pretrain"]
+    assert pre_log.count("preflight ok on") == 2
+    metrics = [json.loads(x) for x in (pre_out / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in metrics) == 4
+    assert (pre_out / "export" / "model.safetensors").is_file()
+    assert (pre_out / "checkpoints" / "step00000004" / "rng-rank1.json").is_file()  # two ranks took part
+    assert (ft_out / "export" / "model.safetensors").is_file(), sorted(os.listdir(ft_out))
+    assert "test" in json.loads((ft_out / "results.json").read_text())
+    print(f"pipeline wall time {time.monotonic() - t0:.1f} s")
+
+
+def test_shards_job_starts_ray_on_the_allocation_and_builds(slurm, tmp_path):
+    """One-node Ray-on-SLURM: head started by srun, node count polled, `shards build --ray-address`, Ray stopped."""
+    import socket
+    import tempfile
+
+    from data_shards.tip3p import tip3p_frames, write_extxyz
+
+    write_extxyz(tip3p_frames(n_molecules=4, n_frames=10, seed=6, steps_between_frames=10, equilibration_steps=50),
+                 tmp_path / "water.xyz")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's unix socket paths must stay under 108 chars
+    cfg = {"slurm": {"nodes": 1, "cpus_per_task": 2, "time": "10", "signal_before_walltime": None,
+                     "setup": ["export RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1"]},
+           "ray": {"head_port": port, "num_cpus": 2, "object_store_memory": 100_000_000, "temp_dir": ray_tmp,
+                   "wait_nodes_s": 120},
+           "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(REPO),
+                      "shards_inputs": [str(tmp_path / "water.xyz")], "shards_out": str(tmp_path / "shards"),
+                      "shard_size": 4}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    try:
+        sub = _maskpot(env, "submit", "shards", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+        assert sub.returncode == 0, sub.stderr
+        [job] = json.loads((tmp_path / "run" / "jobs.json").read_text())
+        slurm.wait_for_jobs([job["job_id"]], timeout_s=300)
+        log = Path(job["log"]).read_text()
+        assert slurm.job_state(job["job_id"]).startswith("COMPLETED"), log
+    finally:
+        import shutil
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert "Ray cluster up: 1 nodes" in log
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["totals"]["samples_written"] == 10
+
+
+def test_cancel_stops_recorded_jobs(slurm, tmp_path):
+    (tmp_path / "p.yaml").write_text("{}")
+    cfg = {"slurm": {"time": "5", "extra_sbatch": ["--hold"], "signal_before_walltime": None},  # stays pending
+           "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(tmp_path),
+                      "pretrain_config": "p.yaml"}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    submitted = _maskpot(env, "submit", "pretrain", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert submitted.returncode == 0, submitted.stderr
+    [job] = json.loads((tmp_path / "run" / "jobs.json").read_text())
+    status = _maskpot(env, "status", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert f"{job['job_id']}\tPENDING" in status.stdout
+    cancel = _maskpot(env, "cancel", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert cancel.returncode == 0 and f"cancelled: {job['job_id']}" in cancel.stdout
+    assert slurm.job_state(job["job_id"]).startswith("CANCELLED")
