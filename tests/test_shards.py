@@ -27,26 +27,9 @@ from data_shards.frame import Frame
 from data_shards.manifest import (MANIFEST_DIR, ManifestError, StatsPartial, file_sha256, finalize_stats,
                                   load_manifest, shard_paths, verify_shards)
 from data_shards.sample import decode_sample, encode_frame
+from water_systems import water_atoms
 
 WATER_SETS = ("data_0", "data_1", "data_2", "data_3")
-
-
-def water_atoms(n_frames: int, n_waters: int = 4, box: float = 6.5, seed: int = 0) -> list[ase.Atoms]:
-    """Periodic water-like boxes with random labels (unique positions, so unique sample keys)."""
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(n_waters ** (1 / 3)))
-    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)][:n_waters])
-    frames = []
-    for _ in range(n_frames):
-        oxygen = (grid + 0.5) * box / side + rng.normal(0, 0.1, (n_waters, 3))
-        directions = rng.normal(size=(n_waters, 2, 3))
-        hydrogens = oxygen[:, None] + 0.96 * directions / np.linalg.norm(directions, axis=-1, keepdims=True)
-        positions = np.concatenate([oxygen[:, None], hydrogens], axis=1).reshape(-1, 3)
-        atoms = ase.Atoms("OHH" * n_waters, positions=positions, cell=np.eye(3) * box, pbc=True)
-        atoms.calc = SinglePointCalculator(atoms, energy=float(-14.0 * n_waters + rng.normal(0, 0.1)),
-                                           forces=rng.normal(0, 0.8, (3 * n_waters, 3)))
-        frames.append(atoms)
-    return frames
 
 
 def write_xyz(path: Path, atoms: list[ase.Atoms]) -> str:

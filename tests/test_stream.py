@@ -11,7 +11,6 @@ import ase.io
 import numpy as np
 import pytest
 import torch
-from ase.calculators.singlepoint import SinglePointCalculator
 from torch_geometric.data import Batch
 
 from data_shards import keys as K
@@ -20,26 +19,10 @@ from data_shards.graph import neighbour_list
 from data_shards.manifest import load_manifest, shard_paths
 from data_shards.sample import decode_sample
 from data_shards.stream import ShardStream
+from water_systems import water_atoms
 
 CUTOFF = 3.0
 N_FRAMES = 30
-
-
-def water_atoms(n_frames: int, n_waters: int = 4, box: float = 6.5, seed: int = 0) -> list[ase.Atoms]:
-    rng = np.random.default_rng(seed)
-    side = int(np.ceil(n_waters ** (1 / 3)))
-    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)][:n_waters])
-    frames = []
-    for _ in range(n_frames):
-        oxygen = (grid + 0.5) * box / side + rng.normal(0, 0.1, (n_waters, 3))
-        directions = rng.normal(size=(n_waters, 2, 3))
-        hydrogens = oxygen[:, None] + 0.96 * directions / np.linalg.norm(directions, axis=-1, keepdims=True)
-        positions = np.concatenate([oxygen[:, None], hydrogens], axis=1).reshape(-1, 3)
-        atoms = ase.Atoms("OHH" * n_waters, positions=positions, cell=np.eye(3) * box, pbc=True)
-        atoms.calc = SinglePointCalculator(atoms, energy=float(-14.0 * n_waters + rng.normal(0, 0.1)),
-                                           forces=rng.normal(0, 0.8, (3 * n_waters, 3)))
-        frames.append(atoms)
-    return frames
 
 
 def split_samples(shard_dir: Path, split: str = "train") -> list[dict]:

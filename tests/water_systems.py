@@ -6,25 +6,19 @@ from __future__ import annotations
 
 import hashlib
 
+import ase
 import numpy as np
 import torch
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
+from data_shards.tip3p import random_rotation
 
 OH_BOND = 0.9572      # Å
 HOH_ANGLE = np.deg2rad(104.52)
 WATER_SPECIES = (8, 1, 1)
 LIQUID_VOLUME_PER_MOLECULE = 29.9  # Å^3, water at 1 g/cm^3
-
-
-def random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A proper rotation matrix (det +1) drawn uniformly."""
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q = q * np.sign(np.diag(r))
-    if np.linalg.det(q) < 0:
-        q[:, 0] = -q[:, 0]
-    return q
 
 
 def water_molecule(oxygen: np.ndarray, rotation: np.ndarray) -> np.ndarray:
@@ -103,3 +97,21 @@ def _min_image_distance(a: np.ndarray, b: np.ndarray, length: float) -> float:
 def to_batch(samples: list[dict], cutoff: float, dtype: torch.dtype = torch.float64):
     """Samples → a torch_geometric Batch with radius graphs (what the streaming loader produces)."""
     return collate([sample_to_data(s, cutoff, dtype) for s in samples])
+
+
+def water_atoms(n_frames: int, n_waters: int = 4, box: float = 6.5, seed: int = 0) -> list[ase.Atoms]:
+    """Periodic water-like boxes with random labels (unique positions, so unique sample keys)."""
+    rng = np.random.default_rng(seed)
+    side = int(np.ceil(n_waters ** (1 / 3)))
+    grid = np.array([(i, j, k) for i in range(side) for j in range(side) for k in range(side)][:n_waters])
+    frames = []
+    for _ in range(n_frames):
+        oxygen = (grid + 0.5) * box / side + rng.normal(0, 0.1, (n_waters, 3))
+        directions = rng.normal(size=(n_waters, 2, 3))
+        hydrogens = oxygen[:, None] + 0.96 * directions / np.linalg.norm(directions, axis=-1, keepdims=True)
+        positions = np.concatenate([oxygen[:, None], hydrogens], axis=1).reshape(-1, 3)
+        atoms = ase.Atoms("OHH" * n_waters, positions=positions, cell=np.eye(3) * box, pbc=True)
+        atoms.calc = SinglePointCalculator(atoms, energy=float(-14.0 * n_waters + rng.normal(0, 0.1)),
+                                           forces=rng.normal(0, 0.8, (3 * n_waters, 3)))
+        frames.append(atoms)
+    return frames
