@@ -257,9 +257,9 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
             ema.update_parameters(model)
         train_curve.append((step, loss.item()))
         tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step)
-        bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4g}",
-                        val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å")
+                        val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å", refresh=False)
+        bar.update(1)  # one redraw per step
         if step % t.eval_every == 0 or step == t.max_steps:
             validate(step)
             model.train()
