@@ -4,6 +4,12 @@ The driver plans chunks (input, split, start, stop) of at most `shard_size` fram
 numbers are deterministic. One Ray task per chunk reads its frames, validates them, writes one tar (tmp
 name + atomic rename, so a retried task never leaves half a shard) and returns small summaries: counts,
 sha256, element counts, statistics partial sums and quarantine records. Bad frames never stop the build.
+
+Resumable: after its tar, each task writes the same summary atomically to a sidecar `shard-%06d.tar.json`
+(also for a chunk whose frames were all quarantined, which has no tar). A rerun into the same folder
+(e.g. after the driver was killed) reuses every chunk whose sidecar describes the same chunk, input file
+stamp and build options and whose tar still has the recorded sha256, and redoes only the rest: the end
+result is byte-identical to an uninterrupted build.
 """
 from __future__ import annotations
 
@@ -26,12 +32,16 @@ from webdataset import TarWriter
 from data_shards import readers
 from data_shards.frame import FrameError
 from data_shards.manifest import (MANIFEST_NAME, QUARANTINE_NAME, SCHEMA_VERSION, SPLITS, STATS_SPLIT,
-                                  StatsPartial, finalize_stats, load_manifest, write_json_atomic)
+                                  StatsPartial, file_sha256, finalize_stats, load_manifest,
+                                  write_json_atomic)
 from data_shards.sample import encode_frame
 
 SHARD_NAME = "shard-{:06d}.tar"
 SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
-TMP_PATTERN = re.compile(r"^\.shard-\d{6}\.tar\.tmp-")
+TMP_PATTERN = re.compile(r"^\.shard-\d{6}\.tar(\.json)?\.tmp-")
+SIDECAR_SUFFIX = ".json"
+SIDECAR_PATTERN = re.compile(r"^shard-\d{6}\.tar\.json$")
+SIDECAR_VERSION = 1
 TAR_MTIME = 0          # fixed member metadata so reruns give byte-identical tars
 TAR_OWNER = "maskpot"
 MAX_RETRIES = 3        # a chunk whose worker dies is rerun this many times
@@ -182,7 +192,60 @@ def write_chunk(chunk: Chunk, out_dir: str, require_labels: bool) -> ChunkResult
         tmp = final.with_name(f".{result.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         tmp.write_bytes(data)
         os.replace(tmp, final)
+    write_json_atomic(Path(out_dir) / (result.name + SIDECAR_SUFFIX), sidecar_record(result, require_labels))
     return result
+
+
+def _input_stamp(path: str) -> list[int]:
+    """(size, mtime_ns) of an input: a changed input invalidates the chunks finished from it."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def sidecar_record(result: ChunkResult, require_labels: bool) -> dict:
+    st = result.stats
+    return {
+        "sidecar_version": SIDECAR_VERSION, "require_labels": require_labels,
+        "chunk": {**result.chunk.__dict__, "input_stamp": _input_stamp(result.chunk.path)},
+        "frames_read": result.frames_read, "samples": result.samples, "unlabelled": result.unlabelled,
+        "atoms": result.atoms, "bytes": result.bytes, "sha256": result.sha256,
+        "elements": {str(z): n for z, n in result.elements.items()},
+        "stats": {"elements": list(st.elements), "structures": st.structures, "xtx": st.xtx.tolist(),
+                  "xty": st.xty.tolist(), "sum_a": st.sum_a, "sum_a2": st.sum_a2, "sum_u": st.sum_u.tolist(),
+                  "sum_au": st.sum_au.tolist(), "sum_uu": st.sum_uu.tolist(),
+                  "force_sq": {str(z): v for z, v in st.force_sq.items()},
+                  "force_atoms": {str(z): n for z, n in st.force_atoms.items()}},
+        "quarantine": result.quarantine,
+    }
+
+
+def finished_chunk(chunk: Chunk, out_dir: str, require_labels: bool) -> ChunkResult | None:
+    """The result of an earlier run's task for exactly this chunk when its sidecar and tar check out."""
+    name = SHARD_NAME.format(chunk.shard_index)
+    sidecar = Path(out_dir) / (name + SIDECAR_SUFFIX)
+    try:
+        rec = json.loads(sidecar.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    expected = {**chunk.__dict__, "input_stamp": _input_stamp(chunk.path)}
+    if (rec.get("sidecar_version") != SIDECAR_VERSION or rec.get("require_labels") != require_labels
+            or rec.get("chunk") != expected):
+        return None
+    tar = Path(out_dir) / name
+    if rec["samples"] and (not tar.is_file() or tar.stat().st_size != rec["bytes"]
+                           or file_sha256(tar) != rec["sha256"]):
+        log.warning("%s: does not match its sidecar (sha256/size); rebuilding it", tar)
+        return None
+    s = rec["stats"]
+    k = len(s["elements"])
+    stats = StatsPartial(tuple(s["elements"]), s["structures"], np.array(s["xtx"], dtype=np.float64).reshape(k, k),
+                         np.array(s["xty"], dtype=np.float64), s["sum_a"], s["sum_a2"],
+                         np.array(s["sum_u"], dtype=np.float64), np.array(s["sum_au"], dtype=np.float64),
+                         np.array(s["sum_uu"], dtype=np.float64).reshape(k, k),
+                         {int(z): v for z, v in s["force_sq"].items()},
+                         {int(z): n for z, n in s["force_atoms"].items()})
+    return ChunkResult(chunk, rec["frames_read"], rec["samples"], rec["unlabelled"], rec["atoms"], rec["bytes"],
+                       rec["sha256"], {int(z): n for z, n in rec["elements"].items()}, stats, rec["quarantine"])
 
 
 def _run_serial(chunks, cfg, on_result) -> None:
@@ -254,10 +317,13 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
     }
 
 
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    """Shards of an earlier build into the same folder that this build did not write, and dead tmp files."""
+def _remove_stale(out_dir: Path, keep: set[str], keep_sidecars: set[str]) -> None:
+    """Shards (and sidecars) of an earlier build into the same folder that this build did not write, and
+    dead tmp files."""
     for p in out_dir.iterdir():
-        if (SHARD_PATTERN.match(p.name) and p.name not in keep) or TMP_PATTERN.match(p.name):
+        stale_tar = SHARD_PATTERN.match(p.name) and p.name not in keep
+        stale_sidecar = SIDECAR_PATTERN.match(p.name) and p.name.removesuffix(SIDECAR_SUFFIX) not in keep_sidecars
+        if stale_tar or stale_sidecar or TMP_PATTERN.match(p.name):
             p.unlink()
 
 
@@ -284,14 +350,24 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
         bar.update(result.frames_read)
         bar.set_postfix_str(f"{len(results)}/{len(chunks)} chunks")
 
+    todo = []
+    for chunk in chunks:
+        done = finished_chunk(chunk, cfg.out_dir, cfg.require_labels)
+        if done is None:
+            todo.append(chunk)
+        else:
+            on_result(done)
+    if len(todo) < len(chunks):
+        log.info("resuming: %d of %d chunks already finished in %s", len(chunks) - len(todo), len(chunks), out)
     try:
-        (_run_ray if use_ray else _run_serial)(chunks, cfg, on_result)
+        if todo:
+            (_run_ray if use_ray else _run_serial)(todo, cfg, on_result)
     finally:
         bar.close()
     elapsed = time.perf_counter() - t0
     results.sort(key=lambda r: r.chunk.shard_index)
     manifest = assemble_manifest(cfg, specs, results)
-    _remove_stale(out, {s["name"] for s in manifest["shards"]})
+    _remove_stale(out, {s["name"] for s in manifest["shards"]}, {r.name for r in results})
     quarantine = "".join(json.dumps(rec, sort_keys=True) + "\n" for r in results for rec in r.quarantine)
     tmp = out / f".{QUARANTINE_NAME}.tmp-{os.getpid()}"
     tmp.write_text(quarantine)

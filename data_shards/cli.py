@@ -114,7 +114,8 @@ def _add_shards(subparsers) -> None:
         "build", help="convert extxyz files / DeePMD folders into shard-NNNNNN.tar + manifest.json (Ray)",
         description="Inputs prefixed train=, val= or test= go wholly to that split; other inputs are cut in "
                     "frame order into contiguous train/val/test blocks by --split-fractions. Invalid frames "
-                    "go to quarantine.jsonl and never stop the build.")
+                    "go to quarantine.jsonl and never stop the build. Rerunning into the same --out resumes an "
+                    "interrupted build: shards whose sha256 matches their shard-NNNNNN.tar.json sidecar are kept.")
     b.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="extxyz file or DeePMD system/root folder, optionally prefixed train=, val= or test=")
     b.add_argument("--out", required=True, help="output folder for shards, manifest.json and quarantine.jsonl")

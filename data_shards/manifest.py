@@ -207,3 +207,97 @@ def finalize_stats(partial: StatsPartial) -> dict:
         energy_per_atom_std=float(np.sqrt(max(mean_sq - mean * mean, 0.0))),
     )
     return stats
+
+
+# ---- shard locations: local paths, http(s):// URLs and `pipe:COMMAND` -------------------------------------
+
+REMOTE_PREFIXES = ("http://", "https://")
+PIPE_PREFIX = "pipe:"
+NAME_FIELD = "{name}"   # in a base URL, replaced by the shard file name (`pipe:cat /data/{name}`)
+
+
+def is_url(location: str) -> bool:
+    return str(location).startswith(REMOTE_PREFIXES + (PIPE_PREFIX,))
+
+
+def shard_url(base: str, name: str) -> str:
+    """Where shard `name` lives: `base` with {name} filled in, else base/name (folder or URL prefix)."""
+    if NAME_FIELD in base:
+        return base.replace(NAME_FIELD, name)
+    return base.rstrip("/") + "/" + name if is_url(base) else str(Path(base) / name)
+
+
+def open_location(location: str):
+    """A readable binary stream over a local file, an http(s) URL or the stdout of `pipe:COMMAND`."""
+    location = str(location)
+    if location.startswith(REMOTE_PREFIXES):
+        import urllib.request
+
+        return urllib.request.urlopen(location, timeout=60)
+    if location.startswith(PIPE_PREFIX):
+        import shlex
+        import subprocess
+
+        proc = subprocess.Popen(shlex.split(location[len(PIPE_PREFIX):]), stdout=subprocess.PIPE)
+        return _PipeStream(proc, location)
+    return open(location, "rb")
+
+
+class _PipeStream:
+    """stdout of a shard command; closing waits for it and raises when it failed (never a silent short read)."""
+
+    def __init__(self, proc, location: str):
+        self.proc, self.location, self.reported = proc, location, False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.proc.stdout.read(n)
+        if not data and n != 0:
+            self._check()
+        return data
+
+    def _check(self) -> None:
+        if self.proc.wait() != 0 and not self.reported:
+            self.reported = True
+            raise OSError(f"{self.location}: command exited with status {self.proc.returncode}")
+
+    def close(self) -> None:
+        if not self.proc.stdout.closed:
+            while self.proc.stdout.read(1 << 20):   # drain: tar readers stop before the end padding
+                pass
+            self.proc.stdout.close()
+        self._check()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def load_stream_manifest(location: str | Path, base_url: str | None = None) -> dict:
+    """A manifest from a local folder/file or an http(s) URL; MANIFEST_DIR then holds where the shards are.
+
+    `base_url` overrides the shard location (an http(s) prefix, a folder, or a template with {name} such as
+    `pipe:cat /data/{name}`); by default shards sit next to the manifest. Local shard files are checked to
+    exist only when neither the manifest nor the shards are remote.
+    """
+    location = str(location)
+    if location.startswith(REMOTE_PREFIXES):
+        url = location if location.endswith(".json") else location.rstrip("/") + "/" + MANIFEST_NAME
+        with open_location(url) as f:
+            try:
+                manifest = json.loads(f.read())
+            except json.JSONDecodeError as e:
+                raise ManifestError(f"{url}: not valid JSON: {e}") from e
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+        if version != SCHEMA_VERSION:
+            raise ManifestError(f"{url}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+        for section in ("shards", "splits", "totals"):
+            if section not in manifest:
+                raise ManifestError(f"{url}: missing section {section!r}")
+        manifest[MANIFEST_DIR] = url.rsplit("/", 1)[0]
+    else:
+        manifest = load_manifest(location, check_files=base_url is None)
+    if base_url is not None:
+        manifest[MANIFEST_DIR] = str(base_url)
+    return manifest

@@ -5,26 +5,45 @@ slots, whole shards are dealt out (rank first, then worker); with fewer, every s
 and keeps sample i when i mod n_slots == its slot. Either way each sample of the split (or of its first
 `limit` samples, in manifest order) is seen exactly once per epoch across all ranks and workers.
 Decoding, the transform, the neighbour list and batching all run inside the worker.
+
+Each slot's sample order is a pure function of (manifest, seed, epoch, slot), so a stream resumes
+mid-epoch by replaying its slots' raw (undecoded) samples and skipping the ones already handed out.
+Resume rule when the layout (world_size × num_workers) changes: the old slots' unseen samples, taken
+old slot by old slot in slot order, each in its own order, form the remainder; new slot s takes the
+remainder's items i with i mod new_n_slots == s. Nothing is materialised: every new slot re-reads the
+shards of the resumed epoch once. Later epochs use the new layout from the start.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import itertools
+import logging
 import math
 import random
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch_geometric.data import Batch
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
-from data_shards.manifest import MANIFEST_DIR, SPLITS, load_manifest, shard_entries
+from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
 from data_shards.sample import decode_sample
 
 Transform = Callable[[dict, int], dict]
+VERIFY_MODES = ("off", "skip", "fatal")
+STATE_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class ShardChecksumError(ValueError):
+    """A shard's bytes do not match the manifest's sha256 (verify="fatal")."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,8 @@ class StreamConfig:
     seed: int = 0
     limit: int | None = None
     drop_last: bool = False
+    max_atoms: int | None = None
+    verify: str = "off"
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -54,6 +75,10 @@ class StreamConfig:
                              f"{self.shuffle_buffer}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0 samples or None (the whole split), got {self.limit}")
+        if self.max_atoms is not None and self.max_atoms < 1:
+            raise ValueError(f"max_atoms must be >= 1 (atoms per batch) or None (no budget), got {self.max_atoms}")
+        if self.verify not in VERIFY_MODES:
+            raise ValueError(f"unknown verify mode {self.verify!r}; valid modes: {list(VERIFY_MODES)}")
 
     @property
     def workers_per_rank(self) -> int:
@@ -66,9 +91,13 @@ class StreamConfig:
 
 @dataclass(frozen=True)
 class ShardWork:
-    path: str
+    path: str     # local path or URL (http(s)://…, pipe:…)
     offset: int   # index in the split (manifest order) of the shard's first sample
     take: int     # samples of this shard in use (fewer than it holds when `limit` cuts into it)
+    name: str = ""
+    sha256: str = ""
+    atoms: int = 0
+    samples: int = 0
 
 
 def plan_work(manifest: dict, split: str, limit: int | None) -> list[ShardWork]:
@@ -84,9 +113,40 @@ def plan_work(manifest: dict, split: str, limit: int | None) -> list[ShardWork]:
         take = min(e["samples"], budget - offset)
         if take <= 0:
             break
-        work.append(ShardWork(str(Path(manifest[MANIFEST_DIR]) / e["name"]), offset, take))
+        work.append(ShardWork(shard_url(manifest[MANIFEST_DIR], e["name"]), offset, take, e["name"],
+                              e.get("sha256", ""), int(e.get("atoms", 0)), int(e["samples"])))
         offset += take
     return work
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one epoch's samples were dealt: a world/worker layout, optionally over a parent's remainder."""
+    world_size: int
+    num_workers: int
+    parent: "Layout | None" = None
+    parent_consumed: tuple[int, ...] = ()   # samples the parent's slots handed out before the re-deal
+
+    @property
+    def n_slots(self) -> int:
+        return self.world_size * max(self.num_workers, 1)
+
+    def to_json(self, consumed: dict[int, int]) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers,
+                "consumed": {str(s): n for s, n in sorted(consumed.items())},
+                "parent": None if self.parent is None else
+                self.parent.to_json(dict(enumerate(self.parent_consumed)))}
+
+    @staticmethod
+    def from_json(d: dict) -> tuple["Layout", dict[int, int]]:
+        parent, parent_consumed = None, ()
+        if d.get("parent") is not None:
+            parent, pc = Layout.from_json(d["parent"])
+            if sorted(pc) != list(range(parent.n_slots)):
+                raise ValueError("stream state: a parent layout must list every slot's consumed count")
+            parent_consumed = tuple(pc[s] for s in range(parent.n_slots))
+        layout = Layout(int(d["world_size"]), int(d["num_workers"]), parent, parent_consumed)
+        return layout, {int(s): int(n) for s, n in d["consumed"].items()}
 
 
 def _slot_assignment(work: list[ShardWork], cfg: StreamConfig, slot: int) -> tuple[list[ShardWork], bool]:
@@ -105,27 +165,113 @@ def slot_sample_count(work: list[ShardWork], cfg: StreamConfig, slot: int) -> in
     return len(range(slot, total, cfg.n_slots))
 
 
-class _SlotDataset(IterableDataset):
-    """One epoch of one rank; inside a DataLoader worker it serves that worker's slot only."""
+def _open_shards(shards: Iterator[dict], by_url: dict[str, ShardWork], verify: str) -> Iterator[dict]:
+    """{"url"} → {"url", "stream"}. With verify on, the whole shard is read and hashed before any of its
+    samples are yielded (one shard in memory per worker), so a corrupted shard never leaks samples."""
+    for item in shards:
+        url = item["url"]
+        if verify == "off":
+            stream = open_location(url)
+            try:
+                yield {"url": url, "stream": stream}
+            finally:
+                stream.close()
+            continue
+        with open_location(url) as f:
+            data = f.read()
+        w = by_url[url]
+        digest = hashlib.sha256(data).hexdigest()
+        if digest == w.sha256:
+            yield {"url": url, "stream": io.BytesIO(data)}
+            continue
+        message = (f"shard {w.name} ({url}): sha256 {digest[:16]}… does not match the manifest's "
+                   f"{w.sha256[:16]}… ({len(data)} bytes read)")
+        if verify == "fatal":
+            raise ShardChecksumError(message)
+        warnings.warn(message + "; shard skipped", RuntimeWarning, stacklevel=2)
+        log.warning("%s; shard skipped", message)
 
-    def __init__(self, work: list[ShardWork], cfg: StreamConfig, epoch: int, transform: Transform | None,
-                 dtype: torch.dtype):
+
+def _select(samples: Iterator[dict], mine: list[ShardWork], whole: bool, n_slots: int,
+            slot: int) -> Iterator[dict]:
+    """Keep the first `take` samples of each shard and, when sharing shards, every n_slots-th sample."""
+    by_url = {w.path: w for w in mine}
+    url, position = None, 0
+    for sample in samples:
+        if sample["__url__"] != url:
+            url, position = sample["__url__"], 0
+        w = by_url[url]
+        index, position = w.offset + position, position + 1
+        if position > w.take:
+            continue
+        if whole or index % n_slots == slot:
+            yield sample
+
+
+def raw_slot_samples(work: list[ShardWork], cfg: StreamConfig, epoch: int, slot: int) -> Iterator[dict]:
+    """Undecoded samples of one slot of a fresh epoch, in the order that slot yields them."""
+    mine, whole = _slot_assignment(work, cfg, slot)
+    if not mine:
+        return iter(())
+    rng = random.Random(f"{cfg.seed}:{epoch}:{slot}")
+    stages = []
+    if cfg.shuffle_buffer:
+        mine = list(mine)
+        rng.shuffle(mine)
+        stages.append(wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_buffer, rng=rng))
+    by_url = {w.path: w for w in mine}
+    return iter(wds.DataPipeline(
+        wds.SimpleShardList([w.path for w in mine]),
+        lambda shards: _open_shards(shards, by_url, cfg.verify),
+        tar_file_expander, group_by_keys,
+        lambda samples: _select(samples, mine, whole, cfg.n_slots, slot),
+        *stages,
+    ))
+
+
+def layout_slot_samples(work: list[ShardWork], cfg: StreamConfig, epoch: int, layout: Layout,
+                        slot: int) -> Iterator[dict]:
+    """Raw samples of `slot` under `layout`: a fresh deal, or a re-deal of the parent layout's remainder."""
+    if layout.parent is None:
+        fresh = StreamConfig(**{**cfg.__dict__, "rank": 0, "world_size": layout.world_size,
+                                "num_workers": layout.num_workers})
+        return raw_slot_samples(work, fresh, epoch, slot)
+    remainder = itertools.chain.from_iterable(
+        itertools.islice(layout_slot_samples(work, cfg, epoch, layout.parent, old), done, None)
+        for old, done in enumerate(layout.parent_consumed))
+    return itertools.islice(remainder, slot, None, layout.n_slots)
+
+
+def batch_by_budget(datas: Iterator, batch_size: int, max_atoms: int | None, drop_last: bool) -> Iterator[list]:
+    """Groups of graphs closed at `batch_size` graphs or before the atom total would exceed `max_atoms`
+    (a graph larger than the budget alone is a batch). drop_last drops a short final group."""
+    group, atoms, warned = [], 0, False
+    for data in datas:
+        n = int(data.num_nodes)
+        if group and max_atoms is not None and atoms + n > max_atoms:
+            yield group
+            group, atoms = [], 0
+        if max_atoms is not None and n > max_atoms and not warned:
+            warnings.warn(f"a structure of {n} atoms exceeds max_atoms={max_atoms}; it forms a batch of its own",
+                          RuntimeWarning, stacklevel=2)
+            warned = True
+        group.append(data)
+        atoms += n
+        if len(group) == batch_size:
+            yield group
+            group, atoms = [], 0
+    if group and not drop_last:
+        yield group
+
+
+class _SlotDataset(IterableDataset):
+    """One epoch of one rank; yields (slot, Batch). Inside a DataLoader worker it serves that worker's slot."""
+
+    def __init__(self, work, cfg: StreamConfig, epoch: int, transform: Transform | None, dtype: torch.dtype,
+                 layout: Layout, skip: dict[int, int]):
         super().__init__()
         self.work, self.cfg, self.epoch, self.transform, self.dtype = work, cfg, epoch, transform, dtype
-
-    def _select(self, samples: Iterator[dict], mine: list[ShardWork], whole: bool, slot: int) -> Iterator[dict]:
-        """Keep the first `take` samples of each shard and, when sharing shards, every n_slots-th sample."""
-        by_url = {w.path: w for w in mine}
-        url, position = None, 0
-        for sample in samples:
-            if sample["__url__"] != url:
-                url, position = sample["__url__"], 0
-            w = by_url[url]
-            index, position = w.offset + position, position + 1
-            if position > w.take:
-                continue
-            if whole or index % self.cfg.n_slots == slot:
-                yield sample
+        self.layout, self.skip = layout, skip
 
     def _to_graph(self, raw: dict):
         sample = decode_sample(raw)
@@ -137,31 +283,33 @@ class _SlotDataset(IterableDataset):
         data[K.FRAME_INDEX] = torch.tensor([sample[K.FRAME_INDEX]], dtype=torch.long)
         return data
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[tuple[int, Batch]]:
         info = get_worker_info()
         slot = self.cfg.rank * self.cfg.workers_per_rank + (info.id if info is not None else 0)
-        mine, whole = _slot_assignment(self.work, self.cfg, slot)
-        if not mine:
-            return iter(())
-        rng = random.Random(f"{self.cfg.seed}:{self.epoch}:{slot}")
-        stages = []
-        if self.cfg.shuffle_buffer:
-            mine = list(mine)
-            rng.shuffle(mine)
-            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList([w.path for w in mine]),
-            wds.tarfile_to_samples(),
-            lambda samples: self._select(samples, mine, whole, slot),
-            *stages,
-            wds.map(self._to_graph),
-            wds.batched(self.cfg.batch_size, collation_fn=collate, partial=not self.cfg.drop_last),
-        )
-        return iter(pipeline)
+        raw = layout_slot_samples(self.work, self.cfg, self.epoch, self.layout, slot)
+        raw = itertools.islice(raw, self.skip.get(slot, 0), None)
+        groups = batch_by_budget(map(self._to_graph, raw), self.cfg.batch_size, self.cfg.max_atoms,
+                                 self.cfg.drop_last)
+        return ((slot, collate(g)) for g in groups)
 
 
 def _pass_through(batch):
     return batch
+
+
+def merge_stream_states(states: list[dict]) -> dict:
+    """One state from every rank's `state_dict()` (e.g. gathered with all_gather_object), needed to
+    resume on a different world size or worker count."""
+    if not states:
+        raise ValueError("merge_stream_states: no states given")
+    first = {k: v for k, v in states[0].items() if k != "consumed"}
+    consumed = {}
+    for s in states:
+        if {k: v for k, v in s.items() if k != "consumed"} != first:
+            raise ValueError("merge_stream_states: states differ in epoch, seed, split or layout; "
+                             "they must come from the ranks of one run at one step")
+        consumed.update(s["consumed"])
+    return {**first, "consumed": dict(sorted(consumed.items(), key=lambda kv: int(kv[0])))}
 
 
 class ShardStream:
@@ -169,20 +317,33 @@ class ShardStream:
 
     Batches carry the keys.* arrays plus `.batch`, and the non-tensor lists `batch.key` (SAMPLE_KEY) and
     `batch.source` (SOURCE), and `batch.frame_index` (FRAME_INDEX, a tensor).
+
+    `manifest_dir`: a folder, a manifest file or an http(s) URL; `base_url` overrides where shards are read
+    (http(s) prefix, folder, or a template such as `pipe:cat /data/{name}`). `max_atoms` also closes a batch
+    before its atom total would exceed the budget. `verify` ("off" | "skip" | "fatal") checks each shard's
+    sha256 before its samples are used. `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
     """
 
     def __init__(self, manifest_dir, split: str, batch_size: int, cutoff: float, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0,
                  transform: Transform | None = None, dtype: torch.dtype = torch.float32,
-                 limit: int | None = None, drop_last: bool = False):
+                 limit: int | None = None, drop_last: bool = False, max_atoms: int | None = None,
+                 verify: str = "off", base_url: str | None = None):
         self.cfg = StreamConfig(split, batch_size, cutoff, rank, world_size, num_workers, shuffle_buffer, seed,
-                                limit, drop_last)
-        self.manifest = load_manifest(manifest_dir)
+                                limit, drop_last, max_atoms, verify)
+        self.manifest = load_stream_manifest(manifest_dir, base_url)
         self.work = plan_work(self.manifest, split, limit)
         self.transform, self.dtype, self.epoch = transform, dtype, 0
+        self._fresh_layout = Layout(world_size, num_workers)
+        self._layout, self._offsets = self._fresh_layout, {}   # layout of this epoch, samples skipped per slot
+        self._consumed: dict[int, int] = {}                      # handed out per slot by the current iteration
 
     def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning; a loaded state for this same epoch is kept (resume)."""
+        if int(epoch) != self.epoch:
+            self._layout, self._offsets = self._fresh_layout, {}
         self.epoch = int(epoch)
+        self._consumed = {}
 
     def _rank_slots(self) -> range:
         first = self.cfg.rank * self.cfg.workers_per_rank
@@ -190,27 +351,87 @@ class ShardStream:
 
     @property
     def num_samples(self) -> int:
-        """Samples this rank yields per epoch (before drop_last)."""
+        """Samples this rank yields per full epoch (before drop_last)."""
         return sum(slot_sample_count(self.work, self.cfg, s) for s in self._rank_slots())
 
     @property
     def num_batches(self) -> int:
-        """Batches this rank yields per epoch (each worker batches its own samples)."""
+        """Batches this rank yields per full epoch (each worker batches its own samples)."""
         return self.batches_per_rank()[self.cfg.rank]
 
+    @property
+    def batch_counts_exact(self) -> bool:
+        """False when max_atoms is set and structures differ in size: batch counts are then upper bounds."""
+        if self.cfg.max_atoms is None:
+            return True
+        per_sample = {w.atoms / w.samples for w in self.work if w.samples}
+        return len(per_sample) <= 1 and all(float(a).is_integer() for a in per_sample)
+
+    def _graphs_per_batch(self) -> int:
+        if self.cfg.max_atoms is None or not self.batch_counts_exact or not self.work:
+            return self.cfg.batch_size
+        natoms = int(self.work[0].atoms // self.work[0].samples)
+        return max(1, min(self.cfg.batch_size, self.cfg.max_atoms // max(natoms, 1)))
+
     def batches_per_rank(self) -> list[int]:
-        """Batches every rank yields per epoch, from the manifest alone (no communication): ranks can differ
-        when whole shards are dealt out, so a DDP loop should stop each epoch at min() of this list."""
-        rounding = math.floor if self.cfg.drop_last else math.ceil
-        per_slot = [rounding(slot_sample_count(self.work, self.cfg, s) / self.cfg.batch_size)
-                    for s in range(self.cfg.n_slots)]
+        """Batches every rank yields per full epoch, from the manifest alone (no communication): ranks can
+        differ when whole shards are dealt out, so a DDP loop should stop each epoch at min() of this list.
+        With max_atoms and mixed structure sizes the counts are upper bounds (one batch per structure)."""
+        if self.batch_counts_exact:
+            rounding, size = (math.floor if self.cfg.drop_last else math.ceil), self._graphs_per_batch()
+            per_slot = [rounding(slot_sample_count(self.work, self.cfg, s) / size) for s in range(self.cfg.n_slots)]
+        else:
+            per_slot = [slot_sample_count(self.work, self.cfg, s) for s in range(self.cfg.n_slots)]
         w = self.cfg.workers_per_rank
         return [sum(per_slot[r * w:(r + 1) * w]) for r in range(self.cfg.world_size)]
 
+    def state_dict(self) -> dict:
+        """Json-able position of this rank in the current epoch: samples handed out per slot
+        (slot = rank × workers + worker) since the epoch's start, plus what fixes the epoch's order."""
+        consumed = {s: self._offsets.get(s, 0) + self._consumed.get(s, 0) for s in self._rank_slots()}
+        return {"version": STATE_VERSION, "split": self.cfg.split, "epoch": self.epoch, "seed": self.cfg.seed,
+                "shuffle_buffer": self.cfg.shuffle_buffer, "limit": self.cfg.limit,
+                **self._layout.to_json(consumed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state` at the next iteration: with the same layout each slot skips what it handed
+        out; with another world size / worker count (pass `merge_stream_states` of all ranks) the unseen
+        remainder is re-dealt over the new slots (rule in the module docstring)."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')!r} is not supported "
+                             f"(expected {STATE_VERSION})")
+        for name in ("split", "seed", "shuffle_buffer", "limit"):
+            if state[name] != getattr(self.cfg, name):
+                raise ValueError(f"stream state has {name}={state[name]!r} but this stream has "
+                                 f"{getattr(self.cfg, name)!r}; the sample order would differ")
+        layout, consumed = Layout.from_json(state)
+        self.epoch, self._consumed = int(state["epoch"]), {}
+        if (layout.world_size, layout.num_workers) == (self.cfg.world_size, self.cfg.num_workers):
+            missing = [s for s in self._rank_slots() if s not in consumed]
+            if missing:
+                raise ValueError(f"stream state lacks slot(s) {missing} of rank {self.cfg.rank}: load the state "
+                                 f"saved by this rank, or merge_stream_states of all ranks")
+            self._layout, self._offsets = layout, {s: consumed[s] for s in self._rank_slots()}
+            return
+        if sorted(consumed) != list(range(layout.n_slots)):
+            raise ValueError(f"the world size or worker count changed ({layout.world_size}×{layout.num_workers} → "
+                             f"{self.cfg.world_size}×{self.cfg.num_workers}): load merge_stream_states of all "
+                             f"ranks' states, this one covers slots {sorted(consumed)} only")
+        self._layout = Layout(self.cfg.world_size, self.cfg.num_workers, layout,
+                              tuple(consumed[s] for s in range(layout.n_slots)))
+        self._offsets = {}
+
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _SlotDataset(self.work, self.cfg, self.epoch, self.transform, self.dtype)
+        self._consumed = {}
+        dataset = _SlotDataset(self.work, self.cfg, self.epoch, self.transform, self.dtype, self._layout,
+                               dict(self._offsets))
         if self.cfg.num_workers == 0:
-            return iter(dataset)
+            return self._count(iter(dataset))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             collate_fn=_pass_through, persistent_workers=False)
-        return iter(loader)
+        return self._count(iter(loader))
+
+    def _count(self, pairs: Iterator[tuple[int, Batch]]) -> Iterator[Batch]:
+        for slot, batch in pairs:
+            self._consumed[slot] = self._consumed.get(slot, 0) + batch.num_graphs
+            yield batch

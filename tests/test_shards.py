@@ -303,7 +303,8 @@ def test_chunk_of_a_killed_ray_worker_is_redone(tmp_path, monkeypatch):
     assert marker.exists() and manifest["totals"]["samples_written"] == 9
     assert_manifest_matches_disk(manifest)
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "quarantine.jsonl", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+        "manifest.json", "quarantine.jsonl", "shard-000000.tar", "shard-000000.tar.json", "shard-000001.tar",
+        "shard-000001.tar.json", "shard-000002.tar", "shard-000002.tar.json"]
 
 
 def _free_port() -> int:
