@@ -13,7 +13,7 @@ from typing import Any
 from data_shards.config_io import from_dict, to_dict
 from pretrain.transforms import WATER_GROUPINGS
 
-OBJECTIVES = ("mask", "denoise", "mask+denoise")
+OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")
 ZERO_STAGES = (0, 1, 2)
 PRECISIONS = ("fp32", "bf16")
 
@@ -22,6 +22,12 @@ RESUME_HARMLESS_KEYS = (
     "train.max_steps", "train.log_every", "train.val_every", "train.checkpoint_every",
     "train.keep_last", "train.out_dir",
 )
+# Keys added after checkpoints existed: at their default they stay out of the resume hash, so older
+# checkpoints still resume.
+LATER_KEY_DEFAULTS = {
+    "optim.ema_decay": None, "objective.h_mask_p": 0.5, "objective.h_mask_radius": 5.0,
+    "objective.energy_weight": 1.0, "objective.force_weight": 1.0,
+}
 
 
 def _require(ok: bool, message: str) -> None:
@@ -76,6 +82,10 @@ class ObjectiveConfig:
     noise_sigma: float = 0.2        # Å, std of the Gaussian displacement (denoise)
     pooled_cosine: bool = False     # one pooled cosine over all masked atoms instead of per-atom mean
     water_grouping: str = "ohh"     # how atoms form molecules: "ohh" (stored O,H,H) | "nearest_oxygen"
+    h_mask_p: float = 0.5           # hmask: probability that each H is deleted
+    h_mask_radius: float = 5.0      # hmask: Å, atoms this close to a deleted H are flagged
+    energy_weight: float = 1.0      # supervised: weight of the per-atom energy term
+    force_weight: float = 1.0       # supervised: weight of the force term
 
     def __post_init__(self):
         _require(self.kind in OBJECTIVES, f"objective.kind {self.kind!r} is not one of {list(OBJECTIVES)}")
@@ -83,10 +93,15 @@ class ObjectiveConfig:
         _require(self.noise_sigma > 0.0, f"objective.noise_sigma must be > 0 Å, got {self.noise_sigma}")
         _require(self.water_grouping in WATER_GROUPINGS,
                  f"objective.water_grouping {self.water_grouping!r} is not one of {list(WATER_GROUPINGS)}")
+        _require(0.0 < self.h_mask_p <= 1.0, f"objective.h_mask_p must be in (0, 1], got {self.h_mask_p}")
+        _require(self.h_mask_radius > 0.0, f"objective.h_mask_radius must be > 0 Å, got {self.h_mask_radius}")
+        _require(self.energy_weight >= 0 and self.force_weight >= 0 and self.energy_weight + self.force_weight > 0,
+                 f"objective.energy_weight and force_weight must be >= 0 and not both 0, got "
+                 f"{self.energy_weight}, {self.force_weight}")
 
     @property
     def uses_mask(self) -> bool:
-        return "mask" in self.kind
+        return "mask" in self.kind      # mask, mask+denoise, hmask
 
     @property
     def uses_denoise(self) -> bool:
@@ -101,6 +116,7 @@ class OptimConfig:
     min_lr: float = 1e-7
     grad_clip: float = 1.0          # 0 disables clipping
     decay_steps: int | None = None  # cosine horizon in optimizer steps; null: train.max_steps
+    ema_decay: float | None = None  # EMA of the weights (validation, export) when set; null: off
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -110,6 +126,8 @@ class OptimConfig:
         _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
         _require(self.decay_steps is None or self.decay_steps >= 1,
                  f"optim.decay_steps must be >= 1 or null (= train.max_steps), got {self.decay_steps}")
+        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+                 f"optim.ema_decay must be in (0, 1) (e.g. 0.999) or null (off), got {self.ema_decay}")
 
 
 @dataclass
@@ -173,7 +191,8 @@ def resume_relevant(cfg: PretrainConfig) -> dict[str, Any]:
     flat["model.params"] = cfg.model.arch_params()
     # the LR schedule's horizon defaults to max_steps: changing max_steps then changes the trajectory
     flat["optim.decay_steps"] = cfg.optim.decay_steps or cfg.train.max_steps
-    return {k: v for k, v in flat.items() if k not in RESUME_HARMLESS_KEYS}
+    return {k: v for k, v in flat.items() if k not in RESUME_HARMLESS_KEYS
+            and not (k in LATER_KEY_DEFAULTS and v == LATER_KEY_DEFAULTS[k])}
 
 
 def resume_hash(cfg: PretrainConfig) -> str:

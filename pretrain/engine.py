@@ -9,6 +9,7 @@ import json
 import math
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,3 +132,66 @@ def to_model_precision(batch, engine):
 
 def device_of(engine) -> torch.device:
     return torch.device(engine.device) if hasattr(engine, "device") else torch.device("cpu")
+
+
+class WeightEMA:
+    """Exponential moving average of the fp32 master weights, kept identically on every rank.
+
+    `update` follows each optimizer step (collective under ZeRO / bf16, like `export.fp32_state_dict`);
+    buffers (the normalisation) are not averaged. Saved as safetensors.
+    """
+
+    def __init__(self, engine, decay: float):
+        assert 0.0 < decay < 1.0, decay
+        self.decay = decay
+        self.reset(engine)
+
+    def reset(self, engine) -> None:
+        from pretrain.export import fp32_state_dict
+
+        names = {name for name, _ in engine.module.named_parameters()}
+        self.shadow = {k: v.clone() for k, v in fp32_state_dict(engine).items() if k in names}
+
+    @torch.no_grad()
+    def update(self, engine) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name, param in engine.module.named_parameters():
+            master = safe_get_full_fp32_param(param)
+            current = (master if master is not None else param).detach().float().cpu()
+            self.shadow[name].mul_(self.decay).add_(current, alpha=1.0 - self.decay)
+
+    def state_dict(self, engine) -> dict[str, torch.Tensor]:
+        """The model state with averaged parameters (buffers from the engine)."""
+        from pretrain.export import fp32_state_dict
+
+        return {**fp32_state_dict(engine), **{k: v.clone() for k, v in self.shadow.items()}}
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
+                  metadata={"decay": str(self.decay)})
+
+    def load(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(path))
+        if set(loaded) != set(self.shadow):
+            raise ValueError(f"{path}: EMA parameters {sorted(set(loaded) ^ set(self.shadow))} do not match the model")
+        self.shadow = {k: v.float() for k, v in loaded.items()}
+
+    @contextmanager
+    def swapped_in(self, engine):
+        """Temporarily put the averaged weights into the engine's module (e.g. for validation)."""
+        params = dict(engine.module.named_parameters())
+        saved = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.shadow[k].to(p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(saved[k])

@@ -3,12 +3,19 @@
 Each optimizer step takes `gradient_accumulation_steps` batches per rank; a batch whose loss is not
 finite on any rank is skipped on every rank. Ranks always consume the same number of batches per epoch,
 so no collective can hang on a rank that ran out of data.
+
+SIGTERM or SIGUSR1 (SLURM `--signal=USR1@120`, or torchrun forwarding SIGTERM) stops the run at the next
+step boundary on every rank: a checkpoint is written and the process exits 0; `--resume auto` continues
+exactly. Each rank writes its pid to OUT_DIR/rank{r}.pid (for signalling workers torchrun does not
+forward a signal to).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
+import signal
 import time
 from importlib import metadata
 from pathlib import Path
@@ -23,12 +30,13 @@ from data_shards.manifest import load_manifest
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
-from pretrain.engine import build_engine, init_distributed, to_model_precision
+from pretrain.engine import WeightEMA, build_engine, init_distributed, to_model_precision
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
 from pretrain.models import build_model
-from pretrain.objectives import cosine_mask_loss, denoise_loss
+from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
 
 MAX_CONSECUTIVE_NONFINITE = 50
+STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
 log = logging.getLogger("pretrain")
 
 
@@ -44,13 +52,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
+    preempt = ckpt.PreemptionFlag()
     rank, world_size = init_distributed()
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
     manifest = load_manifest(cfg.data.manifest_dir)
+    check_objective_fits_data(cfg, manifest)
     manifest_hash = ckpt.manifest_sha256(cfg.data.manifest_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
 
     torch.manual_seed(cfg.train.seed)
@@ -58,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     norm = normalisation_from_stats(manifest)
     model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
     engine = build_engine(cfg, model, out_dir)
+    ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
 
     state = ckpt.TrainState()
-    resume_from = ckpt.resolve_resume(args.resume, out_dir)
-    if resume_from is not None:
-        state = ckpt.load_checkpoint(engine, *resume_from, cfg, manifest_hash, args.allow_config_change)
-        log.warning("rank %d resumed from %s at step %d", rank, resume_from[0] / resume_from[1], state.step)
+    candidates = ckpt.resume_candidates(args.resume, out_dir)
+    if candidates is not None:
+        ckpt_dir, tags = candidates
+        tag, state = ckpt.load_newest_loadable(engine, ckpt_dir, tags, cfg, manifest_hash,
+                                               args.allow_config_change, ema)
+        log.warning("rank %d resumed from %s at step %d", rank, ckpt_dir / tag, state.step)
 
     batches = LockstepBatches(make_stream(cfg, cfg.data.train_split, rank, world_size),
                               state.epoch, state.batches_in_epoch)
@@ -72,23 +86,39 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
                **({"disable": True} if rank else {}))  # rank 0 honours TQDM_DISABLE
 
-    while state.step < cfg.train.max_steps:
+    step_sleep = float(os.environ.get(STEP_SLEEP_ENV, 0))
+    preempted = False
+    while state.step < cfg.train.max_steps and not preempted:
         started = time.perf_counter()
         loss = train_step(engine, cfg, batches, state)
+        if ema is not None:
+            ema.update(engine)
         state.step += 1
         state.epoch, state.batches_in_epoch = batches.position()
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(1)
         metrics.train(state, loss, engine.get_lr()[0], time.perf_counter() - started)
+        time.sleep(step_sleep)
         last = state.step == cfg.train.max_steps
+        improved = False
         if validate and (state.step % cfg.train.val_every == 0 or last):
-            if keep_if_best(state, validate(engine), metrics):
-                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank)
-        if last or (cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0):
-            ckpt.save_checkpoint(engine, out_dir, state, cfg, manifest_hash, cfg.train.keep_last)
+            improved = keep_if_best(state, validate(engine, ema), metrics)
+            if improved:
+                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema)
+        stop_signal = agreed_signal(preempt.signal)
+        preempted = stop_signal != 0
+        if improved or preempted or last or (cfg.train.checkpoint_every
+                                             and state.step % cfg.train.checkpoint_every == 0):
+            ckpt.save_checkpoint(engine, out_dir, state, cfg, manifest_hash, cfg.train.keep_last,
+                                 best=improved, ema=ema)
+        if preempted:
+            metrics.preempted(state, stop_signal)
+            if rank == 0:
+                log.warning("preempted at step %d, checkpoint written (%s; continue with --resume auto)",
+                            state.step, signal.Signals(stop_signal).name)
 
-    if state.best_step < 0:  # no validation (or never a finite one): export the final weights
-        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank)
+    if state.best_step < 0 and not preempted:  # no validation (or never a finite one): export the final weights
+        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema)
     bar.close()
     metrics.close()
     dist.barrier()
@@ -102,6 +132,13 @@ def keep_if_best(state: ckpt.TrainState, val_loss: float, metrics: MetricsLog) -
         state.best_val, state.best_step = val_loss, state.step
     metrics.validation(state, val_loss)
     return improved
+
+
+def check_objective_fits_data(cfg: PretrainConfig, manifest: dict) -> None:
+    if cfg.objective.kind == "supervised" and not manifest.get("labelled"):
+        raise ValueError(f"objective.kind 'supervised' needs energies and forces, but the manifest in "
+                         f"{cfg.data.manifest_dir} says labelled: false; use one of the self-supervised "
+                         "kinds ('mask', 'denoise', 'mask+denoise', 'hmask')")
 
 
 def quiet_libraries(rank: int) -> None:
@@ -118,6 +155,10 @@ def make_transform(cfg: PretrainConfig, seed: int):
         return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
     if o.kind == "denoise":
         return T.Denoising(o.noise_sigma, seed)
+    if o.kind == "hmask":
+        return T.HydrogenMasking(o.h_mask_p, seed, radius=o.h_mask_radius)
+    if o.kind == "supervised":
+        return None
     return T.MaskDenoise(o.mask_ratio, o.noise_sigma, seed, grouping=o.water_grouping)
 
 
@@ -127,6 +168,13 @@ def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, see
     return ShardStream(d.manifest_dir, split, d.batch_size, cfg.model.cutoff, rank=rank, world_size=world_size,
                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer if split == d.train_split else 0,
                        seed=seed, transform=make_transform(cfg, seed), limit=d.limit)
+
+
+def agreed_signal(signum: int | None) -> int:
+    """The (highest) preemption signal any rank received, 0 if none: every rank gets the same answer."""
+    t = torch.tensor([float(signum or 0)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def all_ranks(flag: bool) -> bool:
@@ -171,6 +219,11 @@ def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
     batch = to_model_precision(batch, engine)
     out = engine(batch, compute_forces=True)
     pred = out[K.PRED_FORCES].float()
+    if cfg.objective.kind == "supervised":
+        o = cfg.objective
+        return energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], pred, batch[K.FORCES], batch[K.NATOMS],
+                                 energy_weight=o.energy_weight, force_weight=o.force_weight,
+                                 energy_scale=float(engine.module.energy_scale))
     loss = pred.new_zeros(())
     if cfg.objective.uses_mask:
         loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
@@ -219,7 +272,10 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
         return None
     stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
 
-    def validate(engine) -> float:
+    def validate(engine, ema: WeightEMA | None = None) -> float:
+        if ema is not None:
+            with ema.swapped_in(engine):
+                return validate(engine)
         engine.eval()
         stream.set_epoch(0)  # fixed masks: the same epoch and seed every time
         batches = iter(stream)
@@ -237,9 +293,9 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
 
 
 def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str, step: int,
-                 out_dir: Path, rank: int) -> None:
-    """Collective (fp32 master weights are gathered); rank 0 writes out_dir/export/."""
-    state = fp32_state_dict(engine)
+                 out_dir: Path, rank: int, ema: WeightEMA | None = None) -> None:
+    """Collective (fp32 master weights are gathered); rank 0 writes out_dir/export/ (EMA weights if on)."""
+    state = ema.state_dict(engine) if ema is not None else fp32_state_dict(engine)
     if rank != 0:
         return
     model = build_model(cfg.model.name, cfg.model.params)
@@ -249,7 +305,8 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
             "normalisation": normalisation_from_stats(manifest),
             "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,
                         "maskpot_version": metadata.version("maskpot"),
-                        "pretrain_objective": cfg.objective.kind, "steps": step}}
+                        "pretrain_objective": cfg.objective.kind, "steps": step,
+                        "ema_decay": cfg.optim.ema_decay}}
     save_export(model, out_dir / "export", meta)
 
 
@@ -283,6 +340,9 @@ class MetricsLog:
     def validation(self, state: ckpt.TrainState, val_loss: float) -> None:
         self._write({"step": state.step, "val_loss": val_loss, "best_val": state.best_val,
                      "best_step": state.best_step})
+
+    def preempted(self, state: ckpt.TrainState, signum: int) -> None:
+        self._write({"step": state.step, "preempted": True, "signal": signum})
 
     def close(self) -> None:
         if self.file:

@@ -111,7 +111,10 @@ def one_rank():
         os.environ.pop(k, None)
     assert init_distributed() == (0, 1)
     yield
-    dist.destroy_process_group()
+    # through deepspeed.comm, which also drops DeepSpeed's cached groups: another module can init again
+    import deepspeed.comm
+    deepspeed.comm.destroy_process_group()
+    assert not dist.is_initialized()
     for k, v in saved.items():
         os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
