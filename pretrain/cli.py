@@ -30,7 +30,10 @@ def add_command(subparsers) -> None:
 
 
 def launch_command(args: argparse.Namespace) -> list[str]:
+    # torchrun forwards only TERM/INT/HUP/QUIT by default; USR1 is SLURM's usual before-walltime signal,
+    # on which every rank checkpoints and exits 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
            "-m", "pretrain", "--config", str(args.config), "--resume", args.resume]
     if args.override:
         cmd += ["--override", *args.override]
@@ -45,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
-    load_manifest(cfg.data.manifest_dir)  # a missing or broken shard set fails here, before any rank starts
+    from pretrain.train import check_objective_fits_data
+
+    # a missing or broken shard set, or a supervised objective on unlabelled data, fails before any rank starts
+    check_objective_fits_data(cfg, load_manifest(cfg.data.manifest_dir))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"

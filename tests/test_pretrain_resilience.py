@@ -260,14 +260,17 @@ def test_two_ranks_hmask_with_ema_exports_the_average(tiny_shards, tmp_path, eng
 
 
 @pytest.mark.slow
-def test_sigterm_to_torchrun_is_forwarded_and_checkpointed(tiny_shards, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_torchrun_is_forwarded_and_checkpointed(tiny_shards, tmp_path, signum):
     out = tmp_path / "term"
     proc = start_pretrain(tiny_shards, out, "train.max_steps=8", step_sleep=1.0)
     wait_for_step(out, 2, proc)
-    proc.send_signal(signal.SIGTERM)  # what SLURM sends at walltime / scancel; torchrun passes it on
-    output = proc.communicate(timeout=120)[0]
+    # TERM: what SLURM sends at walltime / scancel; USR1: `--signal=USR1@T` before the walltime.
+    # `maskpot pretrain` asks torchrun to forward both to the ranks.
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=120)[0]  # torchrun itself exits non-zero after a forwarded signal
     stop = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "preempted" in x]
-    assert len(stop) == 1 and stop[0]["signal"] == signal.SIGTERM, output[-3000:]
+    assert len(stop) == 1 and stop[0]["signal"] == signum, output[-3000:]
     at = stop[0]["step"]
     assert f"preempted at step {at}, checkpoint written" in output
     assert (out / "checkpoints" / f"step{at:08d}" / "state.json").is_file()
