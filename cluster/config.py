@@ -97,8 +97,14 @@ class RayClusterConfig:
     object_store_memory: int | None = None  # bytes per node; None: Ray's default
     temp_dir: str | None = None            # short path (unix socket names are limited to ~107 chars)
     wait_nodes_s: int = 300                # give up if not every node joined by then
+    # extra `ray start` arguments of the worker nodes only, e.g. distinct ports and --temp-dir when several
+    # SLURM nodes share one host (the tests' virtual nodes): --node-manager-port, --object-manager-port,
+    # --min-worker-port/--max-worker-port, --dashboard-agent-listen-port, --metrics-export-port
+    worker_args: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.worker_args, list) or not all(isinstance(a, str) for a in self.worker_args):
+            raise ValueError(f"ray.worker_args must be a list of strings, got {self.worker_args!r}")
         if isinstance(self.head_port, bool) or not isinstance(self.head_port, int) or not 1024 <= self.head_port <= 65535:
             raise ValueError(f"ray.head_port must be an integer in 1024..65535, got {self.head_port!r}")
         _check_positive("ray.num_cpus", self.num_cpus, allow_none=True)

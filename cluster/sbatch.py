@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from cluster.config import ClusterConfig
 
 STAGES = ("shards", "pretrain", "finetune")
-PREFLIGHT_IMPORTS = {
+PREFLIGHT_IMPORTS = {  # pretrain runs the distributed `python -m pretrain.preflight` instead
     "shards": ("data_shards.build", "ray"),
-    "pretrain": ("pretrain.train", "deepspeed", "torch"),
     "finetune": ("finetune.train", "mlflow", "torch"),
 }
 
@@ -57,7 +56,7 @@ def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
     if s.signal_before_walltime is not None:
         lines.append(f"#SBATCH --signal=B:USR1@{s.signal_before_walltime}")
     if s.requeue:
-        lines.append("#SBATCH --requeue")
+        lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]  # a requeued run appends to its log
     lines.append(f"#SBATCH --output={log_pattern(cfg)}")
     lines += [x if x.lstrip().startswith("#SBATCH") else f"#SBATCH {x.strip()}" for x in s.extra_sbatch]
     return lines
@@ -72,7 +71,7 @@ def _prologue(cfg: ClusterConfig, stage: str) -> list[str]:
     lines += ["", f"PYTHON={_q(cfg.launch.python)}",
               'export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}',
               'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST ($SLURM_NNODES nodes), started $(date -Is)"']
-    if cfg.launch.preflight:
+    if cfg.launch.preflight and stage != "pretrain":  # pretrain runs the distributed preflight instead
         modules = " ".join(PREFLIGHT_IMPORTS[stage])
         lines += ["", "# preflight: the environment imports on every node before any real work starts",
                   'srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 '
@@ -81,10 +80,34 @@ def _prologue(cfg: ClusterConfig, stage: str) -> list[str]:
     return lines
 
 
-def _run_step(cfg: ClusterConfig, command: str) -> list[str]:
-    """Run `command` in the background so the USR1 walltime warning can be handled while it runs."""
+def _usr1_forwarding_trap(cfg: ClusterConfig) -> list[str]:
+    """Set before any srun, so an early walltime warning cannot kill the batch shell (USR1's default)."""
+    if cfg.slurm.signal_before_walltime is None:
+        return []
+    return ["", "# walltime warning (USR1 to this shell): forwarded to the training step, which checkpoints and exits 0",
+            "WALLTIME=0 STEP=",
+            f"on_walltime() {{ echo \"walltime in {cfg.slurm.signal_before_walltime} s ($(date -Is)): checkpointing\"; "
+            'WALLTIME=1; if [ -n "$STEP" ]; then kill -USR1 "$STEP" 2>/dev/null || true; fi; }',
+            "trap on_walltime USR1"]
+
+
+def _run_step(cfg: ClusterConfig, command: str, checkpoints_on_usr1: bool = False) -> list[str]:
+    """Run `command` in the background so the USR1 walltime warning can be handled while it runs.
+
+    `checkpoints_on_usr1`: the step checkpoints and exits 0 on SIGUSR1 (pretraining), so the warning is
+    forwarded to it (srun passes USR1 on to every task) and the job requeues itself once the step is done.
+    """
     s = cfg.slurm
     lines = []
+    if s.signal_before_walltime is not None and checkpoints_on_usr1:
+        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; scontrol requeue "$SLURM_JOB_ID"'
+                 if s.requeue else 'echo "checkpoint written; no requeue configured (slurm.requeue)"')
+        lines += ["", f"{command} &", "STEP=$!",
+                  "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
+                  'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
+                  'echo "finished with status $rc at $(date -Is)"',
+                  f'if [ "$WALLTIME" = 1 ] && [ "$rc" = 0 ]; then {after}; fi', "exit $rc", ""]
+        return lines
     if s.signal_before_walltime is not None:
         action = ('scontrol requeue "$SLURM_JOB_ID"' if s.requeue
                   else 'echo "no requeue configured: the job stops at the walltime"')
@@ -117,9 +140,14 @@ def render_pretrain(cfg: ClusterConfig) -> str:
                   "#   export NCCL_SOCKET_IFNAME=ib0  NCCL_IB_HCA=mlx5  NCCL_DEBUG=WARN"]
     lines += ["", "# cluster.launch maps SLURM_PROCID/NTASKS/LOCALID → RANK/WORLD_SIZE/LOCAL_RANK, MASTER_ADDR =",
               "# first host of the nodelist, MASTER_PORT from the job id. A requeued job resumes from its checkpoints."]
-    cmd = (f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}'
-           + _override_args(cfg.launch.pretrain_overrides))
-    return "\n".join(lines + _run_step(cfg, cmd))
+    overrides = _override_args(cfg.launch.pretrain_overrides)
+    lines += _usr1_forwarding_trap(cfg)
+    if cfg.launch.preflight:
+        lines += ["", "# preflight on every rank: rendezvous, all-reduce, forward/backward on real batches, atoms/s",
+                  f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain.preflight '
+                  f'--config {_q(config)}{overrides}']
+    cmd = f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}{overrides}'
+    return "\n".join(lines + _run_step(cfg, cmd, checkpoints_on_usr1=True))
 
 
 def render_finetune(cfg: ClusterConfig) -> str:
@@ -147,6 +175,8 @@ def render_shards(cfg: ClusterConfig) -> str:
     if r.temp_dir:
         start_opts.append(f"--temp-dir={_q(r.temp_dir)}")
     opts = " ".join(start_opts)
+    worker_opts = " ".join([o for o in start_opts if not (o.startswith("--temp-dir=") and any(
+        a.startswith("--temp-dir") for a in r.worker_args))] + [_q(a) for a in r.worker_args])
     lines += [
         "", "# Ray head on the first node, one worker on each other node; `--block` keeps each srun step alive.",
         'mapfile -t NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
@@ -162,7 +192,7 @@ def render_shards(cfg: ClusterConfig) -> str:
         'if [ "$SLURM_NNODES" -gt 1 ]; then',
         '  sleep 5',
         '  srun --nodes=$((SLURM_NNODES - 1)) --ntasks=$((SLURM_NNODES - 1)) --ntasks-per-node=1 --exclude="$HEAD" \\',
-        f'    "$PYTHON" -m ray.scripts.scripts start --address="$RAY_ADDRESS_ARG" {opts} --block &',
+        f'    "$PYTHON" -m ray.scripts.scripts start --address="$RAY_ADDRESS_ARG" {worker_opts} --block &',
         '  STEPS+=($!)',
         'fi',
         "", f"# wait (at most ray.wait_nodes_s = {r.wait_nodes_s} s) until every node has joined",

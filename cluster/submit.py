@@ -61,6 +61,51 @@ def refuse_inside_job(force: bool, environ=None) -> None:
                          "environment would leak into the new jobs); use --force to do it anyway")
 
 
+NODE_LOCAL_PREFIXES = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/local", "/scratch/local")
+NODE_LOCAL_FSTYPES = ("tmpfs", "ramfs")
+
+
+def _mount_fstype(path: str, mounts_file: str = "/proc/mounts") -> str | None:
+    """Filesystem type of the longest mount point containing `path` (None where /proc/mounts is unreadable)."""
+    try:
+        entries = [line.split()[1:3] for line in Path(mounts_file).read_text().splitlines() if line.strip()]
+    except OSError:
+        return None
+    best = max((m for m in entries if path == m[0] or path.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best[1] if best else None
+
+
+def shared_fs_warnings(cfg: ClusterConfig, stages: list[str]) -> list[str]:
+    """Heuristic: a multi-node stage whose run_dir is under a node-local path (/tmp, /dev/shm, …) or on a
+    tmpfs cannot share checkpoints, logs and shards between nodes. Only a warning: clusters differ."""
+    if cfg.slurm.nodes < 2 or not any(s in ("shards", "pretrain") for s in stages):
+        return []
+    run_dir = os.path.realpath(cfg.launch.run_dir)
+    fstype = _mount_fstype(run_dir)
+    local = any(run_dir == p or run_dir.startswith(p + "/") for p in NODE_LOCAL_PREFIXES)
+    if not local and fstype not in NODE_LOCAL_FSTYPES:
+        return []
+    why = f"filesystem type {fstype}" if fstype in NODE_LOCAL_FSTYPES else "a node-local path"
+    return [f"warning: launch.run_dir {run_dir} looks like {why}, but slurm.nodes={cfg.slurm.nodes}: every node "
+            "must see the same run dir, checkpoints and shards (use a shared filesystem such as $HOME, /work or "
+            "a parallel filesystem)"]
+
+
+LIVE_STATES = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
+
+
+def refuse_live_jobs(run_dir: Path, force: bool) -> None:
+    """A run dir whose recorded jobs are still queued or running gets no new job unless forced."""
+    if force or not (Path(run_dir) / JOBS_FILE).is_file():
+        return
+    live = {i: s for i, s in status(run_dir).items() if s.split()[0] in LIVE_STATES}
+    if live:
+        jobs = ", ".join(f"{i} ({s})" for i, s in live.items())
+        raise ValueError(f"run dir {run_dir} still has job(s) {jobs}: submitting again would run two jobs on the "
+                         "same checkpoints; wait, `maskpot cancel --config …`, or use --force")
+
+
 def _run(cmd: list[str]) -> str:
     if shutil.which(cmd[0]) is None:
         raise SubmitError(f"{cmd[0]} not found on PATH: is this a SLURM login node?")
@@ -87,6 +132,7 @@ def submit(cfg: ClusterConfig, stage: str, dry_run: bool = False, force: bool = 
     run_dir = Path(cfg.launch.run_dir)
     if not dry_run:
         refuse_inside_job(force)
+        refuse_live_jobs(run_dir, force)
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     ids: dict[str, str] = {}
     jobs = []

@@ -16,6 +16,7 @@ from finetune import commands as finetune_commands
 from finetune import demo
 from finetune import evaluate, md
 from pretrain import cli as pretrain_cli
+from pretrain import preflight as pretrain_preflight
 
 EXIT_USER_ERROR = 2
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     data_cli.add_commands(sub)
     pretrain_cli.add_command(sub)
+    pretrain_preflight.add_command(sub)  # maskpot preflight: rendezvous + forward/backward on N ranks
     finetune_commands.add_command(sub)
     demo.add_command(sub)
     evaluate.add_command(sub)

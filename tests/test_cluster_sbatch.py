@@ -147,3 +147,38 @@ def test_cli_dry_run_prints_the_chained_scripts(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cluster", "submit", "pretrain", "--config", str(tmp_path / "no.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "cluster config not found" in bad.stderr
+
+
+def test_pretrain_script_runs_the_distributed_preflight_first_unless_disabled():
+    cfg = load_cluster_config(EXAMPLE)
+    text = render(cfg, "pretrain")
+    step = '"$PYTHON" -m cluster.launch "$PYTHON" -m pretrain.preflight --config configs/pretrain.yaml'
+    assert step in text and text.index(step) < text.index('-m pretrain --config')
+    assert "import importlib" not in text  # the import-only check is for the other stages
+    cfg.launch.preflight = False
+    assert "pretrain.preflight" not in render(cfg, "pretrain")
+
+
+def test_multinode_run_dir_on_a_node_local_path_is_warned_about(tmp_path):
+    from cluster.submit import _mount_fstype, shared_fs_warnings
+
+    cfg = ClusterConfig(slurm=SlurmConfig(nodes=2), launch=LaunchConfig(run_dir="/tmp/run"))
+    [warning] = shared_fs_warnings(cfg, ["pretrain"])
+    assert "/tmp/run" in warning and "slurm.nodes=2" in warning
+    assert shared_fs_warnings(cfg, ["finetune"]) == []  # finetune runs on one node
+    assert shared_fs_warnings(ClusterConfig(launch=LaunchConfig(run_dir="/tmp/run")), ["pretrain"]) == []
+    mounts = tmp_path / "mounts"
+    mounts.write_text("overlay / overlay rw 0 0\ntmpfs /work/fast tmpfs rw 0 0\n")
+    assert _mount_fstype("/work/fast/run", str(mounts)) == "tmpfs" and _mount_fstype("/work/x", str(mounts)) == "overlay"
+
+
+def test_ray_worker_args_reach_only_the_worker_nodes_and_replace_the_temp_dir():
+    cfg = load_cluster_config(EXAMPLE)
+    cfg.ray.worker_args = ["--temp-dir=/tmp/rw", "--node-manager-port=7001"]
+    lines = render(cfg, "shards").splitlines()
+    [head] = [x for x in lines if "start --head" in x]
+    [worker] = [x for x in lines if 'start --address="$RAY_ADDRESS_ARG"' in x]
+    assert "--temp-dir=/tmp/ray-maskpot" in head and "7001" not in head
+    assert "--temp-dir=/tmp/rw --node-manager-port=7001" in worker and "/tmp/ray-maskpot" not in worker
+    with pytest.raises(ValueError, match="ray.worker_args"):
+        load_cluster_config(EXAMPLE).ray.__class__(worker_args="--port 1")

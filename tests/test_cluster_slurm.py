@@ -95,7 +95,8 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, water_shards, tmp
     assert all(slurm.job_state(i).startswith("COMPLETED") for i in ids), logs
 
     pre_log = logs["pretrain"]
-    assert pre_log.count("preflight ok on") == 2
+    assert "preflight ok: 2 rank(s)" in pre_log and "slowest rank:" in pre_log
+    assert pre_log.index("preflight ok: 2 rank(s)") < pre_log.index("finished with status 0")
     metrics = [json.loads(x) for x in (pre_out / "metrics.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in metrics) == 4
     assert (pre_out / "export" / "model.safetensors").is_file()
@@ -105,8 +106,21 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, water_shards, tmp
     print(f"pipeline wall time {time.monotonic() - t0:.1f} s")
 
 
-def test_shards_job_starts_ray_on_the_allocation_and_builds(slurm, tmp_path):
-    """One-node Ray-on-SLURM: head started by srun, node count polled, `shards build --ray-address`, Ray stopped."""
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            pass
+    return [p for p in pids if p != os.getpid()]
+
+
+def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
+    """Two-node Ray-on-SLURM: head on n1, worker on n2 (both 127.0.0.1, so the worker gets its own ports and
+    temp dir), both nodes registered, `shards build --ray-address`, every Ray process gone afterwards."""
+    import signal
     import socket
     import tempfile
 
@@ -114,30 +128,52 @@ def test_shards_job_starts_ray_on_the_allocation_and_builds(slurm, tmp_path):
 
     write_extxyz(tip3p_frames(n_molecules=4, n_frames=10, seed=6, steps_between_frames=10, equilibration_steps=50),
                  tmp_path / "water.xyz")
-    with socket.socket() as s:
+    socks = [socket.socket() for _ in range(7)]
+    for s in socks:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")  # short: Ray's unix socket paths must stay under 108 chars
-    cfg = {"slurm": {"nodes": 1, "cpus_per_task": 2, "time": "10", "signal_before_walltime": None,
-                     "setup": ["export RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1"]},
-           "ray": {"head_port": port, "num_cpus": 2, "object_store_memory": 100_000_000, "temp_dir": ray_tmp,
-                   "wait_nodes_s": 120},
+    head_port, nm, om, agent, agent_grpc, metrics, rt_env = (s.getsockname()[1] for s in socks)
+    for s in socks:
+        s.close()
+    ray_tmp, worker_tmp = tempfile.mkdtemp(prefix="ray-"), tempfile.mkdtemp(prefix="rayw-")  # < 108-char sockets
+    # Ray refuses a second node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 ("multi-node … not supported")
+    # whenever it decides the head is a local-only cluster, as it does here
+    cfg = {"slurm": {"nodes": 2, "cpus_per_task": 1, "time": "10", "signal_before_walltime": None,
+                     "setup": ["export RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1"]},
+           "ray": {"head_port": head_port, "num_cpus": 1, "object_store_memory": 80_000_000, "temp_dir": ray_tmp,
+                   "wait_nodes_s": 120,
+                   "worker_args": [f"--temp-dir={worker_tmp}", f"--node-manager-port={nm}",
+                                   f"--object-manager-port={om}", "--min-worker-port=41000",
+                                   "--max-worker-port=41999", f"--dashboard-agent-listen-port={agent}",
+                                   f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+                                   f"--runtime-env-agent-port={rt_env}"]},
            "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(REPO),
                       "shards_inputs": [str(tmp_path / "water.xyz")], "shards_out": str(tmp_path / "shards"),
                       "shard_size": 4}}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    leftovers = []
     try:
         sub = _maskpot(env, "submit", "shards", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
         assert sub.returncode == 0, sub.stderr
         [job] = json.loads((tmp_path / "run" / "jobs.json").read_text())
         slurm.wait_for_jobs([job["job_id"]], timeout_s=300)
         log = Path(job["log"]).read_text()
+        print(log[-4000:])
         assert slurm.job_state(job["job_id"]).startswith("COMPLETED"), log
+        deadline = time.monotonic() + 30  # SIGTERM lets each raylet drain
+        while time.monotonic() < deadline and (leftovers := _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp)):
+            time.sleep(1)
     finally:
+        for pid in _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         import shutil
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert "Ray cluster up: 1 nodes" in log
+        shutil.rmtree(worker_tmp, ignore_errors=True)
+    assert "Ray cluster up: 2 nodes" in log
+    assert not leftovers, f"Ray processes still running after the job: {leftovers}"
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["totals"]["samples_written"] == 10
 
@@ -157,3 +193,80 @@ def test_cancel_stops_recorded_jobs(slurm, tmp_path):
     cancel = _maskpot(env, "cancel", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
     assert cancel.returncode == 0 and f"cancelled: {job['job_id']}" in cancel.stdout
     assert slurm.job_state(job["job_id"]).startswith("CANCELLED")
+
+
+def test_unknown_partition_reports_sbatchs_own_error(slurm, tmp_path):
+    (tmp_path / "p.yaml").write_text("{}")
+    cfg = {"slurm": {"partition": "nosuch", "time": "5", "signal_before_walltime": None},
+           "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(tmp_path),
+                      "pretrain_config": "p.yaml"}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    out = _maskpot(env, "submit", "pretrain", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert out.returncode == 1
+    assert "sbatch: error:" in out.stderr and "invalid partition" in out.stderr.lower(), out.stderr
+    assert not (tmp_path / "run" / "jobs.json").exists()
+
+
+def test_second_submit_of_a_live_run_is_refused_unless_forced(slurm, tmp_path):
+    (tmp_path / "p.yaml").write_text("{}")
+    cfg = {"slurm": {"time": "5", "extra_sbatch": ["--hold"], "signal_before_walltime": None},  # stays pending
+           "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(tmp_path),
+                      "pretrain_config": "p.yaml"}}
+    cfg_path = tmp_path / "cluster.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    try:
+        first = _maskpot(env, "submit", "pretrain", "--config", str(cfg_path), module="cluster")
+        assert first.returncode == 0, first.stderr
+        [job] = json.loads((tmp_path / "run" / "jobs.json").read_text())
+        again = _maskpot(env, "submit", "pretrain", "--config", str(cfg_path), module="cluster")
+        assert again.returncode == 2 and f"{job['job_id']} (PENDING)" in again.stderr and "--force" in again.stderr
+        assert len(json.loads((tmp_path / "run" / "jobs.json").read_text())) == 1
+        forced = _maskpot(env, "submit", "pretrain", "--config", str(cfg_path), "--force", module="cluster")
+        assert forced.returncode == 0, forced.stderr
+        assert len(json.loads((tmp_path / "run" / "jobs.json").read_text())) == 2
+    finally:
+        _maskpot(env, "cancel", "--config", str(cfg_path), module="cluster")
+
+
+def test_walltime_warning_checkpoints_requeues_and_resumes(slurm, water_shards, tmp_path):
+    """USR1 to the batch shell (what `--signal=B:USR1@N` sends before the walltime, here sent at once with
+    `scancel --signal=USR1 --batch`) → forwarded to the ranks → checkpoint, exit 0 → `scontrol requeue` →
+    the requeued job resumes from the checkpoint and finishes."""
+    import subprocess
+
+    pre_out, run_dir = tmp_path / "pretrain", tmp_path / "run"
+    cfg = {"slurm": {"nodes": 2, "ntasks_per_node": 1, "time": "15", "cpu_only": True, "signal_before_walltime": 60,
+                     "requeue": True, "job_name_prefix": "mp-requeue",
+                     "setup": ["export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 OMP_NUM_THREADS=1 TQDM_DISABLE=1",
+                               "export MASKPOT_TEST_STEP_SLEEP_S=1"]},  # slow steps: the signal lands mid-run
+           "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
+                      "pretrain_config": "configs/pretrain_tiny.yaml",
+                      "pretrain_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={pre_out}",
+                                             "train.max_steps=12", "train.val_every=0", "train.checkpoint_every=0",
+                                             "optim.decay_steps=12"]}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    sub = _maskpot(env, "submit", "pretrain", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert sub.returncode == 0, sub.stderr
+    [job] = json.loads((run_dir / "jobs.json").read_text())
+    job_id, metrics = job["job_id"], pre_out / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.is_file() and '"step": 2' in metrics.read_text()):
+        time.sleep(0.5)
+    assert metrics.is_file(), Path(job["log"]).read_text() if Path(job["log"]).is_file() else "no log"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True, timeout=30)
+    slurm.wait_for_jobs([job_id], timeout_s=400)
+    log = Path(job["log"]).read_text()
+    print(log[-5000:])
+    show = slurm.run(["scontrol", "show", "job", job_id], check=False).stdout
+    assert slurm.job_state(job_id).startswith("COMPLETED"), log
+    assert "Restarts=1" in show, show
+    assert "requeueing job" in log and log.count("preflight ok: 2 rank(s)") == 2
+    records = [json.loads(x) for x in metrics.read_text().splitlines()]
+    [stop] = [r for r in records if r.get("preempted")]
+    assert 2 <= stop["step"] < 12 and stop["signal"] == 10  # SIGUSR1
+    steps = [r["step"] for r in records if "loss" in r]
+    assert max(steps) == 12 and steps.count(stop["step"] + 1) == 1  # resumed after the checkpoint, not from 0
+    assert (pre_out / "export" / "model.safetensors").is_file()
