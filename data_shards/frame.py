@@ -22,6 +22,19 @@ class FrameError(ValueError):
         return {"source": self.source, "frame": self.frame, "field": self.field, "reason": self.reason}
 
 
+def closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, below: float):
+    """((i, j), distance) of the closest pair nearer than `below` Å (periodic images included), or None."""
+    import vesin
+
+    box = np.asarray(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
+    i, j, d = vesin.NeighborList(cutoff=below, full_list=False).compute(
+        np.asarray(positions, dtype=np.float64), box, np.asarray(pbc, dtype=bool).tolist(), "ijd")
+    if len(d) == 0:
+        return None
+    k = int(np.argmin(d))
+    return (int(i[k]), int(j[k])), float(d[k])
+
+
 @dataclass
 class Frame:
     """Arrays in Å / eV / eV/Å. `energy` and `forces` may be None for position-only corpora."""
@@ -65,6 +78,11 @@ class Frame:
             raise bad("pbc", f"shape {self.pbc.shape}, expected (3,)")
         if self.pbc.any() and abs(np.linalg.det(self.cell)) < 1e-6:
             raise bad("cell", "periodic frame with a singular (zero-volume) cell")
+        close = closest_pair(self.positions, self.cell, self.pbc, MIN_PAIR_DISTANCE)
+        if close is not None:
+            (a, b), distance = close
+            raise bad("positions", f"atoms {a} and {b} are {distance:.3g} Å apart "
+                                   f"(< {MIN_PAIR_DISTANCE} Å: overlapping or duplicated atoms)")
         if require_labels and self.energy is None:
             raise bad("energy", "missing")
         if self.energy is not None and not np.isfinite(self.energy):

@@ -142,8 +142,10 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
            "ray": {"head_port": head_port, "num_cpus": 1, "object_store_memory": 80_000_000, "temp_dir": ray_tmp,
                    "wait_nodes_s": 120,
                    "worker_args": [f"--temp-dir={worker_tmp}", f"--node-manager-port={nm}",
-                                   f"--object-manager-port={om}", "--min-worker-port=41000",
-                                   "--max-worker-port=41999", f"--dashboard-agent-listen-port={agent}",
+                                   f"--object-manager-port={om}",
+                                   # below the ephemeral range (32768-60999) the other ports come from, and
+                                   # above Ray's default 10002-19999 that the head's workers use
+                                   "--min-worker-port=21000", "--max-worker-port=21999", f"--dashboard-agent-listen-port={agent}",
                                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                                    f"--runtime-env-agent-port={rt_env}"]},
            "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(REPO),

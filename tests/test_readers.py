@@ -289,3 +289,19 @@ def test_detect_format_errors(tmp_path):
     with pytest.raises(ValueError, match="valid formats"):
         readers.count_frames(odd, fmt="lammps")
     assert set(readers.READERS) == {"extxyz", "deepmd", "asedb", "npz", "n2p2"}
+
+
+def test_overlapping_atoms_are_rejected_naming_the_pair(tmp_path):
+    from data_shards.frame import Frame, FrameError
+
+    positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [5.0, 5.0, 5.0], [5.05, 5.0, 5.0]])
+    frame = Frame(species=np.array([8, 1, 8, 1]), positions=positions, cell=np.eye(3) * 10.0,
+                  pbc=np.array([True] * 3), energy=-1.0, forces=np.zeros((4, 3)), source="x.extxyz", index=7)
+    with pytest.raises(FrameError, match=r"x\.extxyz, frame 7, field 'positions': atoms 2 and 3 are 0\.05 Å"):
+        frame.validate()
+    # across the periodic boundary too
+    frame.positions = np.array([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [9.98, 0.0, 0.0], [5.0, 5.0, 5.0]])
+    with pytest.raises(FrameError, match="atoms 0 and 2 are 0.02 Å"):
+        frame.validate()
+    frame.positions[2] = [5.0, 0.0, 0.0]
+    frame.validate()  # well separated: accepted
