@@ -43,21 +43,27 @@ def manifest_file(dir_or_file: str | Path) -> Path:
     return p / MANIFEST_NAME if p.is_dir() else p
 
 
+def parse_manifest(text: str | bytes, where: str) -> dict:
+    """json → manifest dict, checking the schema version and the required sections; `where` names it."""
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{where}: not valid JSON: {e}") from e
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    for section in ("shards", "splits", "totals"):
+        if section not in manifest:
+            raise ManifestError(f"{where}: missing section {section!r}")
+    return manifest
+
+
 def load_manifest(dir_or_file: str | Path, check_files: bool = True) -> dict:
     """Read and check a manifest. The returned dict also holds MANIFEST_DIR (the absolute folder)."""
     path = manifest_file(dir_or_file)
     if not path.is_file():
         raise ManifestError(f"manifest not found: {path} (build one with `maskpot shards build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON: {e}") from e
-    version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"{path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    for section in ("shards", "splits", "totals"):
-        if section not in manifest:
-            raise ManifestError(f"{path}: missing section {section!r}")
+    manifest = parse_manifest(path.read_text(), str(path))
     folder = path.parent.resolve()
     if check_files:
         for shard in manifest["shards"]:
@@ -285,16 +291,7 @@ def load_stream_manifest(location: str | Path, base_url: str | None = None) -> d
     if location.startswith(REMOTE_PREFIXES):
         url = location if location.endswith(".json") else location.rstrip("/") + "/" + MANIFEST_NAME
         with open_location(url) as f:
-            try:
-                manifest = json.loads(f.read())
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"{url}: not valid JSON: {e}") from e
-        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-        if version != SCHEMA_VERSION:
-            raise ManifestError(f"{url}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-        for section in ("shards", "splits", "totals"):
-            if section not in manifest:
-                raise ManifestError(f"{url}: missing section {section!r}")
+            manifest = parse_manifest(f.read(), url)
         manifest[MANIFEST_DIR] = url.rsplit("/", 1)[0]
     else:
         manifest = load_manifest(location, check_files=base_url is None)
