@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight FAILED on rank(s) {failed}" if failed else
               f"preflight ok: {world_size} rank(s), all-reduce and forward/backward of {cfg.model.name} "
               f"on {cfg.data.manifest_dir}", flush=True)
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts otherwise)
     dist.destroy_process_group()
     return EXIT_FAILED if failed else 0
 
