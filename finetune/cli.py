@@ -14,7 +14,7 @@ from cluster import cli as cluster_cli
 from data_shards import cli as data_cli
 from finetune import commands as finetune_commands
 from finetune import demo
-from finetune import evaluate, md
+from finetune import evaluate, md, study
 from pretrain import cli as pretrain_cli
 from pretrain import preflight as pretrain_preflight
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_command(sub)
     evaluate.add_command(sub)
     md.add_command(sub)
+    study.add_command(sub)
     cluster_cli.add_commands(sub)  # submit / status / cancel: launches stages by module path
     return parser
 

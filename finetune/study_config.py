@@ -1,0 +1,184 @@
+"""`StudyConfig`: what `maskpot study` runs, one dataclass per stage, validated when built.
+
+The YAML (e.g. `studies/water.yaml`) holds a `base:` mapping and a `scales:` mapping whose entries
+(tiny, small, full, paper) are merged over the base; `load_study(path, scale)` returns the result.
+Unknown keys are refused with the list of valid ones (data_shards.config_io).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from data_shards.config_io import ConfigError, from_dict, merge
+from pretrain.models import MODELS
+
+# variant name → pretraining objective (None: no pretraining, the baseline)
+VARIANTS = {"scratch": None, "denoise": "denoise", "mask": "mask", "mask+denoise": "mask+denoise"}
+ETHANOL_VARIANTS = {"scratch": None, "hmask": "hmask", "denoise": "denoise"}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _positive(name: str, values) -> None:
+    bad = [v for v in values if v < 1]
+    _require(not bad, f"{name} must all be >= 1, got {list(values)}")
+
+
+@dataclass
+class CorpusConfig:
+    """Unlabelled pretraining corpus: flexible TIP3P water (OpenMM, 300 K, 0.5 fs steps)."""
+    molecules: int = 64                 # H2O per periodic box
+    frames: int = 10000
+    steps_between_frames: int = 40      # MD steps of 0.5 fs between recorded frames
+    seed: int = 0                       # trajectory seed (the TIP3P labelled set uses seed + 1)
+    shard_size: int = 500               # frames per WebDataset tar
+    val_fraction: float = 0.05          # held out for the pretext validation loss
+
+    def __post_init__(self):
+        _positive("corpus.molecules/frames/steps_between_frames/shard_size",
+                  [self.molecules, self.frames, self.steps_between_frames, self.shard_size])
+        _require(0.0 < self.val_fraction < 0.5, f"corpus.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass
+class PretrainStageConfig:
+    steps: int = 2000                   # optimizer steps
+    batch_size: int = 4                 # structures per rank per step
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    nproc: int = 2                      # DeepSpeed ranks (torchrun)
+    zero_stage: int = 1
+    mask_ratio: float = 0.5             # fraction of water molecules that lose one H
+    noise_sigma: float = 0.2            # Å, denoising displacement std
+    h_mask_p: float = 0.5               # ethanol (generic H-masking): probability each H is deleted
+
+    def __post_init__(self):
+        _positive("pretrain.steps/batch_size/nproc", [self.steps, self.batch_size, self.nproc])
+        _require(0 < self.min_lr <= self.lr, f"pretrain: need 0 < min_lr <= lr, got {self.min_lr}, {self.lr}")
+        _require(self.zero_stage in (0, 1, 2), f"pretrain.zero_stage must be 0, 1 or 2, got {self.zero_stage}")
+
+
+@dataclass
+class FinetuneStageConfig:
+    """The same finetune budget for every variant: steps, batch, LR schedule and loss."""
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 2e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 20
+    eval_every: int = 50                # validation force RMSE every N steps (learning curves)
+    val_batches: int | None = None      # None: the whole validation split
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    jobs: int = 2                       # finetunes run side by side, each with cores // jobs threads
+
+    def __post_init__(self):
+        _positive("finetune.steps/batch_size/eval_every/jobs",
+                  [self.steps, self.batch_size, self.eval_every, self.jobs])
+        _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
+
+
+@dataclass
+class DftWaterSetting:
+    """Finetune on DFT water in DeePMD layout: train data_0+1 (240 frames), val data_2, test data_3."""
+    enabled: bool = True
+    path: str = "../shared/data/water_deepmd"   # holds data_0..data_3 directly or under data/
+    budgets: list[int] = field(default_factory=lambda: [30, 60, 120, 240])  # labelled training frames
+
+    def __post_init__(self):
+        _positive("dft_water.budgets", self.budgets)
+        _require(max(self.budgets, default=0) <= 240, f"dft_water.budgets: the train split holds 240 frames, "
+                                                       f"got {self.budgets}")
+
+
+@dataclass
+class Tip3pSetting:
+    """The paper's own setting: pretrain and finetune on TIP3P (labels from a separate trajectory)."""
+    enabled: bool = True
+    labelled_frames: int = 300          # trajectory seed corpus.seed + 1, split 0.6 / 0.2 / 0.2
+    budget: int = 30
+    variants: list[str] = field(default_factory=lambda: ["scratch", "mask"])
+
+    def __post_init__(self):
+        _positive("tip3p.labelled_frames/budget", [self.labelled_frames, self.budget])
+        _require(self.budget <= int(0.6 * self.labelled_frames),
+                 f"tip3p.budget {self.budget} exceeds the train split (60% of {self.labelled_frames} frames)")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        _require(not bad, f"tip3p.variants: unknown {bad}; valid: {list(VARIANTS)}")
+
+
+@dataclass
+class EthanolSetting:
+    """rMD17 ethanol: generic H-masking pretraining on the train positions, finetune, test on test_MD.xyz."""
+    enabled: bool = True
+    path: str = "../shared/data/ethanol_rmd17"  # train.xyz, test_MD.xyz
+    budgets: list[int] = field(default_factory=lambda: [50, 200, 900])  # 100 of train.xyz validate
+    variants: list[str] = field(default_factory=lambda: ["scratch", "hmask"])
+    cutoff: float = 5.0                 # Å (the molecule is ~4 Å across: a complete graph)
+    pretrain_steps: int = 1000
+
+    def __post_init__(self):
+        _positive("ethanol.budgets/pretrain_steps", [*self.budgets, self.pretrain_steps])
+        _require(max(self.budgets, default=0) <= 900, f"ethanol.budgets: 900 training frames (100 validate), "
+                                                       f"got {self.budgets}")
+        bad = [v for v in self.variants if v not in ETHANOL_VARIANTS]
+        _require(not bad, f"ethanol.variants: unknown {bad}; valid: {list(ETHANOL_VARIANTS)}")
+        _require(self.cutoff > 0, f"ethanol.cutoff must be > 0 Å, got {self.cutoff}")
+
+
+@dataclass
+class StudyConfig:
+    experiment: str = "maskpot-study-water"    # one MLflow experiment for every run of the study
+    out_dir: str = "runs/study_water"
+    scale: str = ""                     # filled in by load_study
+    models: dict = field(default_factory=lambda: {"egnn": {"hidden": 64, "layers": 4, "cutoff": 3.5}})
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    pretrain: PretrainStageConfig = field(default_factory=PretrainStageConfig)
+    finetune: FinetuneStageConfig = field(default_factory=FinetuneStageConfig)
+    dft_water: DftWaterSetting = field(default_factory=DftWaterSetting)
+    tip3p: Tip3pSetting = field(default_factory=Tip3pSetting)
+    ethanol: EthanolSetting = field(default_factory=EthanolSetting)
+
+    def __post_init__(self):
+        unknown = [m for m in self.models if m not in MODELS]
+        _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
+        _require(bool(self.models), "models: name at least one model")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        _require(not bad, f"variants: unknown {bad}; valid: {list(VARIANTS)}")
+        _require("scratch" in self.variants, "variants must include 'scratch' (the baseline every "
+                                             "pretrained variant is compared with)")
+        _require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
+                 f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+
+    def pretrain_variants(self) -> list[str]:
+        """Water pretraining runs needed by the DFT and TIP3P settings, in order."""
+        wanted = list(self.variants) if self.dft_water.enabled else []
+        if self.tip3p.enabled:
+            wanted += [v for v in self.tip3p.variants if v not in wanted]
+        return [v for v in VARIANTS if v in wanted and VARIANTS[v] is not None]
+
+
+def load_study(path: str | Path, scale: str, overrides: dict | None = None) -> StudyConfig:
+    """`base` merged with `scales[scale]` (and `overrides`) from the YAML at `path`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study config not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    unknown = sorted(set(data) - {"base", "scales"})
+    if unknown or not isinstance(data.get("scales"), dict):
+        raise ConfigError(f"{p}: expected top-level keys 'base' and 'scales' (a mapping of scale name → "
+                          f"overrides); unknown: {unknown}")
+    if scale not in data["scales"]:
+        raise ConfigError(f"{p}: scale {scale!r} is not defined; defined: {sorted(data['scales'])}")
+    merged = merge(data.get("base") or {}, data["scales"][scale] or {})
+    merged["scale"] = scale
+    if overrides:
+        merged = merge(merged, overrides)
+    return from_dict(StudyConfig, merged, where=f"{p.name}[{scale}]")
