@@ -1,0 +1,121 @@
+"""`maskpot study`: config scales, the report maths on hand-made results, and the tiny scale end to end."""
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_shards.config_io import ConfigError
+from finetune import study_report
+from finetune.study import describe_plan
+from finetune.study_config import load_study
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "studies" / "water.yaml"
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "full", "paper"])
+def test_every_scale_in_the_repo_yaml_is_valid(scale):
+    cfg = load_study(STUDY, scale)
+    assert cfg.scale == scale and "scratch" in cfg.variants
+    assert {"denoise", "mask"} <= set(cfg.variants)  # every scale compares scratch, denoise and mask
+    plan = describe_plan(cfg, REPO / "runs" / "x")
+    assert f"scale {scale}" in plan and "finetunes" in plan
+
+
+def test_small_scale_keeps_one_finetune_budget_and_the_required_budgets():
+    cfg = load_study(STUDY, "small")
+    assert cfg.dft_water.budgets[0] == 30 and cfg.dft_water.budgets[-1] == 240
+    assert len(cfg.seeds) >= 2 and cfg.corpus.frames >= 1000
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"finetune": {"stepz": 3}}, "valid keys"),
+    ({"variants": ["mask", "denoise"]}, "must include 'scratch'"),
+    ({"variants": ["scratch", "maks"]}, "valid: ['scratch', 'denoise', 'mask', 'mask+denoise']"),
+    ({"models": {"schnet": {}}}, "registered"),
+    ({"dft_water": {"budgets": [30, 500]}}, "240 frames"),
+    ({"seeds": [0, 0]}, "distinct"),
+])
+def test_bad_study_configs_say_what_is_valid(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "tiny", overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_scale_lists_the_defined_ones():
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "huge")
+    assert "'full', 'paper', 'small', 'tiny'" in str(err.value)
+
+
+def maskpot(*args, cwd):
+    env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _fake_run(root, setting, name, force, energy, curve):
+    d = root / "finetune" / setting / name
+    d.mkdir(parents=True)
+    history = [{"step": s, "force_rmse_mev_per_a": f, "energy_rmse_mev_per_atom": 1.0} for s, f in curve]
+    d.joinpath("results.json").write_text(json.dumps({
+        "test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": energy}, "history": history}))
+
+
+def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, [(0, 900), (50, 300), (100, 110)])
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 120.0, 4.0, [(0, 900), (50, 280), (100, 130)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s0", 70.0, 1.0, [(0, 500), (50, 115), (100, 80)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s1", 90.0, 1.0, [(0, 500), (50, 125), (100, 90)])
+    _fake_run(tmp_path, "dft_water", "egnn_denoise_n30_s0", 200.0, 5.0, [(0, 600), (50, 400), (100, 300)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask+denoise_n240_s0", 50.0, 1.0, [(0, 400), (100, 60)])
+    summary = study_report.summarize(study_report.collect(tmp_path))["dft_water"]
+    rows = {(r["budget"], r["variant"]): r for r in summary["rows"]}
+    scratch, mask = rows[(30, "scratch")], rows[(30, "mask")]
+    assert scratch["force_mean"] == pytest.approx(110.0) and scratch["force_std"] == pytest.approx(math.sqrt(200))
+    assert mask["force_change_vs_scratch_pct"] == pytest.approx(100 * (80 / 110 - 1))
+    assert rows[(30, "denoise")]["force_std"] == 0.0 and rows[(30, "denoise")]["seeds"] == 1
+    assert math.isnan(rows[(240, "mask+denoise")]["force_change_vs_scratch_pct"])  # no scratch at 240
+    reach = {(r["budget"], r["variant"]): r for r in summary["steps_to_scratch"]}
+    assert reach[(30, "scratch")]["scratch_final_val_force"] == pytest.approx(120.0)  # mean of 110 and 130
+    assert reach[(30, "mask")]["first_step_reaching"] == 50  # mean 120 at step 50
+    assert reach[(30, "denoise")]["first_step_reaching"] is None
+    text = study_report.write_report(tmp_path)
+    assert "| egnn | 30 | mask | 2 | 1.00 ± 0.00 | 80.0 ± 14.1 | -27.3% |" in text
+    for png in ("learning_curves_dft_water_egnn.png", "data_efficiency_dft_water_egnn.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, shared_data):
+    out = tmp_path / "study"
+    args = ["study", "--scale", "tiny", "--out", out, "--override",
+            f"dft_water.path={shared_data / 'water_deepmd'}", f"ethanol.path={shared_data / 'ethanol_rmd17'}"]
+    first = maskpot(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    cfg = load_study(STUDY, "tiny")
+    expected = (len(cfg.variants) * len(cfg.dft_water.budgets) + len(cfg.tip3p.variants)
+                + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets)) * len(cfg.seeds)
+    results = sorted(out.glob("finetune/*/*/results.json"))
+    assert len(results) == expected
+    summary = (out / "report" / "summary.md").read_text()
+    for title in study_report.SETTING_TITLES.values():
+        assert title in summary
+    assert (out / "report" / "learning_curves_dft_water_egnn.png").is_file()
+    exports = sorted(p.parent.name for p in out.glob("pretrain/*/export/model.json"))
+    assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        runs = db.execute("select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id "
+                          "where e.name = ? and r.status = 'FINISHED'", (cfg.experiment,)).fetchone()[0]
+        variants = {v for (v,) in db.execute("select value from tags where key = 'study.variant'")}
+    assert runs == expected and variants == {"scratch", "denoise", "mask", "hmask"}
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    again = maskpot(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{expected} of {expected} runs already finished, 0 to go" in again.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in results}
