@@ -6,6 +6,7 @@ files themselves (the manifest's splits, the init export's format_version) run i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ from pretrain.objectives import LOSS_KINDS
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 DB_SCHEMES = ("postgresql", "mysql", "mssql")
+RUN_ID = re.compile(r"[0-9a-f]{32}")
 URI_FORMS = ("sqlite:///ABSOLUTE/PATH.db", "http://HOST:PORT", "https://HOST[:PORT]", "file:///ABSOLUTE/DIR",
              "postgresql://USER@HOST/DB (also mysql, mssql)")
 
 __all__ = ["FinetuneConfig", "DataConfig", "ModelConfig", "OptimConfig", "LossConfig", "TrainConfig",
-           "TrackingConfig", "check_tracking_uri", "flatten_config"]
+           "TrackingConfig", "AdaptConfig", "check_tracking_uri", "flatten_config"]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -108,6 +110,7 @@ class TrainConfig:
     out_dir: str = "runs/finetune"
     device: str = "auto"                # cpu | cuda | auto (cuda when available)
     ema_decay: float | None = None      # e.g. 0.99: validate, keep and export an EMA of the weights
+    early_stopping_patience: int | None = None  # stop after N validations without a new best force RMSE
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -117,6 +120,8 @@ class TrainConfig:
         _require(self.device in DEVICES, f"train.device {self.device!r} is not one of {list(DEVICES)}")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
                  f"train.ema_decay must be in (0, 1) or null (off), got {self.ema_decay}")
+        _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                 f"train.early_stopping_patience must be >= 1 or null (off), got {self.early_stopping_patience}")
 
 
 def check_tracking_uri(uri: str) -> None:
@@ -147,10 +152,21 @@ class TrackingConfig:
     experiment: str = "maskpot-finetune"
     run_name: str | None = None
     tags: dict = field(default_factory=dict)
+    registered_model: str | None = None  # register the export under this name; alias `champion` = best
+    parent_run_id: str | None = None    # nest the run under this MLflow run (tag mlflow.parentRunId)
 
     def __post_init__(self):
         if self.uri is not None:
             check_tracking_uri(self.uri)
+        _require(self.registered_model is None or (bool(self.registered_model.strip())
+                                                   and not set("'\"`") & set(self.registered_model)),
+                 f"tracking.registered_model must be a non-empty name without quotes, or null (no "
+                 f"registration), got {self.registered_model!r}")
+        _require(self.enabled or self.registered_model is None,
+                 "tracking.registered_model needs tracking.enabled: true (the model is registered from the run)")
+        _require(self.parent_run_id is None or RUN_ID.fullmatch(self.parent_run_id) is not None,
+                 f"tracking.parent_run_id must be an MLflow run id (32 hex digits) or null, got "
+                 f"{self.parent_run_id!r}")
         _require(bool(self.experiment.strip()), "tracking.experiment must be a non-empty name")
         bad = [k for k, v in self.tags.items() if not isinstance(k, str) or isinstance(v, (dict, list))]
         _require(not bad, f"tracking.tags must map names to scalars; bad entries: {bad}")
@@ -160,17 +176,42 @@ class TrackingConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """How a pretrained model is adapted; `head` = the energy/force output heads, the rest = backbone."""
+    freeze_backbone_steps: int = 0      # backbone frozen for the first K steps; 0 = never, -1 = throughout
+    backbone_lr_mult: float = 1.0       # backbone learning rate = optim.lr · this (schedule applied on top)
+    head_lr_mult: float = 1.0           # head learning rate = optim.lr · this
+    reinit_heads: bool = False          # re-initialise the heads after loading `init`
+    allow_new_species: bool = False     # finetune elements absent from `init`: fresh embedding rows
+
+    def __post_init__(self):
+        _require(self.freeze_backbone_steps >= -1,
+                 f"adapt.freeze_backbone_steps must be a number of steps >= 0 (0 = off) or -1 (frozen "
+                 f"throughout), got {self.freeze_backbone_steps}")
+        for name in ("backbone_lr_mult", "head_lr_mult"):
+            value = getattr(self, name)
+            _require(value > 0 and value != float("inf"), f"adapt.{name} must be a finite number > 0, got {value}")
+
+
+@dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # ignored (with a note) when `init` is set
-    init: str | None = None             # pretrain export folder (model.json + model.safetensors)
+    init: str | None = None             # pretrain export, or fp32 training checkpoint (tag, checkpoints/ or run)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def __post_init__(self):
-        _require(self.init is None or bool(self.init), "init must be an export folder or null (from scratch)")
+        _require(self.init is None or bool(self.init),
+                 "init must be an export or checkpoint folder, or null (from scratch)")
+        if self.init is None:
+            _require(self.adapt.freeze_backbone_steps == 0, "adapt.freeze_backbone_steps needs `init` (a "
+                     "pretrained backbone): from scratch a frozen backbone stays random; set it to 0")
+            _require(not self.adapt.reinit_heads, "adapt.reinit_heads needs `init`: from scratch the heads are "
+                     "freshly initialised anyway; set it to false")
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

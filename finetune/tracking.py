@@ -6,6 +6,10 @@ that fails mid-run) a warning says so once, training goes on, and the unsent par
 retried at `finish()`. If it still cannot be sent, it is written to OUT_DIR/mlflow_pending.json and
 `replay_pending(file)` sends it later.
 
+`register_model` makes the run's exported model a version of a registered model (source: the run's
+`model` artifact folder, no pickled flavour) and points the alias `champion` at the version whose run
+has the lowest `best/val_force_rmse_mev_per_a`. `parent_run_id` nests the run (tag mlflow.parentRunId).
+
 Default store: `sqlite:///<out_dir>/mlflow.db` with artifacts under <out_dir>/mlartifacts (any sqlite
 store keeps new experiments' artifacts in `mlartifacts/` beside the database file). An
 `http://HOST:PORT` URI talks to an `mlflow server` (artifacts proxied by the server). Only the process
@@ -38,6 +42,9 @@ HTTP_ENV_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUES
 MAX_PARAM_CHARS = 6000
 MAX_BATCH_METRICS = 1000
 MAX_BATCH_PARAMS_TAGS = 100
+PARENT_TAG = "mlflow.parentRunId"
+CHAMPION_ALIAS = "champion"
+CHAMPION_METRIC = "best/val_force_rmse_mev_per_a"
 
 
 def is_http(uri: str) -> bool:
@@ -83,6 +90,9 @@ class Tracker:
         self.experiment_name = cfg.experiment
         self.run_name = cfg.run_name
         self.journal = Journal(tags={str(k): str(v) for k, v in cfg.tags.items()})
+        self.parent_run_id = cfg.parent_run_id
+        if cfg.parent_run_id:
+            self.journal.tags[PARENT_TAG] = cfg.parent_run_id
         self.pending_metrics: list[list] = []
         self.client = None
         self.experiment_id: str | None = None
@@ -139,6 +149,22 @@ class Tracker:
                 "complete": self.enabled and not self.offline and self.run_id is not None,
                 "pending_file": str(self.out_dir / PENDING_FILE) if self.enabled and self.offline else None}
 
+    def register_model(self, name: str, artifact_path: str) -> dict | None:
+        """Register the run's `artifact_path` folder as a new version of `name` and update `champion`.
+
+        Call after that folder was logged. Never raises: None with a warning when it cannot be done.
+        """
+        self.flush()
+        if not self.enabled or self.offline or self.run_id is None:
+            log.warning("model %r not registered: the MLflow store %s was not reachable (register it later "
+                        "from the run's %r artifact)", name, self.uri, artifact_path)
+            return None
+        try:
+            return register_version(self.client, name, self.run_id, artifact_path)
+        except Exception as e:  # noqa: BLE001 - the training is done and exported whatever the registry says
+            log.warning("could not register model %r from run %s: %s: %s", name, self.run_id, type(e).__name__, e)
+            return None
+
     # --- sending -----------------------------------------------------------------------------------
     def _go_offline(self, reason: str) -> None:
         if not self.offline:
@@ -170,8 +196,25 @@ class Tracker:
             if experiment.lifecycle_stage == "deleted":
                 self.client.restore_experiment(experiment.experiment_id)
             self.experiment_id = experiment.experiment_id
+        if self.parent_run_id:
+            self._check_parent()
         run = self.client.create_run(self.experiment_id, run_name=self.run_name)
         self.run_id = run.info.run_id
+
+    def _check_parent(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = self.client.get_run(self.parent_run_id)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            log.warning("tracking.parent_run_id %s: no such run in %s; the run is tagged with it anyway",
+                        self.parent_run_id, self.uri)
+            return
+        if parent.info.experiment_id != self.experiment_id:
+            log.warning("parent run %s is in experiment %s, this run in %s: the MLflow UI nests runs of one "
+                        "experiment only", self.parent_run_id, parent.info.experiment_id, self.experiment_id)
 
     def _artifact_location(self) -> str | None:
         """Next to a sqlite file (inside out_dir for the default store); the server's own for http."""
@@ -218,6 +261,56 @@ class Tracker:
         path.write_text(json.dumps(record, indent=1) + "\n")
         log.warning("MLflow store %s still unreachable: the run's params, metrics and artifact list are in %s "
                     "(send them later with finetune.tracking.replay_pending)", self.uri, path)
+
+
+def register_version(client, name: str, run_id: str, artifact_path: str) -> dict:
+    """New version of registered model `name` (created if needed) from run `run_id`'s artifact folder;
+    the alias `champion` moves to the version with the lowest CHAMPION_METRIC (ties keep the current one)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    version = client.create_model_version(name, source, run_id=run_id)
+    champion, value = choose_champion(client, name)
+    return {"name": name, "version": str(version.version), "source": source,
+            "champion_version": champion, "champion_val_force_rmse_mev_per_a": value}
+
+
+def choose_champion(client, name: str) -> tuple[str | None, float | None]:
+    """Point alias `champion` of `name` at its version with the lowest CHAMPION_METRIC; returns (version, value)."""
+    import math
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        current = str(client.get_model_version_by_alias(name, CHAMPION_ALIAS).version)
+    except MlflowException:
+        current = None
+    metric_of_run: dict[str, float | None] = {}
+    best = None
+    for version in client.search_model_versions(f"name='{name}'"):
+        if not version.run_id:
+            continue
+        if version.run_id not in metric_of_run:
+            try:
+                metric_of_run[version.run_id] = client.get_run(version.run_id).data.metrics.get(CHAMPION_METRIC)
+            except MlflowException:   # the run was deleted
+                metric_of_run[version.run_id] = None
+        value = metric_of_run[version.run_id]
+        if value is None or not math.isfinite(value):
+            continue
+        key = (value, str(version.version) != current, int(version.version))
+        if best is None or key < best[0]:
+            best = (key, str(version.version))
+    if best is None:
+        return current, None
+    if best[1] != current:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, best[1])
+    return best[1], best[0][0]
 
 
 def replay_pending(pending_file: str | Path, uri: str | None = None) -> str:

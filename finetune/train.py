@@ -1,11 +1,14 @@
 """The finetuning loop (one process, plain torch): energies + forces, validation, best model, test.
 
-`run_finetune(cfg)`: the model comes from a pretrain export (`cfg.init`, its architecture wins) or is
-built fresh; its normalisation (E0 per element, energy scale) is refitted from the finetune manifest.
+`run_finetune(cfg)`: the model comes from `cfg.init` (a pretrain export or fp32 training checkpoint, see
+finetune.init_checkpoint; its architecture wins) or is built fresh; its normalisation (E0 per element,
+energy scale) is refitted from the finetune manifest.
 AdamW with warm-up and cosine decay; the loss is `energy_force_loss` on per-atom energies and forces
 (forces by autograd with create_graph). Validation at step 0, every `eval_every` steps and at the end;
 the weights with the lowest validation force RMSE are kept (a worse evaluation never replaces them),
-evaluated on the test split, exported to OUT_DIR/export and logged to MLflow.
+evaluated on the test split, exported to OUT_DIR/export and logged to MLflow. `train.early_stopping_patience`
+ends training after that many validations without a new best; `adapt:` (finetune.adapt) freezes the
+backbone, sets per-part learning rates, re-initialises the heads, handles elements new to the export.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
 from data_shards.manifest import file_sha256, load_manifest
 from data_shards.stream import ShardStream
+from finetune import adapt as A
 from finetune import metrics as M
 from finetune import plots
 from finetune.config import FinetuneConfig, flatten_config
 from finetune.tracking import Tracker
-from pretrain.engine import lr_factor, param_groups
-from pretrain.export import WEIGHTS_FILE, load_export, normalisation_from_stats, read_meta, save_export
+from pretrain.engine import lr_factor
+from finetune.init_checkpoint import load_init, read_init_meta, weights_file
+from pretrain.export import normalisation_from_stats, save_export
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss
 
@@ -41,6 +46,7 @@ MAX_CONSECUTIVE_NONFINITE = 50
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_DIR = "export"
+MODEL_ARTIFACT = "model"
 
 
 @dataclass
@@ -51,6 +57,7 @@ class Inputs:
     init_meta: dict | None
     init_sha256: str | None
     test_split: str          # "" when there is nothing to test on
+    new_species: list[int]   # elements of the data the init export has no species for (allowed by config)
 
 
 def check_inputs(cfg: FinetuneConfig) -> Inputs:
@@ -74,10 +81,12 @@ def check_inputs(cfg: FinetuneConfig) -> Inputs:
         log.warning("test split %r of %s is empty: no test evaluation", test_split, where)
         test_split = ""
     init_meta = init_sha = None
+    new_species: list[int] = []
     if cfg.init is not None:
-        init_meta = read_meta(cfg.init)   # missing files, newer format_version: clear errors here
-        init_sha = file_sha256(Path(cfg.init) / WEIGHTS_FILE)
-    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split)
+        init_meta = read_init_meta(cfg.init)   # missing files, newer format_version: clear errors here
+        init_sha = file_sha256(weights_file(cfg.init))
+        new_species = A.check_new_species(manifest["elements"], init_meta, cfg.init, cfg.adapt.allow_new_species)
+    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split, new_species)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,16 +103,13 @@ def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, di
         model = build_model(cfg.model.name, cfg.model.params)
         arch = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff}
     else:
-        model, meta = load_export(cfg.init)
+        model, meta = load_init(cfg.init)
         arch = {"model": meta["model"], "params": meta["params"], "cutoff": float(meta["cutoff"])}
         if (cfg.model.name, cfg.model.arch_params()) != (arch["model"], arch["params"]):
             log.warning("note: the model section (%s %s) is ignored; the init export %s defines the "
                         "architecture (%s %s)", cfg.model.name, cfg.model.params, cfg.init, arch["model"],
                         arch["params"])
-        new = sorted(set(int(z) for z in inputs.manifest["elements"]) - set(meta["species"]))
-        if new:
-            log.warning("elements %s of the finetune data were not in the pretraining corpus %s", new,
-                        meta["species"])
+        A.adapt_loaded_model(model, cfg.adapt, inputs.new_species, cfg.init)
     norm = normalisation_from_stats(inputs.manifest)
     model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
     return model, arch
@@ -197,6 +203,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     except BaseException:
         tracker.finish("FAILED")
         raise
+    if cfg.tracking.registered_model:
+        results["registry"] = tracker.register_model(cfg.tracking.registered_model, MODEL_ARTIFACT)
     results["tracking"] = tracker.finish("FINISHED")
     (out_dir / RESULTS_FILE).write_text(_json(results))
     return results
@@ -207,17 +215,21 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
     t = cfg.train
     train_stream = make_stream(cfg, cfg.data.train_split, arch["cutoff"], training=True)
     val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    optimizer = torch.optim.AdamW(A.optimizer_groups(model, cfg.optim, cfg.adapt), lr=cfg.optim.lr)
     scheduler = make_scheduler(cfg, optimizer)
+    freeze = A.BackboneFreeze(model, cfg.adapt.freeze_backbone_steps)
+    stopper = A.EarlyStopping(t.early_stopping_patience)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=False)
            if t.ema_decay else None)
     scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
     energy_scale = float(model.energy_scale)
     best, history, train_curve = Best(), [], []
     nonfinite_run = skipped = 0
+    last_step, stopped_early = t.max_steps, False
     started = time.perf_counter()
 
-    def validate(step: int) -> None:
+    def validate(step: int) -> bool:
+        """True: early stopping says stop here."""
         figures = M.evaluate(scored, val_stream, cfg.data.val_batches, device)
         improved = best.offer(step, figures, scored)
         history.append({"step": step, **M.without_arrays(figures), "best": improved})
@@ -227,12 +239,14 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         tracker.flush()
         bar.set_postfix(loss=f"{train_curve[-1][1]:.4g}" if train_curve else "-",
                         val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
+        return stopper.should_stop(improved)
 
     bar = tqdm(total=t.max_steps, desc="finetune", unit="step")
     validate(0)
     batches = endless_batches(train_stream)
     model.train()
     for step in range(1, t.max_steps + 1):
+        freeze.before_step(step)
         batch = next(batches).to(device)
         out = model(batch, compute_forces=True)
         loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
@@ -250,7 +264,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         loss.backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]   # optim.lr · schedule
         optimizer.step()
         scheduler.step()
         if ema is not None:
@@ -261,11 +275,16 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
                         val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å", refresh=False)
         bar.update(1)  # one redraw per step
         if step % t.eval_every == 0 or step == t.max_steps:
-            validate(step)
+            if validate(step) and step < t.max_steps:
+                last_step, stopped_early = step, True
+                log.info("step %d: early stop, no better validation force RMSE in the last %d validations "
+                         "(best %.2f meV/Å at step %d)", step, stopper.patience, best.force_rmse, best.step)
+                break
             model.train()
         elif step % t.log_every == 0:
             tracker.flush()
     bar.close()
+    freeze.release()
     train_seconds = time.perf_counter() - started
 
     if best.state is None:
@@ -276,8 +295,8 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         if inputs.test_split else None
     if test is not None:
         tracker.log_metrics({f"test/{k}": v for k, v in M.without_arrays(test).items()
-                             if isinstance(v, float)}, t.max_steps)
-    tracker.log_metrics({"best/step": best.step, "best/val_force_rmse_mev_per_a": best.force_rmse}, t.max_steps)
+                             if isinstance(v, float)}, last_step)
+    tracker.log_metrics({"best/step": best.step, "best/val_force_rmse_mev_per_a": best.force_rmse}, last_step)
 
     export_dir = _export(scored, cfg, inputs, arch, best.step, out_dir)
     shown = test or best.figures
@@ -286,7 +305,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
                                    inputs.test_split or cfg.data.val_split)]
     for path in figures:
         tracker.log_artifact(path)
-    tracker.log_artifact(export_dir, "model")
+    tracker.log_artifact(export_dir, MODEL_ARTIFACT)
     return {
         "best_step": best.step,
         "best_val": M.without_arrays(best.figures),
@@ -294,13 +313,16 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         "test_split": inputs.test_split or None,
         "history": history,
         "final_train_loss": train_curve[-1][1] if train_curve else None,
-        "steps": t.max_steps, "skipped_nonfinite": skipped,
+        "steps": last_step, "max_steps": t.max_steps, "stopped_early": stopped_early,
+        "stopped_at_step": last_step if stopped_early else None, "skipped_nonfinite": skipped,
         "train_frames": train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "init": cfg.init, "init_sha256": inputs.init_sha256,
         "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
         "export_dir": str(export_dir), "device": str(device), "ema_decay": t.ema_decay,
+        "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
+                  "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
     }
 
 

@@ -17,6 +17,12 @@ DOUBLE_BUFFERS = ("energy_scale", "e0")
 
 class ReferenceEnergyModel(nn.Module):
     force_centric = False  # True: forces are a decoder output, not −∂E/∂x
+    # parameter-name prefixes of the energy/force output heads (the rest is the backbone); finetuning
+    # freezes, re-initialises or gives another learning rate to either part
+    head_parameter_prefixes: tuple[str, ...] = ()
+
+    def is_head_parameter(self, name: str) -> bool:
+        return name.startswith(self.head_parameter_prefixes) if self.head_parameter_prefixes else False
 
     def __init__(self):
         super().__init__()

@@ -158,6 +158,8 @@ class EGNNLayer(nn.Module):
 
 
 class EGNN(ReferenceEnergyModel):
+    head_parameter_prefixes = ("energy_head.",)
+
     def __init__(self, config: EGNNConfig):
         super().__init__()
         self.config = config

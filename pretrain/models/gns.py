@@ -50,6 +50,7 @@ class ForceCentricModel(ReferenceEnergyModel):
     set `force_head`, `energy_head` (per-atom MLPs on h). Forces need no autograd (no double backward)."""
 
     force_centric = True
+    head_parameter_prefixes = ("energy_head.", "force_head.")
 
     def node_features(self, batch, vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
