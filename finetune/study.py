@@ -234,6 +234,7 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
                  "shuffle_buffer": 256, "val_batches": f.val_batches},
         "model": {"name": model, "params": params},
         "init": str(init) if init else None,
+        **({"adapt": dict(f.adapt)} if init and f.adapt else {}),
         "optim": {"lr": f.lr, "warmup_steps": f.warmup_steps, "min_lr": f.min_lr},
         "loss": {"energy_weight": f.energy_weight, "force_weight": f.force_weight},
         "train": {"max_steps": f.steps, "eval_every": f.eval_every, "log_every": max(f.eval_every // 2, 1),

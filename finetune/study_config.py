@@ -76,6 +76,8 @@ class FinetuneStageConfig:
     energy_weight: float = 1.0
     force_weight: float = 10.0
     jobs: int = 2                       # finetunes run side by side, each with cores // jobs threads
+    adapt: dict = field(default_factory=dict)  # FinetuneConfig `adapt` section for pretrained variants only
+                                               # (e.g. {backbone_lr_mult: 0.25}); scratch has nothing to adapt
 
     def __post_init__(self):
         _positive("finetune.steps/batch_size/eval_every/jobs",
