@@ -1,4 +1,4 @@
-"""`generate tip3p` and `shards build|inspect|verify` sub-commands (also `python -m data_shards …`).
+"""`generate tip3p`, `shards build|reshard|inspect|verify` and `data fetch|list` sub-commands (also `python -m data_shards …`).
 
 Handlers are `func(args) -> int`. User errors are ValueError subclasses; the top-level CLI prints them
 as one line without a traceback.
@@ -10,6 +10,7 @@ import logging
 import sys
 
 from data_shards.manifest import MANIFEST_DIR, QUARANTINE_NAME, SPLITS, load_manifest, verify_shards
+from data_shards.units import UNITS
 
 EXIT_USER_ERROR = 2
 
@@ -18,6 +19,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -41,12 +49,25 @@ def _build(args) -> int:
     _setup_logging()
     manifest = build_shards(args.inputs, args.out, shard_size=args.shard_size,
                             split_fractions=tuple(args.split_fractions), ray_address=args.ray_address,
-                            num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial)
+                            num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial,
+                            stats_cutoff=args.stats_cutoff, units=args.units)
     splits = ", ".join(f"{s} {manifest['splits'][s]['samples']}" for s in SPLITS)
     totals = manifest["totals"]
     print(f"wrote {len(manifest['shards'])} shards ({splits} samples) to {manifest[MANIFEST_DIR]}; "
           f"{totals['quarantined']} of {totals['frames_read']} frames quarantined"
-          + (f" (see {QUARANTINE_NAME})" if totals["quarantined"] else ""))
+          + (f" (see {QUARANTINE_NAME})" if totals["quarantined"] else "")
+          + f", {totals['duplicates']} duplicates left out")
+    return 0
+
+
+def _reshard(args) -> int:
+    from data_shards.reshard import reshard
+
+    _setup_logging()
+    m = reshard(args.src, args.dst, num_shards=args.num_shards, max_shard_bytes=args.max_shard_bytes)
+    splits = ", ".join(f"{s} {m['splits'][s]['shards']}" for s in SPLITS)
+    print(f"wrote {len(m['shards'])} shards ({splits}) with {m['totals']['samples_written']} samples to "
+          f"{m[MANIFEST_DIR]}")
     return 0
 
 
@@ -59,7 +80,10 @@ def _inspect(args) -> int:
     t = m["totals"]
     print(f"{m[MANIFEST_DIR]}: schema {m['schema_version']}, maskpot {m.get('maskpot_version')}, "
           f"labelled {m.get('labelled')}")
-    print(f"frames read {t['frames_read']}, samples written {t['samples_written']}, quarantined {t['quarantined']}")
+    print(f"frames read {t['frames_read']}, samples written {t['samples_written']}, quarantined {t['quarantined']}, "
+          f"duplicates {t.get('duplicates', 0)}")
+    for e in m.get("duplicates", {}).get("examples", [])[:3]:
+        print(f"  duplicate {e['key']}: {e['again']} repeats {e['first']}")
     for split in SPLITS:
         s = m["splits"][split]
         print(f"  {split:5s} {s['samples']:8d} samples in {s['shards']} shards")
@@ -75,6 +99,11 @@ def _inspect(args) -> int:
               f"std {_fmt(st['energy_per_atom_std'], ' eV')}")
         per_z = ", ".join(f"Z={z}: {v:.4f}" for z, v in st["force_rms_per_element"].items())
         print(f"  force RMS {_fmt(st['force_rms'], ' eV/Å')}" + (f" ({per_z})" if per_z else ""))
+    sr = m.get("structure")
+    if sr:
+        hist = ", ".join(f"{n}: {c}" for n, c in sr["natoms_histogram"].items())
+        print(f"structures: {sr['periodicity']}; mean neighbours within {sr['cutoff']:g} Å "
+              f"{_fmt(sr['mean_neighbours'])}; atoms per structure (count) {hist}")
     return 0
 
 
@@ -108,7 +137,7 @@ def _add_generate(subparsers) -> None:
 
 
 def _add_shards(subparsers) -> None:
-    shards = subparsers.add_parser("shards", help="build, inspect and verify WebDataset shards")
+    shards = subparsers.add_parser("shards", help="build, reshard, inspect and verify WebDataset shards")
     actions = shards.add_subparsers(dest="action", metavar="ACTION", required=True)
     b = actions.add_parser(
         "build", help="convert extxyz files / DeePMD folders into shard-NNNNNN.tar + manifest.json (Ray)",
@@ -133,7 +162,25 @@ def _add_shards(subparsers) -> None:
                    help="accept frames without energy/forces (default: frames without labels are quarantined)")
     b.add_argument("--serial", action="store_true",
                    help="write chunks one after another in this process, without Ray (default: use Ray)")
+    b.add_argument("--units", choices=sorted(UNITS), default=None,
+                   help="units of the inputs: angstrom_ev (Å, eV, eV/Å) or bohr_hartree (Bohr, Hartree, "
+                        "Hartree/Bohr; converted). Frames with implausible magnitudes are quarantined with a hint "
+                        "(default: each format's own, Å/eV except n2p2: Bohr/Hartree)")
+    b.add_argument("--stats-cutoff", type=_positive_float, default=5.0,
+                   help="radius in Å for the manifest's mean neighbour count (default: 5.0)")
     b.set_defaults(func=_build)
+    r = actions.add_parser(
+        "reshard", help="rewrite a shard set into a new shard count or size (same samples, same splits)",
+        description="Samples are copied byte for byte in split order; the source's sha256 are checked while "
+                    "reading. The new manifest keeps totals and statistics and records resharded_from.")
+    r.add_argument("src", metavar="SRC", help="shard folder holding manifest.json")
+    r.add_argument("dst", metavar="DST", help="new shard folder (created; must differ from SRC)")
+    size = r.add_mutually_exclusive_group(required=True)
+    size.add_argument("--num-shards", type=_positive_int, default=None,
+                      help="shards per split, of near-equal sample counts (default: unset)")
+    size.add_argument("--max-shard-bytes", type=_positive_int, default=None,
+                      help="largest tar size in bytes; a single larger sample gets its own shard (default: unset)")
+    r.set_defaults(func=_reshard)
     i = actions.add_parser("inspect", help="print a manifest's splits, totals, elements and statistics "
                                            "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
     i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
@@ -144,9 +191,12 @@ def _add_shards(subparsers) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """Register `generate` and `shards` on the top-level parser's subparsers."""
+    """Register `generate`, `shards` and `data` on the top-level parser's subparsers."""
+    from data_shards.fetch import add_command as add_data
+
     _add_generate(subparsers)
     _add_shards(subparsers)
+    add_data(subparsers, _positive_int)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,10 +35,13 @@ from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
 from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
 from data_shards.sample import decode_sample
+from data_shards.stream_state import STATE_VERSION, Layout, merge_stream_states
+
+__all__ = ["Layout", "STATE_VERSION", "ShardChecksumError", "ShardStream", "StreamConfig", "merge_stream_states",
+           "plan_work"]
 
 Transform = Callable[[dict, int], dict]
 VERIFY_MODES = ("off", "skip", "fatal")
-STATE_VERSION = 1
 log = logging.getLogger(__name__)
 
 
@@ -117,36 +120,6 @@ def plan_work(manifest: dict, split: str, limit: int | None) -> list[ShardWork]:
                               e.get("sha256", ""), int(e.get("atoms", 0)), int(e["samples"])))
         offset += take
     return work
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one epoch's samples were dealt: a world/worker layout, optionally over a parent's remainder."""
-    world_size: int
-    num_workers: int
-    parent: "Layout | None" = None
-    parent_consumed: tuple[int, ...] = ()   # samples the parent's slots handed out before the re-deal
-
-    @property
-    def n_slots(self) -> int:
-        return self.world_size * max(self.num_workers, 1)
-
-    def to_json(self, consumed: dict[int, int]) -> dict:
-        return {"world_size": self.world_size, "num_workers": self.num_workers,
-                "consumed": {str(s): n for s, n in sorted(consumed.items())},
-                "parent": None if self.parent is None else
-                self.parent.to_json(dict(enumerate(self.parent_consumed)))}
-
-    @staticmethod
-    def from_json(d: dict) -> tuple["Layout", dict[int, int]]:
-        parent, parent_consumed = None, ()
-        if d.get("parent") is not None:
-            parent, pc = Layout.from_json(d["parent"])
-            if sorted(pc) != list(range(parent.n_slots)):
-                raise ValueError("stream state: a parent layout must list every slot's consumed count")
-            parent_consumed = tuple(pc[s] for s in range(parent.n_slots))
-        layout = Layout(int(d["world_size"]), int(d["num_workers"]), parent, parent_consumed)
-        return layout, {int(s): int(n) for s, n in d["consumed"].items()}
 
 
 def _slot_assignment(work: list[ShardWork], cfg: StreamConfig, slot: int) -> tuple[list[ShardWork], bool]:
@@ -295,21 +268,6 @@ class _SlotDataset(IterableDataset):
 
 def _pass_through(batch):
     return batch
-
-
-def merge_stream_states(states: list[dict]) -> dict:
-    """One state from every rank's `state_dict()` (e.g. gathered with all_gather_object), needed to
-    resume on a different world size or worker count."""
-    if not states:
-        raise ValueError("merge_stream_states: no states given")
-    first = {k: v for k, v in states[0].items() if k != "consumed"}
-    consumed = {}
-    for s in states:
-        if {k: v for k, v in s.items() if k != "consumed"} != first:
-            raise ValueError("merge_stream_states: states differ in epoch, seed, split or layout; "
-                             "they must come from the ranks of one run at one step")
-        consumed.update(s["consumed"])
-    return {**first, "consumed": dict(sorted(consumed.items(), key=lambda kv: int(kv[0])))}
 
 
 class ShardStream:

@@ -327,7 +327,9 @@ def test_build_shards_from_db_npz_and_n2p2(tmp_path):
     a = water_arrays(rng, 4)
     db_path = write_db(tmp_path / "a.db", a)
     npz_path = tmp_path / "b.npz"
-    np.savez(npz_path, species=a["species"], pos=a["pos"], energy=a["energy"], forces=a["forces"], cell=a["cell"])
+    # shifted: the db's own structures would be left out of the build as duplicates
+    np.savez(npz_path, species=a["species"], pos=a["pos"] + 0.25, energy=a["energy"], forces=a["forces"],
+             cell=a["cell"])
     n2p2_path = tmp_path / "input.data"
     n2p2_path.write_text("".join(n2p2_block(rng)[0] for _ in range(3)))
     out = tmp_path / "shards"
@@ -336,6 +338,7 @@ def test_build_shards_from_db_npz_and_n2p2(tmp_path):
     formats = {Path(i["path"]).name: (i["format"], i["frames"]) for i in manifest["inputs"]}
     assert formats == {"a.db": ("asedb", 4), "b.npz": ("npz", 4), "input.data": ("n2p2", 3)}
     assert manifest["totals"]["samples_written"] == 11 and manifest["totals"]["quarantined"] == 0
+    assert manifest["totals"]["duplicates"] == 0
     assert manifest["splits"]["test"]["samples"] == 3
     n_oxygen = 2 * 4 * 2 + 3 * 1  # two 4-frame files of 2 waters, three n2p2 monomers
     assert json.loads((out / "manifest.json").read_text())["elements"] == {"1": 2 * n_oxygen, "8": n_oxygen}

@@ -59,7 +59,7 @@ def assert_manifest_matches_disk(manifest: dict) -> None:
     for split, summary in manifest["splits"].items():
         assert summary["samples"] == sum(s["samples"] for s in manifest["shards"] if s["split"] == split)
     t = manifest["totals"]
-    assert t["frames_read"] == t["samples_written"] + t["quarantined"]
+    assert t["frames_read"] == t["samples_written"] + t["quarantined"] + t["duplicates"]
     assert t["samples_written"] == sum(s["samples"] for s in manifest["shards"])
 
 
@@ -144,7 +144,7 @@ def test_bad_frames_are_quarantined_and_totals_reconcile(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert sorted((r["frame"], r["field"]) for r in records) == [(2, "forces"), (5, "energy")]
     assert all(r["reason"] and r["source"] for r in records)
-    assert manifest["totals"] == {"frames_read": 8, "samples_written": 6, "quarantined": 2}
+    assert manifest["totals"] == {"frames_read": 8, "samples_written": 6, "quarantined": 2, "duplicates": 0}
     # unlabelled frames are kept when labels are not required
     relaxed = build_shards([f"train={good}"], tmp_path / "relaxed", use_ray=False, progress=False,
                            require_labels=False)
