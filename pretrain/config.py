@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_shards.config_io import from_dict, to_dict
-from pretrain.transforms import WATER_GROUPINGS
+from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 
 OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")
 ZERO_STAGES = (0, 1, 2)
@@ -20,13 +20,13 @@ PRECISIONS = ("fp32", "bf16")
 # Keys that may change between a checkpoint and its resume without changing the training trajectory.
 RESUME_HARMLESS_KEYS = (
     "train.max_steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-    "train.keep_last", "train.out_dir",
+    "train.keep_last", "train.out_dir", "train.linear_probe",
 )
 # Keys added after checkpoints existed: at their default they stay out of the resume hash, so older
 # checkpoints still resume.
 LATER_KEY_DEFAULTS = {
     "optim.ema_decay": None, "objective.h_mask_p": 0.5, "objective.h_mask_radius": 5.0,
-    "objective.energy_weight": 1.0, "objective.force_weight": 1.0,
+    "objective.energy_weight": 1.0, "objective.force_weight": 1.0, "objective.h_mask_target": "nearest",
 }
 
 
@@ -83,7 +83,8 @@ class ObjectiveConfig:
     pooled_cosine: bool = False     # one pooled cosine over all masked atoms instead of per-atom mean
     water_grouping: str = "ohh"     # how atoms form molecules: "ohh" (stored O,H,H) | "nearest_oxygen"
     h_mask_p: float = 0.5           # hmask: probability that each H is deleted
-    h_mask_radius: float = 5.0      # hmask: Å, atoms this close to a deleted H are flagged
+    h_mask_radius: float = 5.0      # hmask, nearest: Å, atoms this close to a deleted H are flagged
+    h_mask_target: str = "nearest"  # hmask: "nearest" deleted H (atom → H) | "farthest" (H → atom, reference)
     energy_weight: float = 1.0      # supervised: weight of the per-atom energy term
     force_weight: float = 1.0       # supervised: weight of the force term
 
@@ -94,6 +95,8 @@ class ObjectiveConfig:
         _require(self.water_grouping in WATER_GROUPINGS,
                  f"objective.water_grouping {self.water_grouping!r} is not one of {list(WATER_GROUPINGS)}")
         _require(0.0 < self.h_mask_p <= 1.0, f"objective.h_mask_p must be in (0, 1], got {self.h_mask_p}")
+        _require(self.h_mask_target in H_MASK_TARGETS,
+                 f"objective.h_mask_target {self.h_mask_target!r} is not one of {list(H_MASK_TARGETS)}")
         _require(self.h_mask_radius > 0.0, f"objective.h_mask_radius must be > 0 Å, got {self.h_mask_radius}")
         _require(self.energy_weight >= 0 and self.force_weight >= 0 and self.energy_weight + self.force_weight > 0,
                  f"objective.energy_weight and force_weight must be >= 0 and not both 0, got "
@@ -158,6 +161,7 @@ class TrainConfig:
     keep_last: int = 3
     seed: int = 0
     out_dir: str = "runs/pretrain"
+    linear_probe: bool = True       # labelled corpus: log a per-atom energy linear probe at each validation
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")

@@ -1,4 +1,6 @@
-"""The pretraining loop, one process per rank: `python -m pretrain --config run.yaml` (under torchrun).
+"""The pretraining loop, one process per rank: `python -m pretrain --config run.yaml` under torchrun (what
+`maskpot pretrain` runs) or the deepspeed launcher (`deepspeed --num_gpus 2 --module pretrain --config ...`,
+which on CPU needs DS_ACCELERATOR=cpu).
 
 Each optimizer step takes `gradient_accumulation_steps` batches per rank; a batch whose loss is not
 finite on any rank is skipped on every rank. Ranks always consume the same number of batches per epoch,
@@ -46,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", default="auto", help="auto (default) | never | PATH to checkpoints or a tag")
     p.add_argument("--allow-config-change", action="store_true")
+    # the deepspeed launcher passes --local_rank=N unless --no_local_rank; LOCAL_RANK (env) says the same
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -126,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def keep_if_best(state: ckpt.TrainState, val_loss: float, metrics: MetricsLog) -> bool:
+def keep_if_best(state: ckpt.TrainState, validation: dict, metrics: MetricsLog) -> bool:
+    """`validation`: {"val_loss": pretext loss, probe figures when the corpus has labels}."""
+    val_loss = validation["val_loss"]
     improved = val_loss < state.best_val
     if improved:
         state.best_val, state.best_step = val_loss, state.step
-    metrics.validation(state, val_loss)
+    metrics.validation(state, validation)
     return improved
 
 
@@ -156,18 +162,20 @@ def make_transform(cfg: PretrainConfig, seed: int):
     if o.kind == "denoise":
         return T.Denoising(o.noise_sigma, seed)
     if o.kind == "hmask":
-        return T.HydrogenMasking(o.h_mask_p, seed, radius=o.h_mask_radius)
+        return T.HydrogenMasking(o.h_mask_p, seed, radius=o.h_mask_radius, target=o.h_mask_target)
     if o.kind == "supervised":
         return None
     return T.MaskDenoise(o.mask_ratio, o.noise_sigma, seed, grouping=o.water_grouping)
 
 
-def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, seed: int | None = None):
+def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, seed: int | None = None,
+                pretext: bool = True):
+    """Batches of `split`; pretext=False: untransformed, labels kept (the linear probe)."""
     d = cfg.data
     seed = cfg.train.seed if seed is None else seed
     return ShardStream(d.manifest_dir, split, d.batch_size, cfg.model.cutoff, rank=rank, world_size=world_size,
                        num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer if split == d.train_split else 0,
-                       seed=seed, transform=make_transform(cfg, seed), limit=d.limit)
+                       seed=seed, transform=make_transform(cfg, seed) if pretext else None, limit=d.limit)
 
 
 def agreed_signal(signum: int | None) -> int:
@@ -264,15 +272,22 @@ def train_step(engine, cfg: PretrainConfig, batches: LockstepBatches, state: ckp
 
 
 def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: int):
-    """A callable engine → mean validation pretext loss, or None when validation is off."""
+    """A callable engine → {"val_loss": mean validation pretext loss, linear-probe figures (labelled data,
+    train.linear_probe)}, or None when validation is off."""
     split = cfg.data.val_split
     if not cfg.train.val_every or not split or not manifest.get("splits", {}).get(split, {}).get("samples"):
         if rank == 0 and cfg.train.val_every:
             log.warning("no validation: split %r is empty or absent; exporting the final weights", split)
         return None
     stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
+    probe = None
+    if cfg.train.linear_probe and manifest.get("labelled"):
+        from pretrain.probe import make_probe
 
-    def validate(engine, ema: WeightEMA | None = None) -> float:
+        probe = make_probe(make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1, pretext=False),
+                           cfg.train.val_batches, sorted(int(z) for z in manifest.get("elements", {})))
+
+    def validate(engine, ema: WeightEMA | None = None) -> dict:
         if ema is not None:
             with ema.swapped_in(engine):
                 return validate(engine)
@@ -286,8 +301,11 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
                 break
             total += torch.tensor([pretext_loss(cfg, engine, batch).detach().item(), 1.0], dtype=torch.float64)
         dist.all_reduce(total)
+        result = {"val_loss": total[0].item() / max(total[1].item(), 1.0)}
+        if probe is not None:
+            result.update(probe(engine))
         engine.train()
-        return total[0].item() / max(total[1].item(), 1.0)
+        return result
 
     return validate
 
@@ -337,9 +355,8 @@ class MetricsLog:
                      "structures_per_s": steps_per_s * self.structures_per_step})
         self.losses, self.seconds = [], 0.0
 
-    def validation(self, state: ckpt.TrainState, val_loss: float) -> None:
-        self._write({"step": state.step, "val_loss": val_loss, "best_val": state.best_val,
-                     "best_step": state.best_step})
+    def validation(self, state: ckpt.TrainState, validation: dict) -> None:
+        self._write({"step": state.step, **validation, "best_val": state.best_val, "best_step": state.best_step})
 
     def preempted(self, state: ckpt.TrainState, signum: int) -> None:
         self._write({"step": state.step, "preempted": True, "signal": signum})

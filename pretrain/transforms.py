@@ -16,6 +16,7 @@ from data_shards.frame import FrameError
 PER_ATOM_FIELDS = (K.SPECIES, K.POSITIONS, K.FORCES, K.MASK_FLAG, K.MASK_TARGET, K.NOISE_TARGET)
 LABEL_FIELDS = (K.ENERGY, K.FORCES)
 WATER_GROUPINGS = ("ohh", "nearest_oxygen")
+H_MASK_TARGETS = ("nearest", "farthest")
 OXYGEN, HYDROGEN = 8, 1
 
 
@@ -148,17 +149,20 @@ class WaterMasking:
 class HydrogenMasking:
     """Masking for general molecules (rMD17 setting): each H is deleted with probability `p`.
 
-    Documented variant of the reference: every remaining atom with a deleted H within `radius` Å is
-    flagged, its target the unit vector to the *nearest* deleted H (minimum image). At least one H is
-    deleted per frame.
+    `target="nearest"` (documented variant, default): every remaining atom with a deleted H within `radius`
+    Å is flagged, its target the unit vector from it to the *nearest* deleted H (minimum image).
+    `target="farthest"` (the reference code): every remaining atom is flagged, its target the unit vector
+    from the *farthest* deleted H to the atom; `radius` is not used. At least one H is deleted per frame.
     """
 
-    def __init__(self, p: float = 0.5, seed: int = 0, radius: float = 5.0):
+    def __init__(self, p: float = 0.5, seed: int = 0, radius: float = 5.0, target: str = "nearest"):
         if not 0.0 < p <= 1.0:
             raise ValueError(f"H deletion probability must be in (0, 1], got {p}")
         if not radius > 0:
             raise ValueError(f"radius must be > 0 Å, got {radius}")
-        self.p, self.seed, self.radius = float(p), int(seed), float(radius)
+        if target not in H_MASK_TARGETS:
+            raise ValueError(f"hydrogen masking target {target!r} is not one of {list(H_MASK_TARGETS)}")
+        self.p, self.seed, self.radius, self.target = float(p), int(seed), float(radius), target
 
     def __call__(self, sample: dict, epoch: int) -> dict:
         species = np.asarray(sample[K.SPECIES])
@@ -178,12 +182,19 @@ class HydrogenMasking:
         diff = (pos[deleted][None, :, :] - pos[remaining][:, None, :]).reshape(-1, 3)
         diff = minimum_image(diff, sample[K.CELL], sample[K.PBC]).reshape(len(remaining), len(deleted), 3)
         dist = np.linalg.norm(diff, axis=-1)
-        nearest = np.argmin(dist, axis=1)
-        near = dist[np.arange(len(remaining)), nearest] < self.radius
+        rows = np.arange(len(remaining))
+        if self.target == "nearest":
+            chosen = np.argmin(dist, axis=1)
+            flagged = dist[rows, chosen] < self.radius
+            vectors = diff[rows, chosen]
+        else:
+            chosen = np.argmax(dist, axis=1)
+            flagged = np.ones(len(remaining), dtype=bool)
+            vectors = -diff[rows, chosen]  # from the deleted H to the atom
         target = np.zeros((len(species), 3))
         flag = np.zeros(len(species), dtype=np.int64)
-        target[remaining[near]] = _unit(diff[np.arange(len(remaining)), nearest][near])
-        flag[remaining[near]] = 1
+        target[remaining[flagged]] = _unit(vectors[flagged])
+        flag[remaining[flagged]] = 1
         return _keep_atoms({**sample, K.MASK_FLAG: flag, K.MASK_TARGET: target}, keep)
 
 
