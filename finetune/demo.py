@@ -16,8 +16,6 @@ from pathlib import Path
 
 import yaml
 
-from data_shards.build import build_shards
-from data_shards.tip3p import generate_tip3p
 
 
 @dataclass(frozen=True)
@@ -89,6 +87,9 @@ def _banner(text: str) -> None:
 
 
 def stage_shards(out: Path, scale: DemoScale, args) -> tuple[Path, Path]:
+    from data_shards.build import build_shards
+    from data_shards.tip3p import generate_tip3p
+
     # labelled shards and finetune runs are named by their label source, so runs on TIP3P and on DFT
     # labels can share one folder (and one pretrained export)
     corpus_dir = out / "shards" / "corpus"

@@ -11,14 +11,10 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-import torch
-from tqdm import tqdm
-
 from data_shards import keys as K
 from data_shards.frame import Frame, FrameError
-from data_shards.graph import collate, sample_to_data
-from finetune import metrics as M
-from finetune import plots
+
+# torch, the graph code and plotting are imported where used: `maskpot --help` stays fast
 
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
@@ -33,6 +29,9 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
+    from tqdm import tqdm
+
+    from data_shards.graph import collate, sample_to_data
     from data_shards.readers import count_frames, iter_frames
 
     total = count_frames(path, fmt)
@@ -65,6 +64,8 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
+    from finetune import metrics as M
+
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]), ("energy MAE", "meV/atom", figures[M.ENERGY_MAE]),
             ("force RMSE", "meV/Å", figures[M.FORCE_RMSE]), ("force MAE", "meV/Å", figures[M.FORCE_MAE])]
@@ -79,6 +80,10 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
                    device: str = "cpu") -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
+    import torch
+
+    from finetune import metrics as M
+    from finetune import plots
     from pretrain.export import load_export
 
     if batch_size < 1:

@@ -11,18 +11,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from ase import Atoms, units
-from ase.geometry import get_distances
-from ase.io import read, write
-from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import Stationary, thermalize_momenta
-from ase.md.verlet import VelocityVerlet
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
-from finetune.calculator import MaskpotCalculator
+import numpy as np
+
+if TYPE_CHECKING:
+    from ase import Atoms
+
+    from finetune.calculator import MaskpotCalculator
+
+# ase, matplotlib and the calculator (torch) are imported where used: `maskpot --help` stays fast
 
 ENSEMBLES = ("langevin", "nve")
 OXYGEN = 8
@@ -57,6 +55,8 @@ class MDConfig:
 
 def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     """Frame `index` of anything the readers understand (extxyz, DeePMD, …) as ASE Atoms."""
+    from ase import Atoms
+
     from data_shards.readers import count_frames, iter_frames
 
     total = count_frames(path, fmt)
@@ -71,6 +71,13 @@ def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
 
 def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path) -> dict:
     """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures."""
+    from ase import units
+    from ase.io import write
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+    from ase.md.verlet import VelocityVerlet
+    from tqdm import tqdm
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".log")
@@ -127,6 +134,9 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
     Returns (bin centres in Å, g). r_max must not exceed half the smallest perpendicular box width.
     """
+    from ase.geometry import get_distances
+    from ase.io import read
+
     frames = read(trajectory, index=":") if isinstance(trajectory, (str, Path)) else list(trajectory)
     if not frames:
         raise ValueError("rdf_oo: the trajectory has no frames")
@@ -156,6 +166,9 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
 
 def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     path = Path(path)
     fig = Figure(figsize=(5, 4))
     FigureCanvasAgg(fig)
@@ -194,6 +207,8 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from finetune.calculator import MaskpotCalculator
+
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
                    args.seed, args.skin, args.dtype)
     atoms = load_structure(args.structure, args.format, args.frame)

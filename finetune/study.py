@@ -21,9 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from data_shards.build import build_shards
 from data_shards.config_io import parse_dotted_overrides, to_dict
-from data_shards.tip3p import generate_tip3p
 from finetune.study_config import ETHANOL_VARIANTS, VARIANTS, StudyConfig, load_study
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
@@ -141,6 +139,9 @@ def _banner(text: str) -> None:
 
 
 def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
+    from data_shards.build import build_shards
+    from data_shards.tip3p import generate_tip3p
+
     c = cfg.corpus
     shards = out / "shards" / "corpus"
     if not (shards / "manifest.json").is_file():
@@ -154,6 +155,8 @@ def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
+    from data_shards.build import build_shards
+
     shards = out / "shards" / "dft_water"
     if not (shards / "manifest.json").is_file():
         root = Path(cfg.dft_water.path)
@@ -171,6 +174,9 @@ def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
+    from data_shards.build import build_shards
+    from data_shards.tip3p import generate_tip3p
+
     shards = out / "shards" / "tip3p_labels"
     if not (shards / "manifest.json").is_file():
         c = cfg.corpus
@@ -254,6 +260,8 @@ def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants
 
 
 def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
+    from data_shards.build import build_shards
+
     e = cfg.ethanol
     shards = out / "shards" / "ethanol"
     root = Path(e.path)

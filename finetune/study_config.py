@@ -12,7 +12,6 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import ConfigError, from_dict, merge
-from pretrain.models import MODELS
 
 # variant name → pretraining objective (None: no pretraining, the baseline)
 VARIANTS = {"scratch": None, "denoise": "denoise", "mask": "mask", "mask+denoise": "mask+denoise"}
@@ -149,6 +148,8 @@ class StudyConfig:
     ethanol: EthanolSetting = field(default_factory=EthanolSetting)
 
     def __post_init__(self):
+        from pretrain.models import MODELS  # torch: only when a config is built, not for `maskpot --help`
+
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
         _require(bool(self.models), "models: name at least one model")

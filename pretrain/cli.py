@@ -6,8 +6,6 @@ import os
 import subprocess
 import sys
 
-import torch
-
 from data_shards.config_io import load_config, parse_dotted_overrides
 from data_shards.manifest import load_manifest
 
@@ -43,6 +41,8 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from pretrain.config import PretrainConfig
 
     if args.nproc < 1:
