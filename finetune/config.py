@@ -6,15 +6,16 @@ files themselves (the manifest's splits, the init export's format_version) run i
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from data_shards.config_io import to_dict
+from data_shards.config_io import from_dict, to_dict
 from data_shards.manifest import SPLITS
-from pretrain.config import ModelConfig
+from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.objectives import LOSS_KINDS
 
 SCHEDULES = ("cosine", "constant")
@@ -25,7 +26,7 @@ URI_FORMS = ("sqlite:///ABSOLUTE/PATH.db", "http://HOST:PORT", "https://HOST[:PO
              "postgresql://USER@HOST/DB (also mysql, mssql)")
 
 __all__ = ["FinetuneConfig", "DataConfig", "ModelConfig", "OptimConfig", "LossConfig", "TrainConfig",
-           "TrackingConfig", "AdaptConfig", "check_tracking_uri", "flatten_config"]
+           "TrackingConfig", "AdaptConfig", "ReplayConfig", "check_tracking_uri", "flatten_config"]
 
 
 def _require(ok: bool, message: str) -> None:
@@ -194,6 +195,34 @@ class AdaptConfig:
 
 
 @dataclass
+class ReplayConfig:
+    """Pretraining structures mixed into every finetuning step with their pretext loss (finetune.replay)."""
+    manifest_dir: str | None = None     # the pretraining corpus (folder holding manifest.json); null = off
+    split: str = "train"
+    fraction: float = 0.25              # replay structures per step = round(fraction · data.batch_size)
+    weight: float = 0.1                 # loss = energy/force loss + weight · pretext loss
+    objective: dict = field(default_factory=dict)  # pretrain `objective:` keys; no kind: init lineage's, else mask
+
+    def __post_init__(self):
+        _require(self.manifest_dir is None or bool(self.manifest_dir),
+                 "replay.manifest_dir must be the pretraining corpus's folder (manifest.json) or null (off)")
+        _check_split("replay.split", self.split, allow_empty=False)
+        _require(0 < self.fraction < math.inf, f"replay.fraction must be a finite number > 0, got {self.fraction}")
+        _require(0 < self.weight < math.inf, f"replay.weight must be a finite number > 0 (turn replay off with "
+                                             f"replay.manifest_dir: null), got {self.weight}")
+        _require(self.objective.get("kind") != "supervised",
+                 "replay.objective.kind 'supervised' is not a pretext task; use one of "
+                 "['mask', 'denoise', 'mask+denoise', 'hmask']")
+        self.objective_config(self.objective.get("kind") or "mask")   # unknown keys, bad values fail here
+
+    def objective_config(self, kind: str) -> ObjectiveConfig:
+        return from_dict(ObjectiveConfig, {**self.objective, "kind": kind}, "replay.objective")
+
+    def batch_size(self, data_batch_size: int) -> int:
+        return math.floor(self.fraction * data_batch_size + 0.5)
+
+
+@dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # ignored (with a note) when `init` is set
@@ -203,6 +232,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
 
     def __post_init__(self):
         _require(self.init is None or bool(self.init),
@@ -212,6 +242,10 @@ class FinetuneConfig:
                      "pretrained backbone): from scratch a frozen backbone stays random; set it to 0")
             _require(not self.adapt.reinit_heads, "adapt.reinit_heads needs `init`: from scratch the heads are "
                      "freshly initialised anyway; set it to false")
+        if self.replay.manifest_dir is not None:
+            _require(self.replay.batch_size(self.data.batch_size) >= 1,
+                     f"replay.fraction {self.replay.fraction} of data.batch_size {self.data.batch_size} rounds to 0 "
+                     f"replay structures per step; raise it to at least {0.5 / self.data.batch_size:g}")
 
 
 def flatten_config(cfg: Any, prefix: str = "") -> dict[str, Any]:

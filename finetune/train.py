@@ -8,7 +8,8 @@ AdamW with warm-up and cosine decay; the loss is `energy_force_loss` on per-atom
 the weights with the lowest validation force RMSE are kept (a worse evaluation never replaces them),
 evaluated on the test split, exported to OUT_DIR/export and logged to MLflow. `train.early_stopping_patience`
 ends training after that many validations without a new best; `adapt:` (finetune.adapt) freezes the
-backbone, sets per-part learning rates, re-initialises the heads, handles elements new to the export.
+backbone, sets per-part learning rates, re-initialises the heads, handles elements new to the export;
+`replay:` (finetune.replay) adds the pretext loss of pretraining structures to every step.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from data_shards.stream import ShardStream
 from finetune import adapt as A
 from finetune import metrics as M
 from finetune import plots
+from finetune import replay as R
 from finetune.config import FinetuneConfig, flatten_config
 from finetune.tracking import Tracker
 from pretrain.engine import lr_factor
@@ -58,6 +60,7 @@ class Inputs:
     init_sha256: str | None
     test_split: str          # "" when there is nothing to test on
     new_species: list[int]   # elements of the data the init export has no species for (allowed by config)
+    replay: R.ReplayPlan | None = None
 
 
 def check_inputs(cfg: FinetuneConfig) -> Inputs:
@@ -86,7 +89,8 @@ def check_inputs(cfg: FinetuneConfig) -> Inputs:
         init_meta = read_init_meta(cfg.init)   # missing files, newer format_version: clear errors here
         init_sha = file_sha256(weights_file(cfg.init))
         new_species = A.check_new_species(manifest["elements"], init_meta, cfg.init, cfg.adapt.allow_new_species)
-    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split, new_species)
+    replay = R.check_replay(cfg, init_meta) if cfg.replay.manifest_dir is not None else None
+    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split, new_species, replay)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -223,6 +227,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
            if t.ema_decay else None)
     scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
     energy_scale = float(model.energy_scale)
+    replay = R.Replay(cfg, inputs.replay, arch["cutoff"]) if inputs.replay is not None else None
     best, history, train_curve = Best(), [], []
     nonfinite_run = skipped = 0
     last_step, stopped_early = t.max_steps, False
@@ -252,7 +257,9 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
                                  batch[K.NATOMS], cfg.loss.energy_weight, cfg.loss.force_weight,
                                  cfg.loss.kind, energy_scale, cfg.loss.huber_delta)
-        if not torch.isfinite(loss):
+        replay_loss = replay.loss(model, device) if replay is not None else None
+        total = loss if replay_loss is None else loss + cfg.replay.weight * replay_loss
+        if not torch.isfinite(total):
             skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
             log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
             if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
@@ -261,7 +268,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
             continue
         nonfinite_run = 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         if cfg.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]   # optim.lr · schedule
@@ -270,7 +277,10 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         if ema is not None:
             ema.update_parameters(model)
         train_curve.append((step, loss.item()))
-        tracker.log_metrics({"train/loss": loss.item(), "train/lr": lr}, step)
+        logged = {"train/loss": loss.item(), "train/lr": lr}
+        if replay is not None:
+            logged["train/replay_loss"] = replay.record(replay_loss)
+        tracker.log_metrics(logged, step)
         bar.set_postfix(loss=f"{loss.item():.4g}",
                         val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å", refresh=False)
         bar.update(1)  # one redraw per step
@@ -323,6 +333,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         "export_dir": str(export_dir), "device": str(device), "ema_decay": t.ema_decay,
         "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
                   "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
+        "replay": replay.summary() if replay is not None else None,
     }
 
 
