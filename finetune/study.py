@@ -253,10 +253,16 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
 
 def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants: list[str], budgets: list[int],
                exports: dict) -> list[FinetuneJob]:
-    return [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed,
+    jobs = [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed,
                             exports.get((model, variant)))
             for model, params in cfg.models.items() for variant in variants
             for budget in budgets for seed in cfg.seeds]
+    if cfg.finetune.replay:  # replay the corpus with the variant's own pretext objective
+        corpus = str(out / "shards" / "corpus")
+        for job in jobs:
+            if job.config["init"]:
+                job.config["replay"] = {"manifest_dir": corpus, **cfg.finetune.replay}
+    return jobs
 
 
 def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:

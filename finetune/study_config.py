@@ -77,6 +77,8 @@ class FinetuneStageConfig:
     jobs: int = 2                       # finetunes run side by side, each with cores // jobs threads
     adapt: dict = field(default_factory=dict)  # FinetuneConfig `adapt` section for pretrained variants only
                                                # (e.g. {backbone_lr_mult: 0.25}); scratch has nothing to adapt
+    replay: dict = field(default_factory=dict)  # FinetuneConfig `replay` section for pretrained water variants,
+                                                # e.g. {weight: 0.1, fraction: 0.25}; manifest_dir = the corpus
 
     def __post_init__(self):
         _positive("finetune.steps/batch_size/eval_every/jobs",
