@@ -240,7 +240,8 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         history.append({"step": step, **M.without_arrays(figures), "best": improved})
         tracker.log_metrics({"val/energy_rmse_mev_per_atom": figures[M.ENERGY_RMSE],
                              "val/force_rmse_mev_per_a": figures[M.FORCE_RMSE],
-                             "val/best_force_rmse_mev_per_a": best.force_rmse}, step)
+                             "val/best_force_rmse_mev_per_a": best.force_rmse, **system_metrics(started, step)},
+                            step)
         tracker.flush()
         bar.set_postfix(loss=f"{train_curve[-1][1]:.4g}" if train_curve else "-",
                         val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
@@ -349,6 +350,15 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
                     "init_sha256": inputs.init_sha256, "init_lineage": init_lineage or None},
     }
     return save_export(model, out_dir / EXPORT_DIR, meta)
+
+
+def system_metrics(started: float, step: int) -> dict:
+    """Cheap process figures logged with each validation (MLflow `system/*`)."""
+    import resource
+
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"system/peak_rss_mb": peak_kib / 1024.0, "system/steps_per_s": step / elapsed}
 
 
 def _json(data) -> str:

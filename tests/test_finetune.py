@@ -207,6 +207,9 @@ def test_finetune_from_scratch_keeps_and_exports_the_best_model(water_shards, tm
     run = client.get_run(tracking["run_id"])
     assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == "0.01"
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 40
+    rss = client.get_metric_history(run.info.run_id, "system/peak_rss_mb")
+    assert len(rss) == len(results["history"]) and all(100 < m.value < 50_000 for m in rss)
+    assert client.get_metric_history(run.info.run_id, "system/steps_per_s")[-1].value > 0
     assert run.data.tags["maskpot.manifest_sha256"] == results["manifest_sha256"]
     artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
     assert artifacts.is_relative_to(out.resolve()), "default store keeps artifacts inside out_dir"
