@@ -21,6 +21,7 @@ histogram, periodicity) is summed in the same pass.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,11 @@ MAX_RETRIES = 3        # a chunk whose worker dies is rerun this many times
 OBJECT_STORE_BYTES = 256 * 1024**2
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 AUTO_SPLIT = "by_fraction"
+# how inputs without a split= prefix are divided (see `plan`)
+SPLIT_BY = {"frames": "contiguous blocks of each input by split_fractions (neighbouring frames stay together)",
+            "input": "whole inputs - files, and each system of a DeePMD folder - assigned to splits by "
+                     "split_fractions of the frames, in an order fixed by split_seed (no trajectory, seed or "
+                     "system is ever in two splits)"}
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +73,8 @@ class BuildConfig:
     use_ray: bool = True
     stats_cutoff: float = DEFAULT_STATS_CUTOFF
     units: str | None = None
+    split_by: str = "frames"   # "frames": contiguous blocks of every input; "input": whole inputs (groups)
+    split_seed: int = 0        # with split_by "input": which groups land in which split
 
     def __post_init__(self):
         if not self.inputs:
@@ -83,6 +91,8 @@ class BuildConfig:
         if not self.stats_cutoff > 0:
             raise ValueError(f"stats_cutoff must be > 0 Å, got {self.stats_cutoff}")
         check_units_name(self.units)
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
 
     @property
     def chunk_options(self) -> ChunkOptions:
@@ -118,18 +128,55 @@ def split_ranges(frames: int, fractions: tuple[float, ...]) -> dict[str, tuple[i
     return {s: (bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
 
 
-def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
-    """Inputs in the given order, each cut into its split blocks and those into ≤ shard_size chunks."""
-    specs, chunks = [], []
+def assign_groups(specs: list[InputSpec], fractions: tuple[float, ...], seed: int) -> dict[str, str]:
+    """{input path: split} for whole inputs: largest first, equal sizes in the order of sha256(seed, path as
+    given), each goes to the split furthest below its target share of the frames (relative to the target),
+    so that sizes, not counts, fill the fractions and a few groups still reach every split with a non-zero
+    fraction. A pure function of paths, sizes and seed."""
+    total = sum(s.frames for s in specs)
+    targets = {name: f * total for name, f in zip(SPLITS, fractions)}
+    filled = dict.fromkeys(SPLITS, 0)
+    order = sorted(specs, key=lambda s: (-s.frames, hashlib.sha256(f"{seed}:{s.path}".encode()).hexdigest(),
+                                         s.path))
+    assigned = {}
+    for spec in order:
+        open_splits = [name for name in SPLITS if targets[name] > 0]
+        split = max(open_splits, key=lambda n: ((targets[n] - filled[n]) / targets[n], -SPLITS.index(n)))
+        assigned[spec.path] = split
+        filled[split] += spec.frames
+    empty = [n for n in SPLITS if targets[n] > 0 and not filled[n]]
+    if empty:
+        log.warning("split_by input: %d group(s) cannot fill every split; %s got none (fractions %s)",
+                    len(specs), empty, list(fractions))
+    return assigned
+
+
+def _input_specs(cfg: BuildConfig) -> list[InputSpec]:
+    specs = []
     for text in cfg.inputs:
         path, split = parse_input(text)
         fmt = readers.detect_format(path)
-        spec = InputSpec(path, fmt, readers.count_frames(path, fmt), split)
-        specs.append(spec)
-        ranges = {split: (0, spec.frames)} if split else split_ranges(spec.frames, cfg.split_fractions)
+        paths = [path]
+        if cfg.split_by == "input" and fmt == "deepmd":  # each system of a DeePMD folder is its own group
+            from data_shards.readers.deepmd import find_systems
+            paths = [str(p) for p in find_systems(Path(path))]
+        specs += [InputSpec(p, fmt, readers.count_frames(p, fmt), split) for p in paths]
+    if cfg.split_by == "input":
+        groups = assign_groups([s for s in specs if s.split is None], cfg.split_fractions, cfg.split_seed)
+        specs = [s if s.split else dataclasses.replace(s, split=groups[s.path]) for s in specs]
+    return specs
+
+
+def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
+    """Inputs in the given order, each cut into its split blocks and those into ≤ shard_size chunks.
+    `split_by` "input" gives every input without a split= prefix a whole split (`assign_groups`)."""
+    specs, chunks = _input_specs(cfg), []
+    for spec in specs:
+        ranges = {spec.split: (0, spec.frames)} if spec.split else split_ranges(spec.frames, cfg.split_fractions)
         for split_name, (start, stop) in ranges.items():
             for lo in range(start, stop, cfg.shard_size):
-                chunks.append(Chunk(len(chunks), path, fmt, split_name, lo, min(stop, lo + cfg.shard_size)))
+                chunks.append(Chunk(len(chunks), spec.path, spec.fmt, split_name, lo,
+                                    min(stop, lo + cfg.shard_size)))
     return specs, chunks
 
 
@@ -210,6 +257,7 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
         "schema_version": SCHEMA_VERSION,
         "maskpot_version": _version(),
         "build": {"shard_size": cfg.shard_size, "split_fractions": list(cfg.split_fractions),
+                  "split_by": cfg.split_by, "split_seed": cfg.split_seed,
                   "require_labels": cfg.require_labels, "units": cfg.units, "stats_cutoff": cfg.stats_cutoff},
         "inputs": [{"path": s.path, "format": s.fmt, "frames": s.frames, "split": s.split or AUTO_SPLIT,
                     "ranges": {k: list(v) for k, v in
@@ -242,15 +290,18 @@ def _remove_stale(out_dir: Path, keep: set[str], keep_sidecars: set[str]) -> Non
 def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
                  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), ray_address: str | None = None,
                  num_cpus: int | None = None, require_labels: bool = True, progress: bool = True,
-                 use_ray: bool = True, stats_cutoff: float = DEFAULT_STATS_CUTOFF, units: str | None = None) -> dict:
+                 use_ray: bool = True, stats_cutoff: float = DEFAULT_STATS_CUTOFF, units: str | None = None,
+                 split_by: str = "frames", split_seed: int = 0) -> dict:
     """Build shards + manifest.json + quarantine.jsonl in `out_dir`; returns the loaded manifest.
 
     `use_ray=False` runs the same chunk tasks one after another in this process (small builds, tests).
     `stats_cutoff` (Å) is the radius of the manifest's mean neighbour count; `units` ("angstrom_ev" |
-    "bohr_hartree" | None = each format's default) the units the inputs are in.
+    "bohr_hartree" | None = each format's default) the units the inputs are in. `split_by` (SPLIT_BY)
+    and `split_seed` say how inputs without a split= prefix are divided between train, val and test.
     """
     cfg = BuildConfig(tuple(str(i) for i in inputs), str(out_dir), shard_size, tuple(split_fractions),
-                      ray_address, num_cpus, require_labels, progress, use_ray, stats_cutoff, units)
+                      ray_address, num_cpus, require_labels, progress, use_ray, stats_cutoff, units, split_by,
+                      split_seed)
     specs, chunks = plan(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,8 @@ def _build(args) -> int:
     manifest = build_shards(args.inputs, args.out, shard_size=args.shard_size,
                             split_fractions=tuple(args.split_fractions), ray_address=args.ray_address,
                             num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial,
-                            stats_cutoff=args.stats_cutoff, units=args.units)
+                            stats_cutoff=args.stats_cutoff, units=args.units, split_by=args.split_by,
+                            split_seed=args.split_seed)
     splits = ", ".join(f"{s} {manifest['splits'][s]['samples']}" for s in SPLITS)
     totals = manifest["totals"]
     print(f"wrote {len(manifest['shards'])} shards ({splits} samples) to {manifest[MANIFEST_DIR]}; "
@@ -153,6 +154,13 @@ def _add_shards(subparsers) -> None:
     b.add_argument("--split-fractions", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of each unprefixed input for train, val, test; must sum to 1 "
                         "(default: 0.8 0.1 0.1)")
+    b.add_argument("--split-by", choices=["frames", "input"], default="frames",
+                   help="how unprefixed inputs are divided: frames = contiguous blocks of every input; input = "
+                        "whole inputs (each file, and each system of a DeePMD folder, e.g. one trajectory or "
+                        "seed) go to one split, filling the fractions of all frames (default: frames)")
+    b.add_argument("--split-seed", type=int, default=0,
+                   help="with --split-by input: the seed of the order in which inputs fill the splits; the "
+                        "assignment is a pure function of the input paths as given, their sizes and this (default: 0)")
     b.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster at HOST:PORT (from `ray start --head`); "
                         "default: start a local Ray runtime in this process")

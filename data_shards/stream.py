@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch_geometric.data import Batch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from data_shards import equal_batches
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
 from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
@@ -63,6 +64,7 @@ class StreamConfig:
     drop_last: bool = False
     max_atoms: int | None = None
     verify: str = "off"
+    equal_batches: bool = False
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -280,15 +282,16 @@ class ShardStream:
     (http(s) prefix, folder, or a template such as `pipe:cat /data/{name}`). `max_atoms` also closes a batch
     before its atom total would exceed the budget. `verify` ("off" | "skip" | "fatal") checks each shard's
     sha256 before its samples are used. `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
+    `equal_batches` ends every rank's epoch at the same batch count (data_shards.equal_batches).
     """
 
     def __init__(self, manifest_dir, split: str, batch_size: int, cutoff: float, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0,
                  transform: Transform | None = None, dtype: torch.dtype = torch.float32,
                  limit: int | None = None, drop_last: bool = False, max_atoms: int | None = None,
-                 verify: str = "off", base_url: str | None = None):
+                 verify: str = "off", base_url: str | None = None, equal_batches: bool = False):
         self.cfg = StreamConfig(split, batch_size, cutoff, rank, world_size, num_workers, shuffle_buffer, seed,
-                                limit, drop_last, max_atoms, verify)
+                                limit, drop_last, max_atoms, verify, equal_batches)
         self.manifest = load_stream_manifest(manifest_dir, base_url)
         self.work = plan_work(self.manifest, split, limit)
         self.transform, self.dtype, self.epoch = transform, dtype, 0
@@ -384,10 +387,25 @@ class ShardStream:
         dataset = _SlotDataset(self.work, self.cfg, self.epoch, self.transform, self.dtype, self._layout,
                                dict(self._offsets))
         if self.cfg.num_workers == 0:
-            return self._count(iter(dataset))
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            collate_fn=_pass_through, persistent_workers=False)
-        return self._count(iter(loader))
+            pairs = iter(dataset)
+        else:
+            pairs = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                    collate_fn=_pass_through, persistent_workers=False))
+        if not self.cfg.equal_batches or self.cfg.world_size == 1:
+            return self._count(pairs)
+        if equal_batches.process_group_ready():
+            return self._count(equal_batches.lockstep(pairs))
+        return self._count(equal_batches.at_most(pairs, self._remaining_batches(), self.batch_counts_exact))
+
+    def _remaining_batches(self) -> list[int]:
+        """Without a process group: every rank's batches left in this epoch, the same on all ranks (they all
+        stopped at the same count); a resumed epoch has handed out ceil(offset / batch) per slot already."""
+        if self._layout.n_slots != self.cfg.n_slots:
+            raise ValueError("equal_batches across a change of world size or workers needs a torch.distributed "
+                             "process group (lockstep): launch with torchrun")
+        size = self._graphs_per_batch()
+        done = sum(math.ceil(self._offsets.get(s, 0) / size) for s in self._rank_slots())
+        return [max(0, n - done) for n in (min(self.batches_per_rank()),)]
 
     def _count(self, pairs: Iterator[tuple[int, Batch]]) -> Iterator[Batch]:
         for slot, batch in pairs:

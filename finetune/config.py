@@ -155,8 +155,11 @@ class TrackingConfig:
     tags: dict = field(default_factory=dict)
     registered_model: str | None = None  # register the export under this name; alias `champion` = best
     parent_run_id: str | None = None    # nest the run under this MLflow run (tag mlflow.parentRunId)
+    retry_every_s: float = 60.0         # while the store is unreachable: probe it at most this often (s)
 
     def __post_init__(self):
+        _require(0 <= self.retry_every_s < math.inf,
+                 f"tracking.retry_every_s must be a finite number of seconds >= 0, got {self.retry_every_s}")
         if self.uri is not None:
             check_tracking_uri(self.uri)
         _require(self.registered_model is None or (bool(self.registered_model.strip())

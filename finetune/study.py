@@ -22,7 +22,9 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import parse_dotted_overrides, to_dict
-from finetune.study_config import ETHANOL_VARIANTS, VARIANTS, StudyConfig, load_study
+from finetune import study_ablation
+from finetune.study_config import (ABLATION_MARK, ETHANOL_VARIANTS, VARIANTS, FinetuneStageConfig,
+                                   PretrainStageConfig, StudyConfig, load_study)
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"
@@ -57,19 +59,35 @@ def add_command(subparsers) -> None:
                    help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")
     p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME",
+                   help="run ablation NAME from the YAML's `ablations` instead of the main grid (repeatable; "
+                        "'all' for every one): only the stages it needs, on DFT water, its runs named "
+                        "VARIANT@NAME in the same run folder; the report gains report/ablations.md")
     p.set_defaults(func=run)
 
 
+def resolve_config_path(path: str) -> Path:
+    """`path`, or for a relative path that is not there, the same path in the source tree (an editable
+    install run from another folder still finds studies/water.yaml)."""
+    p = Path(path)
+    beside_source = Path(__file__).resolve().parents[1] / p
+    return beside_source if not p.exists() and not p.is_absolute() and beside_source.is_file() else p
+
+
 def run(args: argparse.Namespace) -> int:
-    cfg = load_study(args.config, args.scale, parse_dotted_overrides(args.override))
+    cfg = load_study(resolve_config_path(args.config), args.scale, parse_dotted_overrides(args.override))
     out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
+    names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []
     if args.plan:
-        print(describe_plan(cfg, out))
+        print(study_ablation.describe(cfg, names) if names else describe_plan(cfg, out))
         return 0
     from finetune import study_report
 
     if not args.report_only:
-        run_study(cfg, out)
+        if names:
+            study_ablation.run_ablations(cfg, out, names)
+        else:
+            run_study(cfg, out)
     summary = study_report.write_report(out)
     print(summary, flush=True)
     return 0
@@ -188,14 +206,15 @@ def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
 
 
 def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str, params: dict,
-                 objective: dict, steps: int, batch_size: int) -> Path:
-    """One DeepSpeed pretraining (resumed if a checkpoint exists); returns its export folder."""
+                 objective: dict, steps: int, batch_size: int, stage: PretrainStageConfig | None = None) -> Path:
+    """One DeepSpeed pretraining (resumed if a checkpoint exists); returns its export folder.
+    `stage` (default: the study's pretrain section) gives the learning rates, ranks and ZeRO stage."""
     from pretrain.cli import run as run_pretrain
 
     export = run_dir / "export"
     if (export / "model.json").is_file():
         return export
-    p = cfg.pretrain
+    p = stage or cfg.pretrain
     config = {
         "data": {"manifest_dir": str(manifest_dir), "batch_size": batch_size, "shuffle_buffer": 256},
         "model": {"name": model, "params": params},
@@ -218,29 +237,40 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     return export
 
 
+def water_objective(p: PretrainStageConfig, variant: str) -> dict:
+    return {"kind": VARIANTS[variant], "mask_ratio": p.mask_ratio, "noise_sigma": p.noise_sigma}
+
+
 def stage_pretrain_water(cfg: StudyConfig, out: Path, corpus: Path) -> dict[tuple[str, str], Path]:
     exports = {}
     for model, params in cfg.models.items():
         for variant in cfg.pretrain_variants():
-            objective = {"kind": VARIANTS[variant], "mask_ratio": cfg.pretrain.mask_ratio,
-                         "noise_sigma": cfg.pretrain.noise_sigma}
             exports[(model, variant)] = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}", corpus, model,
-                                                     params, objective, cfg.pretrain.steps, cfg.pretrain.batch_size)
+                                                     params, water_objective(cfg.pretrain, variant),
+                                                     cfg.pretrain.steps, cfg.pretrain.batch_size)
     return exports
 
 
 def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Path, model: str, params: dict,
-                    variant: str, budget: int, seed: int, init: Path | None) -> FinetuneJob:
-    f = cfg.finetune
+                    variant: str, budget: int, seed: int, init: Path | None,
+                    stage: FinetuneStageConfig | None = None) -> FinetuneJob:
+    """`stage` (default: the study's finetune section) is the finetune budget; a pretrained water variant
+    replays the corpus with its own pretext objective when the stage has a `replay` section."""
+    f = stage or cfg.finetune
     run_dir = out / "finetune" / setting / f"{model}_{variant}_n{budget}_s{seed}"
     tags = {"study.scale": cfg.scale, "study.setting": setting, "study.model": model, "study.variant": variant,
             "study.budget": budget, "study.seed": seed}
+    if ABLATION_MARK in variant:
+        tags["study.ablation"] = variant.split(ABLATION_MARK, 1)[1]
+    replay = ({"replay": {"manifest_dir": str(out / "shards" / "corpus"), **f.replay}}
+              if init and f.replay and setting != "ethanol" else {})
     config = {
         "data": {"manifest_dir": str(manifest_dir), "train_frames": budget, "batch_size": f.batch_size,
                  "shuffle_buffer": 256, "val_batches": f.val_batches},
         "model": {"name": model, "params": params},
         "init": str(init) if init else None,
         **({"adapt": dict(f.adapt)} if init and f.adapt else {}),
+        **replay,
         "optim": {"lr": f.lr, "warmup_steps": f.warmup_steps, "min_lr": f.min_lr},
         "loss": {"energy_weight": f.energy_weight, "force_weight": f.force_weight},
         "train": {"max_steps": f.steps, "eval_every": f.eval_every, "log_every": max(f.eval_every // 2, 1),
@@ -253,16 +283,10 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
 
 def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants: list[str], budgets: list[int],
                exports: dict) -> list[FinetuneJob]:
-    jobs = [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed,
+    return [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed,
                             exports.get((model, variant)))
             for model, params in cfg.models.items() for variant in variants
             for budget in budgets for seed in cfg.seeds]
-    if cfg.finetune.replay:  # replay the corpus with the variant's own pretext objective
-        corpus = str(out / "shards" / "corpus")
-        for job in jobs:
-            if job.config["init"]:
-                job.config["replay"] = {"manifest_dir": corpus, **cfg.finetune.replay}
-    return jobs
 
 
 def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:

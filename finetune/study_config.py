@@ -6,15 +6,18 @@ Unknown keys are refused with the list of valid ones (data_shards.config_io).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
 from data_shards.config_io import ConfigError, from_dict, merge
 
-# variant name → pretraining objective (None: no pretraining, the baseline)
-VARIANTS = {"scratch": None, "denoise": "denoise", "mask": "mask", "mask+denoise": "mask+denoise"}
+# variant name → pretraining objective (None: no pretraining, the baseline). "supervised" pretrains on the
+# corpus's own TIP3P energies and forces: a reference for what labels, not a pretext task, give.
+VARIANTS = {"scratch": None, "denoise": "denoise", "mask": "mask", "mask+denoise": "mask+denoise",
+            "supervised": "supervised"}
+ABLATION_MARK = "@"   # run folders of an ablation: MODEL_VARIANT@ABLATION_nBUDGET_sSEED
 ETHANOL_VARIANTS = {"scratch": None, "hmask": "hmask", "denoise": "denoise"}
 
 
@@ -84,6 +87,11 @@ class FinetuneStageConfig:
         _positive("finetune.steps/batch_size/eval_every/jobs",
                   [self.steps, self.batch_size, self.eval_every, self.jobs])
         _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
+        from finetune.config import AdaptConfig, ReplayConfig  # the finetune's own checks, before any run starts
+
+        from_dict(AdaptConfig, self.adapt, where="finetune.adapt")
+        if self.replay:
+            from_dict(ReplayConfig, {"manifest_dir": "corpus", **self.replay}, where="finetune.replay")
 
 
 @dataclass
@@ -135,6 +143,30 @@ class EthanolSetting:
 
 
 @dataclass
+class AblationConfig:
+    """One investigation on DFT water: `variants` re-run with changed pretraining and/or finetuning.
+
+    A pretrained variant is pretrained again only when `pretrain` changes something; scratch runs again
+    (as scratch@NAME, the baseline of this ablation) only when `finetune` does, since every compared
+    variant must get the same finetune budget. Results land next to the main runs, tagged @NAME.
+    """
+    variants: list[str] = field(default_factory=lambda: ["mask"])
+    budgets: list[int] = field(default_factory=lambda: [30, 240])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    pretrain: dict = field(default_factory=dict)   # overrides of the study's pretrain section
+    finetune: dict = field(default_factory=dict)   # overrides of the study's finetune section
+    note: str = ""                                 # what the ablation asks, for the report
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in VARIANTS]
+        _require(not bad and bool(self.variants), f"variants: unknown {bad}; valid: {list(VARIANTS)}")
+        _positive("budgets", self.budgets)
+        _require(max(self.budgets, default=0) <= 240, f"budgets: the DFT train split holds 240 frames, "
+                                                       f"got {self.budgets}")
+        _require(bool(self.seeds), "seeds: name at least one")
+
+
+@dataclass
 class StudyConfig:
     experiment: str = "maskpot-study-water"    # one MLflow experiment for every run of the study
     out_dir: str = "runs/study_water"
@@ -148,6 +180,7 @@ class StudyConfig:
     dft_water: DftWaterSetting = field(default_factory=DftWaterSetting)
     tip3p: Tip3pSetting = field(default_factory=Tip3pSetting)
     ethanol: EthanolSetting = field(default_factory=EthanolSetting)
+    ablations: dict = field(default_factory=dict)  # name → AblationConfig mapping (`--ablation NAME`)
 
     def __post_init__(self):
         from pretrain.models import MODELS  # torch: only when a config is built, not for `maskpot --help`
@@ -161,6 +194,21 @@ class StudyConfig:
                                              "pretrained variant is compared with)")
         _require(bool(self.seeds) and len(set(self.seeds)) == len(self.seeds),
                  f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
+        bad_names = [n for n in self.ablations if not str(n).replace("_", "").isalnum()]
+        _require(not bad_names, f"ablations: names must be letters, digits and _, got {bad_names}")
+        self.ablations = {str(n): a if isinstance(a, AblationConfig) else
+                          from_dict(AblationConfig, a or {}, where=f"ablations.{n}")
+                          for n, a in self.ablations.items()}
+        for name in self.ablations:   # a misspelt key or an impossible value fails now, not an hour in
+            self.ablation_stages(name)
+
+    def ablation_stages(self, name: str) -> tuple[PretrainStageConfig, FinetuneStageConfig]:
+        """The pretrain and finetune sections of ablation `name`: the study's, with its overrides merged."""
+        a = self.ablations[name]
+        return (from_dict(PretrainStageConfig, merge(asdict(self.pretrain), a.pretrain),
+                          where=f"ablations.{name}.pretrain"),
+                from_dict(FinetuneStageConfig, merge(asdict(self.finetune), a.finetune),
+                          where=f"ablations.{name}.finetune"))
 
     def pretrain_variants(self) -> list[str]:
         """Water pretraining runs needed by the DFT and TIP3P settings, in order."""

@@ -17,12 +17,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from finetune import metrics as M
+from finetune.study_config import ABLATION_MARK
 
 RUN_NAME = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>.+)_n(?P<budget>\d+)_s(?P<seed>\d+)$")
 SETTING_TITLES = {"dft_water": "DFT water (DeePMD data_0+1 → test data_3), pretraining on TIP3P",
                   "tip3p": "TIP3P → TIP3P (the paper's setting)",
                   "ethanol": "rMD17 ethanol (generic H-masking on the train positions) → test_MD.xyz"}
-ORDER = ["scratch", "denoise", "mask", "mask+denoise", "hmask"]
+ORDER = ["scratch", "denoise", "mask", "mask+denoise", "supervised", "hmask"]
 
 
 def collect(out: Path) -> list[dict]:
@@ -67,8 +68,20 @@ def _mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([np.mean(by_step[s]) for s in steps])
 
 
+def is_ablation(variant: str) -> bool:
+    return ABLATION_MARK in variant
+
+
+def split_variant(variant: str) -> tuple[str, str | None]:
+    """"mask@lowlr" → ("mask", "lowlr"); "mask" → ("mask", None)."""
+    base, _, name = variant.partition(ABLATION_MARK)
+    return base, name or None
+
+
 def summarize(records: list[dict]) -> dict:
-    """{setting: {"rows": [...], "steps_to_scratch": [...]}} with means, stds and changes vs scratch."""
+    """{setting: {"rows": [...], "steps_to_scratch": [...]}} with means, stds and changes vs scratch
+    (main runs only; ablation runs, VARIANT@NAME, are summarised by `summarize_ablations`)."""
+    records = [r for r in records if not is_ablation(r["variant"])]
     summary = {}
     for (setting,), recs in sorted(_group(records, "setting").items()):
         rows, reach = [], []
@@ -93,12 +106,74 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+def _seed_matched_force(runs: list[dict], seeds: set[int]) -> float:
+    """Mean test force RMSE of `runs` over `seeds` (all of them when none of `seeds` ran)."""
+    matched = [r["force"] for r in runs if r["seed"] in seeds] or [r["force"] for r in runs]
+    return _mean_std(matched)[0] if matched else math.nan
+
+
+def summarize_ablations(records: list[dict]) -> list[dict]:
+    """One row per ablation × model × budget × variant: its test errors, the change against its baseline
+    (scratch@NAME when the ablation re-ran scratch, else the main scratch) over the same seeds, and the same
+    variant without the ablation (main runs, same seeds) for comparison."""
+    by_key = _group(records, "setting", "model", "budget", "variant")
+    rows = []
+    for (setting, model, budget, variant), runs in sorted(by_key.items()):
+        base, name = split_variant(variant)
+        if name is None or base == "scratch":   # main runs, and an ablation's own baseline
+            continue
+        seeds = {r["seed"] for r in runs}
+        own = by_key.get((setting, model, budget, f"scratch{ABLATION_MARK}{name}"))
+        scratch = own or by_key.get((setting, model, budget, "scratch"), [])
+        main = by_key.get((setting, model, budget, base), [])
+        f_mean, f_std = _mean_std([r["force"] for r in runs])
+        e_mean, e_std = _mean_std([r["energy"] for r in runs])
+        base_f = _seed_matched_force(scratch, seeds)
+        main_f = _seed_matched_force(main, seeds) if main else math.nan
+        main_scratch_f = _seed_matched_force(by_key.get((setting, model, budget, "scratch"), []), seeds)
+        rows.append({"ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
+                     "seeds": sorted(seeds), "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
+                     "energy_std": e_std, "baseline": "scratch" + (f"{ABLATION_MARK}{name}" if own else ""),
+                     "baseline_force": base_f, "force_change_vs_baseline_pct": 100.0 * (f_mean / base_f - 1.0),
+                     "without_ablation_force": main_f,
+                     "without_ablation_change_pct": 100.0 * (main_f / main_scratch_f - 1.0)})
+    return rows
+
+
+def ablations_markdown(rows: list[dict], notes: dict[str, str], images: list[str]) -> str:
+    lines = ["# Ablations", "",
+             "Each ablation re-runs some variants with one change; ΔF compares its test force RMSE with its "
+             "baseline over the same seeds (scratch@NAME when the ablation changed the finetune, so that both "
+             "get the same budget; else the main scratch). 'Without': the same variant in the main grid.", "",
+             "| ablation | model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) "
+             "| baseline F (meV/Å) | ΔF vs baseline | without: F (ΔF) |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        without = "—" if not math.isfinite(r["without_ablation_force"]) else \
+            f"{r['without_ablation_force']:.1f} ({r['without_ablation_change_pct']:+.1f}%)"
+        lines.append(f"| {r['ablation']} | {r['model']} | {r['budget']} | {r['variant']} | "
+                     f"{','.join(map(str, r['seeds']))} | {_fmt(r['energy_mean'], r['energy_std'], 2)} | "
+                     f"{_fmt(r['force_mean'], r['force_std'], 1)} | {r['baseline_force']:.1f} ({r['baseline']}) | "
+                     f"{r['force_change_vs_baseline_pct']:+.1f}% | {without} |")
+    lines.append("")
+    lines += [f"- **{name}**: {note}" for name, note in notes.items() if note]
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]
+    return "\n".join(lines)
+
+
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _color(variant: str, i: int) -> str:
+    base, name = split_variant(variant)
+    if name is None:
+        return f"C{ORDER.index(variant) if variant in ORDER else i}"
+    return f"C{len(ORDER) + i % 4}"
 
 
 def plot_learning_curves(records: list[dict], setting: str, model: str, path: Path) -> Path:
@@ -111,7 +186,7 @@ def plot_learning_curves(records: list[dict], setting: str, model: str, path: Pa
         for i, variant in enumerate(_variants(runs)):
             group = [r for r in runs if r["variant"] == variant]
             steps, curve = _mean_curve(group)
-            ax.plot(steps, curve, "-", color=f"C{ORDER.index(variant) if variant in ORDER else i}",
+            ax.plot(steps, curve, "--" if is_ablation(variant) else "-", color=_color(variant, i),
                     label=f"{variant} ({len(group)} seeds)")
         ax.set(title=f"{model}, {budget} labelled frames", xlabel="finetune step",
                ylabel="validation force RMSE (meV/Å)", yscale="log")
@@ -174,6 +249,11 @@ def write_report(out: Path) -> str:
         text = f"# Study results\n\nNo finished finetune runs under {out / 'finetune'} yet.\n"
         (report / "summary.md").write_text(text)
         return text
+    write_ablations(out, records)
+    records = [r for r in records if not is_ablation(r["variant"])]
+    if not records:
+        ablations = report / "ablations.md"
+        return ablations.read_text() if ablations.is_file() else "# Study results\n\nOnly ablation baselines ran.\n"
     summary = summarize(records)
     images: dict[str, list[str]] = defaultdict(list)
     for (setting, model), _ in sorted(_group(records, "setting", "model").items()):
@@ -192,3 +272,29 @@ def write_report(out: Path) -> str:
     (report / "summary.md").write_text(text)
     (report / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return text
+
+
+def write_ablations(out: Path, records: list[dict]) -> None:
+    """report/ablations.md, ablations.json and one learning-curve PNG per ablation (when any ran)."""
+    rows = summarize_ablations(records)
+    if not rows:
+        return
+    report = out / "report"
+    notes = {}
+    study_yaml = out / "study_ablations.yaml"
+    if study_yaml.is_file():
+        import yaml
+
+        notes = {n: (a or {}).get("note", "") for n, a in (yaml.safe_load(study_yaml.read_text()) or {})
+                 .get("ablations", {}).items()}
+    images = []
+    for name in dict.fromkeys(r["ablation"] for r in rows):
+        for (setting, model) in dict.fromkeys((r["setting"], r["model"]) for r in rows if r["ablation"] == name):
+            variants = {r["variant"] for r in rows if r["ablation"] == name}
+            seeds = {s for r in rows if r["ablation"] == name for s in r["seeds"]}
+            mine = [r for r in records if r["seed"] in seeds and (split_variant(r["variant"])[1] == name or
+                    r["variant"] in variants | {"scratch"})]
+            images.append(plot_learning_curves(mine, setting, model,
+                                               report / f"ablation_{name}_{setting}_{model}.png").name)
+    (report / "ablations.md").write_text(ablations_markdown(rows, notes, images))
+    (report / "ablations.json").write_text(json.dumps(rows, indent=2, sort_keys=True))

@@ -2,9 +2,11 @@
 
 Everything logged goes into a journal first (params, tags, metric batches, artifact paths) and is sent
 from there. When the tracking store cannot be reached (a server that is down at the start, or a request
-that fails mid-run) a warning says so once, training goes on, and the unsent part of the journal is
-retried at `finish()`. If it still cannot be sent, it is written to OUT_DIR/mlflow_pending.json and
-`replay_pending(file)` sends it later.
+that fails mid-run) a warning says so, training goes on, and the unsent part of the journal is retried:
+at the next flush at least `retry_every_s` seconds later (a health probe first, so a dead server costs
+milliseconds) and at `finish()`. Once the store answers again everything buffered is sent, in order, and
+a warning says so. If it still cannot be sent at the end, it is written to OUT_DIR/mlflow_pending.json
+and `replay_pending(file)` sends it later.
 
 `register_model` makes the run's exported model a version of a registered model (source: the run's
 `model` artifact folder, no pickled flavour) and points the alias `champion` at the version whose run
@@ -98,6 +100,8 @@ class Tracker:
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self.offline = False
+        self.retry_every_s = cfg.retry_every_s
+        self._offline_since = 0.0       # time.monotonic() of the last failure or probe
         if self.enabled and is_http(self.uri):
             for name, value in HTTP_ENV_DEFAULTS.items():
                 os.environ.setdefault(name, value)
@@ -118,12 +122,22 @@ class Tracker:
         self.pending_metrics += [[k, float(v), ms, int(step)] for k, v in metrics.items()]
 
     def flush(self) -> None:
-        """Move buffered metrics into the journal and send it (unless offline: then at `finish`)."""
+        """Move buffered metrics into the journal and send it (offline: retried every `retry_every_s`)."""
         if self.pending_metrics:
             self.journal.entries.append({"metrics": self.pending_metrics})
             self.pending_metrics = []
+        if self.enabled and self.offline and time.monotonic() - self._offline_since >= self.retry_every_s:
+            self._retry()
         if self.enabled and not self.offline:
             self._send()
+
+    def _retry(self) -> None:
+        """Probe the store; when it answers, go back online (the next `_send` delivers the backlog)."""
+        self._offline_since = time.monotonic()
+        if server_is_up(self.uri):
+            log.warning("MLflow store %s reachable again: sending the %d buffered journal entries", self.uri,
+                        len(self.journal.entries) - self.journal.sent)
+            self.offline = False
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file, or a whole folder (its contents go under `artifact_path`)."""
@@ -134,9 +148,8 @@ class Tracker:
         """Send what is left (retrying once if offline), end the run; returns where it went."""
         self.flush()
         if self.enabled and self.offline:
-            if server_is_up(self.uri):
-                log.warning("MLflow store %s reachable again: sending the buffered run", self.uri)
-                self.offline = False
+            self._retry()
+            if not self.offline:
                 self._send()
             if self.offline:
                 self._write_pending()
@@ -169,8 +182,10 @@ class Tracker:
     def _go_offline(self, reason: str) -> None:
         if not self.offline:
             log.warning("MLflow tracking unavailable (%s); training continues, metrics are buffered and "
-                        "retried at the end (then written to %s)", reason, self.out_dir / PENDING_FILE)
+                        "retried every %g s and at the end (then written to %s if still unreachable)", reason,
+                        self.retry_every_s, self.out_dir / PENDING_FILE)
         self.offline = True
+        self._offline_since = time.monotonic()
 
     def _send(self) -> None:
         try:

@@ -9,13 +9,16 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from test_pretrain import REPO, TINY, tiny_shards  # noqa: F401 - fixture
 
-pytestmark = pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
+# the launcher installed beside this interpreter (CI runs .venv/bin/pytest without activating the venv)
+DEEPSPEED = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or shutil.which("deepspeed")
+pytestmark = pytest.mark.skipif(DEEPSPEED is None, reason="no deepspeed launcher beside python or on PATH")
 
 
 def free_port() -> int:
@@ -25,7 +28,7 @@ def free_port() -> int:
 
 
 def deepspeed_pretrain(shards: Path, out_dir: Path, launcher_args: list[str], env_extra: dict | None = None):
-    cmd = [shutil.which("deepspeed"), *launcher_args, "--master_port", str(free_port()), "--module", "pretrain",
+    cmd = [DEEPSPEED, *launcher_args, "--master_port", str(free_port()), "--module", "pretrain",
            "--config", str(TINY), "--resume", "never", "--override", f"data.manifest_dir={shards}",
            f"train.out_dir={out_dir}", "train.max_steps=2", "train.val_every=2", "train.log_every=1"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")

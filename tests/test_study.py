@@ -36,7 +36,7 @@ def test_small_scale_keeps_one_finetune_budget_and_the_required_budgets():
 @pytest.mark.parametrize("overrides,needle", [
     ({"finetune": {"stepz": 3}}, "valid keys"),
     ({"variants": ["mask", "denoise"]}, "must include 'scratch'"),
-    ({"variants": ["scratch", "maks"]}, "valid: ['scratch', 'denoise', 'mask', 'mask+denoise']"),
+    ({"variants": ["scratch", "maks"]}, "valid: ['scratch', 'denoise', 'mask', 'mask+denoise', 'supervised']"),
     ({"models": {"schnet": {}}}, "registered"),
     ({"dft_water": {"budgets": [30, 500]}}, "240 frames"),
     ({"seeds": [0, 0]}, "distinct"),
@@ -91,10 +91,61 @@ def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
         assert (tmp_path / "report" / png).stat().st_size > 5000
 
 
+def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path):
+    curve = [(0, 900), (100, 100)]
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 140.0, 2.0, curve)   # not a seed of the ablations
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s0", 90.0, 2.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_mask@lowlr_n30_s0", 80.0, 1.0, curve)         # finetune unchanged
+    _fake_run(tmp_path, "dft_water", "egnn_scratch@long_n30_s0", 50.0, 1.0, curve)       # finetune changed
+    _fake_run(tmp_path, "dft_water", "egnn_mask@long_n30_s0", 40.0, 1.0, curve)
+    records = study_report.collect(tmp_path)
+    main = {r["variant"] for r in study_report.summarize(records)["dft_water"]["rows"]}
+    assert main == {"scratch", "mask"}                     # ablation runs stay out of the main table
+    rows = {r["ablation"]: r for r in study_report.summarize_ablations(records)}
+    assert set(rows) == {"lowlr", "long"}
+    low, long = rows["lowlr"], rows["long"]
+    assert low["baseline"] == "scratch" and low["baseline_force"] == pytest.approx(100.0)   # seed 0 only
+    assert low["force_change_vs_baseline_pct"] == pytest.approx(-20.0)
+    assert low["without_ablation_force"] == pytest.approx(90.0)
+    assert low["without_ablation_change_pct"] == pytest.approx(-10.0)
+    assert long["baseline"] == "scratch@long" and long["force_change_vs_baseline_pct"] == pytest.approx(-20.0)
+    text = study_report.write_report(tmp_path)
+    assert "| egnn | 30 | mask | 2 |" not in text   # the main table counts main runs only (1 mask seed)
+    ablations = (tmp_path / "report" / "ablations.md").read_text()
+    assert "| lowlr | egnn | 30 | mask | 0 | 1.00 ± 0.00 | 80.0 ± 0.0 | 100.0 (scratch) | -20.0% | 90.0 (-10.0%) |" \
+        in ablations
+    assert (tmp_path / "report" / "ablation_long_dft_water_egnn.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("ablation,needle", [
+    ({"variants": ["maks"]}, "valid: ['scratch'"),
+    ({"finetune": {"stepz": 3}}, "ablations.x.finetune: unknown key(s) ['stepz']"),
+    ({"finetune": {"adapt": {"backbone_lr": 0.2}}}, "finetune.adapt: unknown key(s) ['backbone_lr']"),
+    ({"pretrain": {"zero_stage": 4}}, "zero_stage must be 0, 1 or 2"),
+    ({"budgets": [500]}, "240 frames"),
+    ({"colour": "red"}, "valid keys"),
+])
+def test_bad_ablations_fail_when_the_study_config_is_read(ablation, needle):
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "tiny", {"ablations": {"x": ablation}})
+    assert needle in str(err.value)
+
+
+def test_ablation_plan_names_what_changes_and_refuses_unknown_names(tmp_path):
+    run = maskpot("study", "--scale", "small", "--ablation", "all", "--plan", cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    cfg = load_study(STUDY, "small")
+    for name in cfg.ablations:
+        assert f"ablation {name}:" in run.stdout
+    bad = maskpot("study", "--scale", "small", "--ablation", "nope", "--plan", cwd=REPO)
+    assert bad.returncode == 2 and "defined: ['backbone_lr'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, shared_data):
     out = tmp_path / "study"
-    args = ["study", "--scale", "tiny", "--out", out, "--override",
+    args = ["study", "--scale", "tiny", "--out", out, "--config", STUDY, "--override",
             f"dft_water.path={shared_data / 'water_deepmd'}", f"ethanol.path={shared_data / 'ethanol_rmd17'}"]
     first = maskpot(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -107,7 +158,7 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     for title in study_report.SETTING_TITLES.values():
         assert title in summary
     assert (out / "report" / "learning_curves_dft_water_egnn.png").is_file()
-    exports = sorted(p.parent.name for p in out.glob("pretrain/*/export/model.json"))
+    exports = sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json"))
     assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
     with sqlite3.connect(out / "mlflow.db") as db:
         runs = db.execute("select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id "
@@ -119,3 +170,14 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{expected} of {expected} runs already finished, 0 to go" in again.stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in results}
+
+    ablated = maskpot(*args, "--ablation", "all", cwd=tmp_path)
+    assert ablated.returncode == 0, ablated.stdout[-3000:] + ablated.stderr[-3000:]
+    assert stamps == {p: p.stat().st_mtime_ns for p in results}, "the main runs are reused, never redone"
+    runs = {p.parent.name for p in out.glob("finetune/dft_water/*@*/results.json")}
+    assert runs == {"egnn_mask@backbone_lr_n8_s0", "egnn_mask@long_pretrain_n8_s0"}
+    assert (out / "pretrain" / "egnn_mask@long_pretrain" / "export" / "model.json").is_file()
+    adapt = json.loads((out / "finetune/dft_water/egnn_mask@backbone_lr_n8_s0/results.json").read_text())["adapt"]
+    assert adapt["backbone_lr_mult"] == 0.2
+    table = (out / "report" / "ablations.md").read_text()
+    assert "| backbone_lr | egnn | 8 | mask | 0 |" in table and "| long_pretrain | egnn | 8 | mask | 0 |" in table

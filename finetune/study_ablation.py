@@ -1,0 +1,85 @@
+"""Ablations of the study (`maskpot study --ablation NAME`): what changes the gain of pretraining?
+
+Each ablation (`ablations:` in the study YAML, finetune.study_config.AblationConfig) re-runs some variants
+on DFT water with a changed pretraining and/or finetuning, at its own budgets and seeds. What it needs from
+the main study (corpus, DFT shards, unchanged pretrainings, unchanged scratch runs) is run or reused; its
+own runs are named VARIANT@NAME, next to the main runs, so that the report (finetune.study_report) can set
+each beside its baseline: scratch@NAME when the finetune budget changed, else the main scratch runs.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+
+from data_shards.config_io import to_dict
+
+from finetune.study_config import ABLATION_MARK, VARIANTS, StudyConfig
+
+
+def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
+    """The ablations to run, in YAML order; `all` means every one. Unknown names list the defined ones."""
+    names = list(cfg.ablations) if "all" in asked else list(dict.fromkeys(asked))
+    unknown = [n for n in names if n not in cfg.ablations]
+    if unknown:
+        raise ValueError(f"--ablation {unknown}: not defined for scale {cfg.scale!r}; defined: "
+                         f"{sorted(cfg.ablations) or 'none'} (or 'all')")
+    return names
+
+
+def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path) -> list:
+    """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
+    from finetune.study import finetune_config, pretrain_one, water_objective
+
+    a = cfg.ablations[name]
+    pre, fin = cfg.ablation_stages(name)
+    pre_changed, fin_changed = pre != cfg.pretrain, fin != cfg.finetune
+    scratch_changed = _scratch_view(fin) != _scratch_view(cfg.finetune)   # adapt/replay act on inits only
+    jobs = {}
+    for model, params in cfg.models.items():
+        for variant in dict.fromkeys(["scratch", *a.variants]):  # the baseline always, first
+            init, changed = None, scratch_changed
+            if VARIANTS[variant] is not None:
+                run = f"{model}_{variant}{ABLATION_MARK}{name}" if pre_changed else f"{model}_{variant}"
+                init = pretrain_one(cfg, out / "pretrain" / run, corpus, model, params,
+                                    water_objective(pre, variant), pre.steps, pre.batch_size, stage=pre)
+                changed = pre_changed or fin_changed or variant not in cfg.variants
+            tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
+            for budget in a.budgets:
+                for seed in a.seeds:
+                    job = finetune_config(cfg, out, "dft_water", dft_shards, model, params, tag, budget, seed, init,
+                                          stage=fin)
+                    jobs[job.run_dir] = job
+    return list(jobs.values())
+
+
+def _scratch_view(stage) -> dict:
+    return {k: v for k, v in asdict(stage).items() if k not in ("adapt", "replay")}
+
+
+def describe(cfg: StudyConfig, names: list[str]) -> str:
+    lines = []
+    for name in names:
+        a = cfg.ablations[name]
+        changes = {**{f"pretrain.{k}": v for k, v in a.pretrain.items()},
+                   **{f"finetune.{k}": v for k, v in a.finetune.items()}}
+        lines.append(f"  ablation {name}: {a.variants} (+ scratch) × budgets {a.budgets} × seeds {a.seeds}; "
+                     f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))
+    return "\n".join(lines)
+
+
+def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
+    from finetune.study import Timings, run_finetunes, stage_corpus, stage_dft_shards
+
+    if not cfg.dft_water.enabled:
+        raise ValueError("ablations run on DFT water: dft_water.enabled must be true")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_ablations.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    print(f"study '{cfg.experiment}', scale {cfg.scale}, ablations → {out}\n{describe(cfg, names)}", flush=True)
+    timings = Timings(out / "timings_ablations.json")
+    corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
+    shards = stage_dft_shards(cfg, out)
+    for name in names:
+        jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))
+        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))
