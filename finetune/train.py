@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
-from data_shards.manifest import file_sha256, load_manifest
+from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest
+from data_shards.units import MAX_FORCE_RMS
 from data_shards.stream import ShardStream
 from finetune import adapt as A
 from finetune import metrics as M
@@ -68,11 +69,15 @@ def check_inputs(cfg: FinetuneConfig) -> Inputs:
     d = cfg.data
     manifest = load_manifest(d.manifest_dir)
     where = Path(d.manifest_dir) / "manifest.json"
+    samples = {s: manifest["splits"].get(s, {}).get("samples", 0) for s in ("train", "val", "test")}
+    if not any(samples.values()):
+        raise ValueError(f"{where}: the shards hold no samples" + quarantine_hint(Path(d.manifest_dir), manifest))
     if not manifest.get("labelled"):
         raise ValueError(f"{where}: the shards are not labelled (energies and forces are needed to finetune)")
-    samples = {s: manifest["splits"].get(s, {}).get("samples", 0) for s in ("train", "val", "test")}
     if not samples[d.train_split]:
-        raise ValueError(f"{where}: training split {d.train_split!r} is empty (splits: {samples})")
+        raise ValueError(f"{where}: training split {d.train_split!r} is empty (splits: {samples})"
+                         + quarantine_hint(Path(d.manifest_dir), manifest))
+    check_label_units(manifest, where)
     if not samples[d.val_split]:
         raise ValueError(f"{where}: validation split {d.val_split!r} is empty (splits: {samples}); rebuild the "
                          f"shards with a validation fraction or a val=PATH input, or set data.val_split")
@@ -91,6 +96,32 @@ def check_inputs(cfg: FinetuneConfig) -> Inputs:
         new_species = A.check_new_species(manifest["elements"], init_meta, cfg.init, cfg.adapt.allow_new_species)
     replay = R.check_replay(cfg, init_meta) if cfg.replay.manifest_dir is not None else None
     return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split, new_species, replay)
+
+
+def quarantine_hint(manifest_dir: Path, manifest: dict) -> str:
+    """'; N frames were quarantined, e.g. …' when the build set frames aside (wrong units, bad geometry)."""
+    count = manifest.get("totals", {}).get("quarantined", 0)
+    if not count:
+        return ""
+    first = ""
+    path = manifest_dir / QUARANTINE_NAME
+    if path.is_file():
+        with path.open() as f:
+            rec = json.loads(f.readline() or "{}")
+        if rec:
+            first = f", e.g. {rec.get('source')} frame {rec.get('frame')} field {rec.get('field')}: {rec.get('reason')}"
+    return f"; {count} frame(s) were quarantined when the shards were built ({path}){first}"
+
+
+def check_label_units(manifest: dict, where: Path) -> None:
+    """Refuse labels whose magnitude says they are not in eV and eV/Å (shards built before the per-frame
+    units check, or with it bypassed): they would train a model in the wrong units."""
+    stats = manifest.get("stats") or {}
+    rms = stats.get("force_rms")
+    if rms is not None and not rms <= MAX_FORCE_RMS:
+        raise ValueError(f"{where}: force RMS of the labelled frames is {rms:.4g} eV/Å, above {MAX_FORCE_RMS:g} "
+                         f"eV/Å: the labels are not in eV/Å (kcal/mol/Å are 23× and meV/Å 1000× larger); rebuild "
+                         f"the shards with the right `maskpot shards build --units` or convert the files to eV/Å")
 
 
 def resolve_device(name: str) -> torch.device:

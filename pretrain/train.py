@@ -141,10 +141,24 @@ def keep_if_best(state: ckpt.TrainState, validation: dict, metrics: MetricsLog) 
 
 
 def check_objective_fits_data(cfg: PretrainConfig, manifest: dict) -> None:
-    if cfg.objective.kind == "supervised" and not manifest.get("labelled"):
-        raise ValueError(f"objective.kind 'supervised' needs energies and forces, but the manifest in "
-                         f"{cfg.data.manifest_dir} says labelled: false; use one of the self-supervised "
-                         "kinds ('mask', 'denoise', 'mask+denoise', 'hmask')")
+    """Refuse, before any rank starts, an objective the data set cannot serve (from its manifest)."""
+    kind, where = cfg.objective.kind, f"the manifest in {cfg.data.manifest_dir}"
+    if kind == "supervised" and not manifest.get("labelled"):
+        raise ValueError(f"objective.kind 'supervised' needs energies and forces, but {where} says labelled: "
+                         "false; use one of the self-supervised kinds ('mask', 'denoise', 'mask+denoise', 'hmask')")
+    elements = {int(z) for z in manifest.get("elements", {})}
+    if not elements or not cfg.objective.uses_mask:
+        return
+    if HYDROGEN not in elements:
+        raise ValueError(f"objective.kind {kind!r} deletes H atoms, but {where} lists no H (elements "
+                         f"{sorted(elements)}); use 'denoise' for this data set")
+    if kind in ("mask", "mask+denoise") and elements != {HYDROGEN, OXYGEN}:
+        raise ValueError(f"objective.kind {kind!r} is water masking (molecules O,H,H) but {where} also holds "
+                         f"elements {sorted(elements - {HYDROGEN, OXYGEN})}; use 'hmask' (generic H masking) "
+                         "for other molecules")
+
+
+HYDROGEN, OXYGEN = 1, 8
 
 
 def quiet_libraries(rank: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import logging
 import socket
 from pathlib import Path
@@ -126,6 +127,35 @@ def test_empty_validation_split_fails_before_training(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"validation split 'val' is empty"):
         run_finetune(cfg_with(where(shards, out)))
+    assert not out.exists()
+
+
+def test_labels_in_the_wrong_units_fail_before_training(water_shards, tmp_path):
+    import ase.io
+
+    from data_shards.build import build_shards
+    from finetune.train import run_finetune
+
+    # the same frames with forces in meV/Å: every frame is quarantined, and the finetune says why
+    frames = ase.io.read(next((water_shards.parent / "data").glob("*.extxyz")), ":")
+    for atoms in frames:
+        atoms.calc.results["forces"] = atoms.calc.results["forces"] * 1000.0
+    ase.io.write(tmp_path / "mev.extxyz", frames, format="extxyz")
+    shards = tmp_path / "mev_shards"
+    build_shards([str(tmp_path / "mev.extxyz")], str(shards), shard_size=8, split_fractions=(0.6, 0.2, 0.2),
+                 use_ray=False, progress=False)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"the shards hold no samples; 40 frame\(s\) were quarantined.*"
+                                         r"field forces: force RMS .* wrong units"):
+        run_finetune(cfg_with(where(shards, out)))
+    # a manifest whose statistics say the forces are not eV/Å (e.g. built before the per-frame check)
+    copy = tmp_path / "copied"
+    shutil.copytree(water_shards, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stats"]["force_rms"] *= 1000.0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"force RMS of the labelled frames is .* not in eV/Å"):
+        run_finetune(cfg_with(where(copy, out)))
     assert not out.exists()
 
 

@@ -65,6 +65,14 @@ def test_objective_kinds_build_their_transform_and_supervised_needs_labels(tmp_p
     with pytest.raises(ValueError, match=r"labelled: false.*'mask'.*'hmask'"):
         check_objective_fits_data(supervised, {"labelled": False})
     check_objective_fits_data(cfg, {"labelled": False})  # self-supervised kinds need no labels
+    carbon_only = {"labelled": True, "elements": {"6": 10}}
+    with pytest.raises(ValueError, match=r"'hmask' deletes H atoms.*no H \(elements \[6\]\).*'denoise'"):
+        check_objective_fits_data(cfg, carbon_only)
+    water = cfg_with(objective={"kind": "mask"})
+    check_objective_fits_data(water, {"elements": {"1": 8, "8": 4}})
+    with pytest.raises(ValueError, match=r"water masking .* also holds elements \[6\]; use 'hmask'"):
+        check_objective_fits_data(water, {"elements": {"1": 8, "6": 2, "8": 4}})
+    check_objective_fits_data(cfg_with(objective={"kind": "denoise"}), carbon_only)
 
 
 def test_supervised_and_hmask_steps_train_on_real_batches(one_rank, tiny_shards, tmp_path):
