@@ -1,6 +1,7 @@
 """One labelled (or unlabelled) atomic structure, and the checks every reader applies to it."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -87,6 +88,9 @@ class Frame:
             raise bad("energy", "missing")
         if self.energy is not None and not np.isfinite(self.energy):
             raise bad("energy", f"not finite ({self.energy})")
+        if self.forces is None and n == 1 and not self.pbc.any() and self.energy is not None:
+            # an isolated atom (E0 reference files such as isolated_atoms.xyz): zero force by symmetry
+            return dataclasses.replace(self, forces=np.zeros((1, 3), dtype=np.float64)).validate(require_labels)
         if require_labels and self.forces is None:
             raise bad("forces", "missing")
         if self.forces is not None:
