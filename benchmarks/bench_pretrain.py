@@ -10,10 +10,14 @@ cores to itself, the better figure on a shared, loaded machine.
 
 Achieved FLOP/s = FlopCounterMode's count for one fp32 step (matmul-class ops only: elementwise work is not
 counted) / the median step time, against a plain (n × n) @ (n × n) torch matmul timed in the same run (fp32
-and bf16), each by wall time and by CPU time / threads. Two-process figures: run `maskpot pretrain --nproc 2` on shards of such frames and read
-`structures_per_s` in OUT_DIR/metrics.jsonl (per step over both ranks).
+and bf16), each by wall time and by CPU time / threads.
+
+`--ranks 1 2` adds the full DeepSpeed path: a real `maskpot pretrain --nproc N` (torchrun, ZeRO-1, gloo) on
+WebDataset shards of the same frames, the same global batch split over N ranks (2 threads for 1 rank, 1
+each for 2), structures/s from the steady-state steps of OUT_DIR/metrics.jsonl, and the ratio 2 ranks / 1.
 
     nice -n 19 .venv/bin/python benchmarks/bench_pretrain.py [--steps 3] [--batch 16] [--models egnn gns]
+        [--ranks 1 2] [--ds-batch 8] [--ds-steps 8]
 """
 from __future__ import annotations
 
@@ -137,6 +141,62 @@ def format_row(r: dict, fp32_flops: dict[str, float], peaks: dict[str, tuple[flo
             f"{achieved_cpu / 1e9:12.2f}{100 * achieved_cpu / peak_cpu:13.1f}")
 
 
+def corpus_shards(root: Path, frames: int) -> Path:
+    """Unlabelled WebDataset shards of `frames` 64-water boxes (the frames the step timings use)."""
+    import ase
+    import ase.io
+
+    from data_shards.build import build_shards
+
+    atoms = [ase.Atoms(numbers=s[K.SPECIES], positions=s[K.POSITIONS], cell=s[K.CELL], pbc=True)
+             for s in (water_box(64, seed=i, box_length=BOX_64_WATERS) for i in range(frames))]
+    ase.io.write(root / "boxes.extxyz", atoms, format="extxyz")
+    build_shards([f"train={root / 'boxes.extxyz'}"], str(root / "shards"), shard_size=max(frames // 4, 1),
+                 require_labels=False, use_ray=False, progress=False)
+    return root / "shards"
+
+
+def deepspeed_rate(shards: Path, out: Path, model_name: str, precision: str, nproc: int, global_batch: int,
+                   steps: int) -> dict:
+    """structures/s of `maskpot pretrain --nproc N` (steady state: the first third of the steps dropped)."""
+    params = json.dumps(PAPER_MODELS[model_name])
+    cmd = [sys.executable, "-m", "finetune.cli", "pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"),
+           "--nproc", str(nproc), "--resume", "never", "--override", f"data.manifest_dir={shards}",
+           f"data.batch_size={global_batch // nproc}", f"model.name={model_name}", f"model.params={params}",
+           f"deepspeed.precision={precision}", "deepspeed.zero_stage=1", f"train.max_steps={steps}",
+           f"train.val_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.log_every=1",
+           f"train.out_dir={out}"]
+    env = {**__import__("os").environ, "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["structures_per_s"] for r in rows if "structures_per_s" in r][steps // 3:]
+    return {"structures_per_s": float(np.median(rates))}
+
+
+def distributed_section(args) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = corpus_shards(Path(tmp), max(4 * args.ds_batch, 32))
+        print(f"\nDeepSpeed (maskpot pretrain, ZeRO-1, gloo), global batch {args.ds_batch} frames, "
+              f"{args.ds_steps} steps; structures/s (steady state)")
+        for model_name in args.models:
+            for precision in args.precisions:
+                rates = {}
+                for nproc in args.ranks:
+                    r = deepspeed_rate(shards, Path(tmp) / f"{model_name}_{precision}_{nproc}", model_name,
+                                       precision, nproc, args.ds_batch, args.ds_steps)
+                    rates[nproc] = r.get("structures_per_s")
+                    shown = f"{rates[nproc]:.2f} struct/s = {rates[nproc] * 192:.0f} atoms/s" \
+                        if rates[nproc] else f"failed: {r['error']}"
+                    print(f"  {model_name:9s}{precision:6s}{nproc} rank(s): {shown}", flush=True)
+                if rates.get(1) and rates.get(2):
+                    print(f"  {model_name:9s}{precision:6s}2 ranks / 1 rank: {rates[2] / rates[1]:.2f}×", flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up step")
@@ -145,12 +205,20 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=list(PAPER_MODELS))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--matmul-n", type=int, default=1024)
+    parser.add_argument("--ranks", nargs="*", type=int, default=[], choices=[1, 2],
+                        help="also time `maskpot pretrain --nproc N` for these N (e.g. --ranks 1 2)")
+    parser.add_argument("--ds-batch", type=int, default=8, help="global batch (frames) of the DeepSpeed runs")
+    parser.add_argument("--ds-steps", type=int, default=9, help="steps of each DeepSpeed run")
+    parser.add_argument("--skip-steps", action="store_true", help="only the DeepSpeed section")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.batch, args.steps, args.threads)))
         return
 
+    if args.skip_steps:
+        distributed_section(args)
+        return
     peaks = {"fp32": matmul_peak(args.matmul_n, torch.float32, args.threads),
              "bf16": matmul_peak(args.matmul_n, torch.bfloat16, args.threads)}
     print(f"batch {args.batch} frames of 64 waters (192 atoms each, 160 after masking), {args.steps} timed "
@@ -165,6 +233,8 @@ def main(argv=None) -> None:
             if "flops" in row:
                 fp32_flops[model_name] = row["flops"]
             print(format_row(row, fp32_flops, peaks), flush=True)
+    if args.ranks:
+        distributed_section(args)
 
 
 if __name__ == "__main__":
