@@ -102,11 +102,11 @@ def sharding(tmp: Path, frames: int) -> None:
     water = write_deepmd(tmp / "water64", [water_box(64, seed=s) for s in range(8)], frames, seed=1)
     molecule, label = small_molecule_input(tmp, 1000)
     print(f"1. sharding throughput, Ray up ({os.cpu_count()} cores)")
-    for name, inputs, shard_size in (("64-water frames (192 atoms)", [str(water)], max(frames // 16, 1)),
-                                     (label, [molecule], 64)):
+    for tag, name, inputs, shard_size in (("water", "64-water frames (192 atoms)", [str(water)], max(frames // 16, 1)),
+                                          ("molecule", label, [molecule], 64)):
         rates = {}
         for cpus in (1, 2):
-            secs, n = time_build(inputs, tmp / f"out_{cpus}_{len(rates)}_{abs(hash(name))}", cpus, shard_size)
+            secs, n = time_build(inputs, tmp / f"out_{tag}_{cpus}", cpus, shard_size)
             rates[cpus] = n / secs
             print(f"   {name:40s} {cpus} worker(s): {n} frames in {secs:6.2f} s = {rates[cpus]:8.0f} frames/s")
         print(f"   {name:40s} speed-up {rates[2] / rates[1]:.2f}× (target ≥ {TARGET_SPEEDUP}×)")
@@ -128,7 +128,7 @@ def raw_tar_rate(shard_dir: Path) -> tuple[float, int, int]:
 def read_rates(tmp: Path) -> None:
     from data_shards.stream import ShardStream
 
-    shards = next(p.parent for p in tmp.glob("out_2_*/manifest.json"))   # the 64-water set of step 1
+    shards = tmp / "out_water_2"   # the 64-water set of step 1
     meta = json.loads((shards / "manifest.json").read_text())
     n_samples, n_atoms = meta["splits"]["train"]["samples"], meta["shards"][0]["atoms"] // meta["shards"][0]["samples"]
     tar_bytes = sum(s["bytes"] for s in meta["shards"])

@@ -9,6 +9,7 @@ import numpy as np
 from data_shards.keys import MAX_Z
 
 MIN_PAIR_DISTANCE = 0.1  # Å; closer pairs are treated as corrupt input
+CLOSEST_PAIR_SEARCH = 1.0  # Å; neighbour-search radius of closest_pair (a cheap cell grid)
 
 
 class FrameError(ValueError):
@@ -28,9 +29,10 @@ def closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, below
     import vesin
 
     box = np.asarray(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
-    i, j, d = vesin.NeighborList(cutoff=below, full_list=False).compute(
+    # search at ≥ 1 Å: vesin's cell list has (box / cutoff)³ cells, 17 ms per 12 Å box at 0.1 Å, 0.1 ms at 1 Å
+    i, j, d = vesin.NeighborList(cutoff=max(below, CLOSEST_PAIR_SEARCH), full_list=False).compute(
         np.asarray(positions, dtype=np.float64), box, np.asarray(pbc, dtype=bool).tolist(), "ijd")
-    if len(d) == 0:
+    if len(d) == 0 or d.min() >= below:
         return None
     k = int(np.argmin(d))
     return (int(i[k]), int(j[k])), float(d[k])
