@@ -66,6 +66,13 @@ def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch
     if missing or unexpected:
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match model {meta['model']!r} "
                          f"with params {meta['params']}: missing keys {missing}, unexpected keys {unexpected}")
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(weights[k].shape)} (model.json builds {tuple(own[k].shape)})"
+             for k in sorted(own) if tuple(weights[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise ValueError(f"{directory / WEIGHTS_FILE} disagrees with the architecture in {directory / META_FILE} "
+                         f"({meta['model']!r}, params {meta['params']}): {len(wrong)} tensor(s) of another shape, "
+                         f"e.g. {'; '.join(wrong[:3])}")
     model.load_state_dict(weights, strict=True)
     norm = meta["normalisation"]
     model.set_normalisation(float(norm["energy_scale"]), {int(z): float(v) for z, v in norm["e0"].items()})

@@ -89,6 +89,16 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
         load_export(tmp_path)
 
 
+def test_architecture_that_disagrees_with_the_weights_is_named(tmp_path):
+    save_export(tiny_model(), tmp_path, tiny_meta())
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["params"]["hidden"] *= 2
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"disagrees with the architecture in .*model\.json .*tensor\(s\) of "
+                                         r"another shape, e\.g\. .*\(model\.json builds"):
+        load_export(tmp_path)
+
+
 def test_meta_must_be_complete(tmp_path):
     meta = tiny_meta()
     del meta["lineage"]
