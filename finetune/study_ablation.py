@@ -3,7 +3,7 @@
 Each ablation (`ablations:` in the study YAML, finetune.study_config.AblationConfig) re-runs some variants
 on DFT water with a changed pretraining and/or finetuning, at its own budgets and seeds. What it needs from
 the main study (corpus, DFT shards, unchanged pretrainings, unchanged scratch runs) is run or reused; its
-own runs are named VARIANT@NAME, next to the main runs, so that the report (finetune.study_report) can set
+own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models), next to the main runs, so that the report (finetune.study_report) can set
 each beside its baseline: scratch@NAME when the finetune budget changed, else the main scratch runs.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
     pre_changed, fin_changed = pre != cfg.pretrain, fin != cfg.finetune
     scratch_changed = _scratch_view(fin) != _scratch_view(cfg.finetune)   # adapt/replay act on inits only
     jobs = {}
-    for model, params in cfg.models.items():
+    for model, params in (a.models or cfg.models).items():
         for variant in dict.fromkeys(["scratch", *a.variants]):  # the baseline always, first
             init, changed = None, scratch_changed
             if VARIANTS[variant] is not None:
@@ -64,7 +64,8 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
         a = cfg.ablations[name]
         changes = {**{f"pretrain.{k}": v for k, v in a.pretrain.items()},
                    **{f"finetune.{k}": v for k, v in a.finetune.items()}}
-        lines.append(f"  ablation {name}: {a.variants} (+ scratch) × budgets {a.budgets} × seeds {a.seeds}; "
+        lines.append(f"  ablation {name}: {list(a.models or cfg.models)} × {a.variants} (+ scratch) × budgets "
+                     f"{a.budgets} × seeds {a.seeds}; "
                      f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))
     return "\n".join(lines)
 

@@ -155,6 +155,7 @@ class AblationConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     pretrain: dict = field(default_factory=dict)   # overrides of the study's pretrain section
     finetune: dict = field(default_factory=dict)   # overrides of the study's finetune section
+    models: dict = field(default_factory=dict)     # other models (name → params) instead of the study's
     note: str = ""                                 # what the ablation asks, for the report
 
     def __post_init__(self):
@@ -164,6 +165,10 @@ class AblationConfig:
         _require(max(self.budgets, default=0) <= 240, f"budgets: the DFT train split holds 240 frames, "
                                                        f"got {self.budgets}")
         _require(bool(self.seeds), "seeds: name at least one")
+        from pretrain.models import MODELS
+
+        unknown = [m for m in self.models if m not in MODELS]
+        _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
 
 
 @dataclass
