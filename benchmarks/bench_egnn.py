@@ -143,7 +143,7 @@ def main(argv=None):
     torch.manual_seed(0)
 
     frames, origin = load_frames(args.batch)
-    params = {"hidden": args.hidden, "layers": args.layers, "cutoff": 3.5}
+    params = {"hidden": args.hidden, "layers": args.layers, "cutoff": 3.5, "num_rbf": 0}  # the paper's EGNN
     model = build_model("egnn", params)
     batch = to_batch(frames, cutoff=3.5, dtype=torch.float32)
     mean_e = float(batch[K.ENERGY].mean() / batch[K.NATOMS].double().mean())

@@ -2,8 +2,9 @@
 
 A step = water masking (ratio 0.5, done once, outside the timing) → forward with forces (EGNN: −∂E/∂x with
 create_graph, i.e. double backward) → per-atom cosine loss → backward → AdamW step, on `--batch` frames of
-64 waters (generated boxes at liquid density, 12.42 Å). bf16 = torch.autocast("cpu", torch.bfloat16)
-around forward and loss (weights and optimizer stay fp32). One process per (model, precision), so each
+64 waters (generated boxes at liquid density, 12.42 Å). bf16 = weights and geometry cast to bf16, loss in
+fp32, as `maskpot pretrain` runs DeepSpeed bf16 (DeepSpeed also keeps fp32 master weights; here AdamW
+steps the bf16 weights). One process per (model, precision), so each
 peak RSS (ru_maxrss) is that configuration's own; one rank, `--threads` torch threads. atoms/s and
 structures/s use the wall time; "cpu s/thr" (process CPU seconds / threads) is what a step costs with the
 cores to itself, the better figure on a shared, loaded machine.
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from data_shards import keys as K  # noqa: E402
+from pretrain.engine import MODEL_INPUT_FLOATS  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import cosine_mask_loss  # noqa: E402
 from pretrain.transforms import WaterMasking  # noqa: E402
@@ -58,9 +60,8 @@ def masked_batch(model_name: str, frames: int):
 
 
 def train_step(model, optimizer, batch, bf16: bool):
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        out = model(batch, compute_forces=True)
-        loss = cosine_mask_loss(out[K.PRED_FORCES].float(), batch[K.MASK_TARGET], batch[K.MASK_FLAG])
+    out = model(batch, compute_forces=True)
+    loss = cosine_mask_loss(out[K.PRED_FORCES].float(), batch[K.MASK_TARGET], batch[K.MASK_FLAG])
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -73,8 +74,13 @@ def worker(model_name: str, precision: str, frames: int, steps: int, threads: in
     torch.manual_seed(0)
     batch = masked_batch(model_name, frames)
     model = build_model(model_name, PAPER_MODELS[model_name]).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     bf16 = precision == "bf16"
+    if bf16:  # as DeepSpeed bf16 runs it (pretrain.engine.to_model_precision): weights and geometry in bf16
+        model = model.to(torch.bfloat16)
+        for key in MODEL_INPUT_FLOATS:
+            if key in batch and batch[key].is_floating_point():
+                batch[key] = batch[key].to(torch.bfloat16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
     result = {"model": model_name, "precision": precision, "frames": frames,
               "atoms": int(batch[K.NATOMS].sum()), "edges": int(batch[K.EDGE_INDEX].shape[1]),
               "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -159,10 +165,15 @@ def corpus_shards(root: Path, frames: int) -> Path:
 def deepspeed_rate(shards: Path, out: Path, model_name: str, precision: str, nproc: int, global_batch: int,
                    steps: int) -> dict:
     """structures/s of `maskpot pretrain --nproc N` (steady state: the first third of the steps dropped)."""
-    params = json.dumps(PAPER_MODELS[model_name])
-    cmd = [sys.executable, "-m", "finetune.cli", "pretrain", "--config", str(REPO / "configs" / "pretrain_tiny.yaml"),
+    import yaml
+
+    config = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
+    config["model"] = {"name": model_name, "params": PAPER_MODELS[model_name]}   # replaced, not merged
+    out.mkdir(parents=True, exist_ok=True)
+    (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "finetune.cli", "pretrain", "--config", str(out.parent / f"{out.name}.yaml"),
            "--nproc", str(nproc), "--resume", "never", "--override", f"data.manifest_dir={shards}",
-           f"data.batch_size={global_batch // nproc}", f"model.name={model_name}", f"model.params={params}",
+           f"data.batch_size={global_batch // nproc}",
            f"deepspeed.precision={precision}", "deepspeed.zero_stage=1", f"train.max_steps={steps}",
            f"train.val_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.log_every=1",
            f"train.out_dir={out}"]
