@@ -37,6 +37,7 @@ from data_shards.graph import collate, sample_to_data
 from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
 from data_shards.sample import decode_sample
 from data_shards.stream_state import STATE_VERSION, Layout, merge_stream_states
+from data_shards.transport import NumpyBatch
 
 __all__ = ["Layout", "STATE_VERSION", "ShardChecksumError", "ShardStream", "StreamConfig", "merge_stream_states",
            "plan_work"]
@@ -265,11 +266,18 @@ class _SlotDataset(IterableDataset):
         raw = itertools.islice(raw, self.skip.get(slot, 0), None)
         groups = batch_by_budget(map(self._to_graph, raw), self.cfg.batch_size, self.cfg.max_atoms,
                                  self.cfg.drop_last)
-        return ((slot, collate(g)) for g in groups)
+        if info is None:
+            return ((slot, collate(g)) for g in groups)
+        return ((slot, NumpyBatch(collate(g))) for g in groups)   # cheap to send to the main process
 
 
 def _pass_through(batch):
     return batch
+
+
+def _unwrap(pairs):
+    for slot, packed in pairs:
+        yield slot, packed.batch
 
 
 class ShardStream:
@@ -389,8 +397,8 @@ class ShardStream:
         if self.cfg.num_workers == 0:
             pairs = iter(dataset)
         else:
-            pairs = iter(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                                    collate_fn=_pass_through, persistent_workers=False))
+            pairs = _unwrap(DataLoader(dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                                       collate_fn=_pass_through, persistent_workers=False))
         if not self.cfg.equal_batches or self.cfg.world_size == 1:
             return self._count(pairs)
         if equal_batches.process_group_ready():
