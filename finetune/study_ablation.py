@@ -34,7 +34,8 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
 
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
-    pre_changed, fin_changed = pre != cfg.pretrain, fin != cfg.finetune
+    on_dft = a.pretrain_data == "dft_train"
+    pre_changed, fin_changed = pre != cfg.pretrain or on_dft, fin != cfg.finetune
     scratch_changed = _scratch_view(fin) != _scratch_view(cfg.finetune)   # adapt/replay act on inits only
     jobs = {}
     for model, params in (a.models or cfg.models).items():
@@ -42,8 +43,11 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
             init, changed = None, scratch_changed
             if VARIANTS[variant] is not None:
                 run = f"{model}_{variant}{ABLATION_MARK}{name}" if pre_changed else f"{model}_{variant}"
-                init = pretrain_one(cfg, out / "pretrain" / run, corpus, model, params,
-                                    water_objective(pre, variant), pre.steps, pre.batch_size, stage=pre)
+                objective = water_objective(pre, variant)
+                if on_dft:   # DeePMD lists all O before all H: molecules by nearest oxygen
+                    objective["water_grouping"] = "nearest_oxygen"
+                init = pretrain_one(cfg, out / "pretrain" / run, dft_shards if on_dft else corpus, model, params,
+                                    objective, pre.steps, pre.batch_size, stage=pre)
                 changed = pre_changed or fin_changed or variant not in cfg.variants
             tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
             for budget in a.budgets:
@@ -63,7 +67,8 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
     for name in names:
         a = cfg.ablations[name]
         changes = {**{f"pretrain.{k}": v for k, v in a.pretrain.items()},
-                   **{f"finetune.{k}": v for k, v in a.finetune.items()}}
+                   **{f"finetune.{k}": v for k, v in a.finetune.items()},
+                   **({"pretrain_data": a.pretrain_data} if a.pretrain_data != "corpus" else {})}
         lines.append(f"  ablation {name}: {list(a.models or cfg.models)} × {a.variants} (+ scratch) × budgets "
                      f"{a.budgets} × seeds {a.seeds}; "
                      f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))

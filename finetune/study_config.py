@@ -156,6 +156,8 @@ class AblationConfig:
     pretrain: dict = field(default_factory=dict)   # overrides of the study's pretrain section
     finetune: dict = field(default_factory=dict)   # overrides of the study's finetune section
     models: dict = field(default_factory=dict)     # other models (name → params) instead of the study's
+    pretrain_data: str = "corpus"                  # corpus (TIP3P) | dft_train (positions of the labelled
+                                                   # DFT train split only, the paper's own recipe)
     note: str = ""                                 # what the ablation asks, for the report
 
     def __post_init__(self):
@@ -165,6 +167,8 @@ class AblationConfig:
         _require(max(self.budgets, default=0) <= 240, f"budgets: the DFT train split holds 240 frames, "
                                                        f"got {self.budgets}")
         _require(bool(self.seeds), "seeds: name at least one")
+        _require(self.pretrain_data in ("corpus", "dft_train"),
+                 f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
         from pretrain.models import MODELS
 
         unknown = [m for m in self.models if m not in MODELS]
