@@ -37,25 +37,36 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
     on_dft = a.pretrain_data == "dft_train"
     pre_changed, fin_changed = pre != cfg.pretrain or on_dft, fin != cfg.finetune
     scratch_changed = _scratch_view(fin) != _scratch_view(cfg.finetune)   # adapt/replay act on inits only
+    # runs are named after the first ablation (YAML order) with the same pretraining / scratch finetune, so
+    # ablations that share one reuse it instead of running it again
+    pname = _first_alike(cfg, name, lambda n: (cfg.ablation_stages(n)[0], cfg.ablations[n].pretrain_data))
+    fname = _first_alike(cfg, name, lambda n: _scratch_view(cfg.ablation_stages(n)[1]))
+    baseline = f"scratch{ABLATION_MARK}{fname}" if scratch_changed else "scratch"
     jobs = {}
     for model, params in (a.models or cfg.models).items():
         for variant in dict.fromkeys(["scratch", *a.variants]):  # the baseline always, first
-            init, changed = None, scratch_changed
+            init, tag = None, baseline
             if VARIANTS[variant] is not None:
-                run = f"{model}_{variant}{ABLATION_MARK}{name}" if pre_changed else f"{model}_{variant}"
+                run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
                 objective = water_objective(pre, variant)
                 if on_dft:   # DeePMD lists all O before all H: molecules by nearest oxygen
                     objective["water_grouping"] = "nearest_oxygen"
                 init = pretrain_one(cfg, out / "pretrain" / run, dft_shards if on_dft else corpus, model, params,
                                     objective, pre.steps, pre.batch_size, stage=pre)
                 changed = pre_changed or fin_changed or variant not in cfg.variants
-            tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
+                tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
             for budget in a.budgets:
                 for seed in a.seeds:
                     job = finetune_config(cfg, out, "dft_water", dft_shards, model, params, tag, budget, seed, init,
                                           stage=fin)
+                    job.config["tracking"]["tags"]["study.baseline"] = baseline
                     jobs[job.run_dir] = job
     return list(jobs.values())
+
+
+def _first_alike(cfg: StudyConfig, name: str, key) -> str:
+    mine = key(name)
+    return next(other for other in cfg.ablations if key(other) == mine)
 
 
 def _scratch_view(stage) -> dict:

@@ -34,10 +34,14 @@ def collect(out: Path) -> list[dict]:
             continue
         r = json.loads(path.read_text())
         test = r.get("test") or {}
+        config = path.parent.parent / f"{path.parent.name}.yaml"   # written by the study next to the run
+        tags = ((yaml.safe_load(config.read_text()) or {}).get("tracking") or {}).get("tags", {}) \
+            if config.is_file() else {}
         records.append({"setting": path.parent.parent.name, "model": m["model"], "variant": m["variant"],
                         "budget": int(m["budget"]), "seed": int(m["seed"]),
                         "force": test.get(M.FORCE_RMSE, math.nan), "energy": test.get(M.ENERGY_RMSE, math.nan),
-                        "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history", [])]})
+                        "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history", [])],
+                        "baseline": tags.get("study.baseline")})
     return records
 
 
@@ -123,7 +127,8 @@ def summarize_ablations(records: list[dict]) -> list[dict]:
         if name is None or base == "scratch":   # main runs, and an ablation's own baseline
             continue
         seeds = {r["seed"] for r in runs}
-        own = by_key.get((setting, model, budget, f"scratch{ABLATION_MARK}{name}"))
+        named = runs[0].get("baseline") or f"scratch{ABLATION_MARK}{name}"   # the study records it per run
+        own = by_key.get((setting, model, budget, named))
         scratch = own or by_key.get((setting, model, budget, "scratch"), [])
         main = by_key.get((setting, model, budget, base), [])
         f_mean, f_std = _mean_std([r["force"] for r in runs])
@@ -133,7 +138,7 @@ def summarize_ablations(records: list[dict]) -> list[dict]:
         main_scratch_f = _seed_matched_force(by_key.get((setting, model, budget, "scratch"), []), seeds)
         rows.append({"ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
                      "seeds": sorted(seeds), "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
-                     "energy_std": e_std, "baseline": "scratch" + (f"{ABLATION_MARK}{name}" if own else ""),
+                     "energy_std": e_std, "baseline": named if own else "scratch",
                      "baseline_force": base_f, "force_change_vs_baseline_pct": 100.0 * (f_mean / base_f - 1.0),
                      "without_ablation_force": main_f,
                      "without_ablation_change_pct": 100.0 * (main_f / main_scratch_f - 1.0)})

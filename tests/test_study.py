@@ -118,6 +118,26 @@ def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path)
     assert (tmp_path / "report" / "ablation_long_dft_water_egnn.png").stat().st_size > 5000
 
 
+def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_path):
+    from finetune.study_ablation import ablation_jobs
+
+    cfg = load_study(STUDY, "tiny", {"ablations": {
+        "a": {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train"},
+        "b": {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train", "finetune": {"steps": 9}},
+        "c": {"variants": ["mask"], "budgets": [8], "finetune": {"steps": 9}}}})
+    for run in ("egnn_mask@a", "egnn_mask"):   # finished pretrainings: nothing is run again
+        (tmp_path / "pretrain" / run / "export").mkdir(parents=True)
+        (tmp_path / "pretrain" / run / "export" / "model.json").write_text("{}")
+    names = {n: {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, n, tmp_path / "corpus",
+                                                                  tmp_path / "dft")} for n in ("b", "c")}
+    assert set(names["b"]) == {"egnn_scratch@b_n8_s0", "egnn_mask@b_n8_s0"}
+    assert names["b"]["egnn_mask@b_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask@a/export")
+    assert set(names["c"]) == {"egnn_scratch@b_n8_s0", "egnn_mask@c_n8_s0"}   # b's scratch serves c too
+    assert names["c"]["egnn_mask@c_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask/export")
+    assert names["c"]["egnn_mask@c_n8_s0"].config["tracking"]["tags"]["study.baseline"] == "scratch@b"
+    assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
+
+
 @pytest.mark.parametrize("ablation,needle", [
     ({"variants": ["maks"]}, "valid: ['scratch'"),
     ({"finetune": {"stepz": 3}}, "ablations.x.finetune: unknown key(s) ['stepz']"),
