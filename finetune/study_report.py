@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -288,8 +289,6 @@ def write_ablations(out: Path, records: list[dict]) -> None:
     notes = {}
     study_yaml = out / "study_ablations.yaml"
     if study_yaml.is_file():
-        import yaml
-
         notes = {n: (a or {}).get("note", "") for n, a in (yaml.safe_load(study_yaml.read_text()) or {})
                  .get("ablations", {}).items()}
     images = []

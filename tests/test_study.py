@@ -99,11 +99,15 @@ def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path)
     _fake_run(tmp_path, "dft_water", "egnn_mask@lowlr_n30_s0", 80.0, 1.0, curve)         # finetune unchanged
     _fake_run(tmp_path, "dft_water", "egnn_scratch@long_n30_s0", 50.0, 1.0, curve)       # finetune changed
     _fake_run(tmp_path, "dft_water", "egnn_mask@long_n30_s0", 40.0, 1.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_mask@long2_n30_s0", 45.0, 1.0, curve)   # shares long's scratch
+    (tmp_path / "finetune/dft_water/egnn_mask@long2_n30_s0.yaml").write_text(
+        "tracking:\n  tags: {study.baseline: scratch@long}\n")
     records = study_report.collect(tmp_path)
     main = {r["variant"] for r in study_report.summarize(records)["dft_water"]["rows"]}
     assert main == {"scratch", "mask"}                     # ablation runs stay out of the main table
     rows = {r["ablation"]: r for r in study_report.summarize_ablations(records)}
-    assert set(rows) == {"lowlr", "long"}
+    assert set(rows) == {"lowlr", "long", "long2"}
+    assert rows["long2"]["baseline"] == "scratch@long" and rows["long2"]["baseline_force"] == pytest.approx(50.0)
     low, long = rows["lowlr"], rows["long"]
     assert low["baseline"] == "scratch" and low["baseline_force"] == pytest.approx(100.0)   # seed 0 only
     assert low["force_change_vs_baseline_pct"] == pytest.approx(-20.0)
