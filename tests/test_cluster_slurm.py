@@ -136,12 +136,14 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
         s.close()
     ray_tmp, worker_tmp = tempfile.mkdtemp(prefix="ray-"), tempfile.mkdtemp(prefix="rayw-")  # < 108-char sockets
     # Ray refuses a second node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 ("multi-node … not supported")
-    # whenever it decides the head is a local-only cluster, as it does here
+    # whenever it decides the head is a local-only cluster, as it does here. On a loaded 2-core machine the
+    # worker's raylet can take longer than Ray's default 30 s to register with the head's GCS.
     cfg = {"slurm": {"nodes": 2, "cpus_per_task": 1, "time": "10", "signal_before_walltime": None,
-                     "setup": ["export RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1"]},
+                     "setup": ["export RAY_USAGE_STATS_ENABLED=0 TQDM_DISABLE=1 RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 "
+                               "RAY_raylet_start_wait_time_s=180"]},
            "ray": {"head_port": head_port, "num_cpus": 1, "object_store_memory": 80_000_000, "temp_dir": ray_tmp,
                    "wait_nodes_s": 120,
-                   "worker_args": [f"--temp-dir={worker_tmp}", f"--node-manager-port={nm}",
+                   "worker_args": [f"--temp-dir={worker_tmp}", "--node-ip-address=127.0.0.1", f"--node-manager-port={nm}",
                                    f"--object-manager-port={om}",
                                    # below the ephemeral range (32768-60999) the other ports come from, and
                                    # above Ray's default 10002-19999 that the head's workers use
