@@ -223,7 +223,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
         "deepspeed": {"zero_stage": p.zero_stage, "precision": "fp32"},
         "train": {"max_steps": steps, "log_every": max(steps // 20, 1), "val_every": max(steps // 5, 1),
                   "val_batches": 4, "checkpoint_every": max(steps // 4, 1), "out_dir": str(run_dir),
-                  "seed": 0},
+                  "seed": p.seed},
     }
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"

@@ -58,6 +58,8 @@ class PretrainStageConfig:
     mask_ratio: float = 0.5             # fraction of water molecules that lose one H
     noise_sigma: float = 0.2            # Å, denoising displacement std
     h_mask_p: float = 0.5               # ethanol (generic H-masking): probability each H is deleted
+    seed: int = 0                       # model init, masks, noise, data order; one pretraining per variant,
+                                        # shared by every finetune seed
 
     def __post_init__(self):
         _positive("pretrain.steps/batch_size/nproc", [self.steps, self.batch_size, self.nproc])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_shards.config_io import ConfigError
 from finetune import study_report
@@ -140,6 +141,29 @@ def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_
     assert names["c"]["egnn_mask@c_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask/export")
     assert names["c"]["egnn_mask@c_n8_s0"].config["tracking"]["tags"]["study.baseline"] == "scratch@b"
     assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
+
+
+def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, monkeypatch):
+    import pretrain.cli
+    from finetune.study_ablation import ablation_jobs
+
+    seeds = {}
+
+    def fake_pretrain(args):   # records the seed the pretraining was asked for, writes its export
+        config = yaml.safe_load(Path(args.config).read_text())
+        seeds[Path(config["train"]["out_dir"]).name] = config["train"]["seed"]
+        (Path(config["train"]["out_dir"]) / "export").mkdir(parents=True)
+        (Path(config["train"]["out_dir"]) / "export" / "model.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    cfg = load_study(STUDY, "tiny", {"ablations": {"again": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
+                                                             "pretrain": {"seed": 1}}}})
+    jobs = {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, "again", tmp_path / "c", tmp_path / "d")}
+    assert seeds == {"egnn_mask@again": 1}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_scratch_n8_s1", "egnn_mask@again_n8_s0", "egnn_mask@again_n8_s1"}
+    assert jobs["egnn_mask@again_n8_s1"].config["init"] == str(tmp_path / "pretrain/egnn_mask@again/export")
+    assert cfg.pretrain.seed == 0
 
 
 @pytest.mark.parametrize("ablation,needle", [
