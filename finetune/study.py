@@ -308,7 +308,7 @@ def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
         for variant in e.variants:
             init = None
             if ETHANOL_VARIANTS[variant] is not None:
-                objective = {"kind": ETHANOL_VARIANTS[variant], "h_mask_p": cfg.pretrain.h_mask_p,
+                objective = {**ETHANOL_VARIANTS[variant], "h_mask_p": cfg.pretrain.h_mask_p,
                              "noise_sigma": cfg.pretrain.noise_sigma}
                 init = pretrain_one(cfg, out / "pretrain" / f"ethanol_{model}_{variant}", shards, model, params,
                                     objective, e.pretrain_steps, cfg.pretrain.batch_size * 4)

@@ -18,7 +18,10 @@ from data_shards.config_io import ConfigError, from_dict, merge
 VARIANTS = {"scratch": None, "denoise": "denoise", "mask": "mask", "mask+denoise": "mask+denoise",
             "supervised": "supervised"}
 ABLATION_MARK = "@"   # run folders of an ablation: MODEL_VARIANT@ABLATION_nBUDGET_sSEED
-ETHANOL_VARIANTS = {"scratch": None, "hmask": "hmask", "denoise": "denoise"}
+# ethanol variant → its pretraining objective (hmask: each atom points at the nearest deleted H within the
+# cutoff; hmask_farthest: the reference code's rule, from the farthest deleted H to the atom)
+ETHANOL_VARIANTS = {"scratch": None, "hmask": {"kind": "hmask"},
+                    "hmask_farthest": {"kind": "hmask", "h_mask_target": "farthest"}, "denoise": {"kind": "denoise"}}
 
 
 def _require(ok: bool, message: str) -> None:

@@ -24,7 +24,7 @@ RUN_NAME = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>.+)_n(?P<budget>\d+)_s
 SETTING_TITLES = {"dft_water": "DFT water (DeePMD data_0+1 → test data_3), pretraining on TIP3P",
                   "tip3p": "TIP3P → TIP3P (the paper's setting)",
                   "ethanol": "rMD17 ethanol (generic H-masking on the train positions) → test_MD.xyz"}
-ORDER = ["scratch", "denoise", "mask", "mask+denoise", "supervised", "hmask"]
+ORDER = ["scratch", "denoise", "mask", "mask+denoise", "supervised", "hmask", "hmask_farthest"]
 
 
 def collect(out: Path) -> list[dict]:

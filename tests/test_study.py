@@ -143,6 +143,30 @@ def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_
     assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
 
 
+def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, monkeypatch):
+    import pretrain.cli
+    from finetune.study import ethanol_jobs
+
+    objectives = {}
+
+    def fake_pretrain(args):
+        config = yaml.safe_load(Path(args.config).read_text())
+        objectives[Path(config["train"]["out_dir"]).name] = config["objective"]
+        (Path(config["train"]["out_dir"]) / "export").mkdir(parents=True)
+        (Path(config["train"]["out_dir"]) / "export" / "model.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    (tmp_path / "shards" / "ethanol").mkdir(parents=True)
+    (tmp_path / "shards" / "ethanol" / "manifest.json").write_text("{}")   # already sharded
+    cfg = load_study(STUDY, "tiny", {"ethanol": {"variants": ["scratch", "hmask", "hmask_farthest"]}})
+    jobs = ethanol_jobs(cfg, tmp_path)
+    assert objectives["ethanol_egnn_hmask"]["kind"] == objectives["ethanol_egnn_hmask_farthest"]["kind"] == "hmask"
+    assert objectives["ethanol_egnn_hmask_farthest"]["h_mask_target"] == "farthest"
+    assert "h_mask_target" not in objectives["ethanol_egnn_hmask"]   # the default: nearest
+    assert {Path(j.run_dir).name for j in jobs} >= {"egnn_hmask_farthest_n20_s0", "egnn_scratch_n40_s0"}
+
+
 def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, monkeypatch):
     import pretrain.cli
     from finetune.study_ablation import ablation_jobs
