@@ -32,6 +32,7 @@ from torch_geometric.data import Batch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_shards import equal_batches
+from data_shards.batching import batch_by_budget
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
 from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
@@ -216,28 +217,6 @@ def layout_slot_samples(work: list[ShardWork], cfg: StreamConfig, epoch: int, la
         itertools.islice(layout_slot_samples(work, cfg, epoch, layout.parent, old), done, None)
         for old, done in enumerate(layout.parent_consumed))
     return itertools.islice(remainder, slot, None, layout.n_slots)
-
-
-def batch_by_budget(datas: Iterator, batch_size: int, max_atoms: int | None, drop_last: bool) -> Iterator[list]:
-    """Groups of graphs closed at `batch_size` graphs or before the atom total would exceed `max_atoms`
-    (a graph larger than the budget alone is a batch). drop_last drops a short final group."""
-    group, atoms, warned = [], 0, False
-    for data in datas:
-        n = int(data.num_nodes)
-        if group and max_atoms is not None and atoms + n > max_atoms:
-            yield group
-            group, atoms = [], 0
-        if max_atoms is not None and n > max_atoms and not warned:
-            warnings.warn(f"a structure of {n} atoms exceeds max_atoms={max_atoms}; it forms a batch of its own",
-                          RuntimeWarning, stacklevel=2)
-            warned = True
-        group.append(data)
-        atoms += n
-        if len(group) == batch_size:
-            yield group
-            group, atoms = [], 0
-    if group and not drop_last:
-        yield group
 
 
 class _SlotDataset(IterableDataset):

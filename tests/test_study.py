@@ -143,48 +143,46 @@ def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_
     assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
 
 
-def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, monkeypatch):
+@pytest.fixture
+def pretrain_configs(monkeypatch) -> dict:
+    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written."""
     import pretrain.cli
-    from finetune.study import ethanol_jobs
 
-    objectives = {}
+    configs = {}
 
     def fake_pretrain(args):
         config = yaml.safe_load(Path(args.config).read_text())
-        objectives[Path(config["train"]["out_dir"]).name] = config["objective"]
-        (Path(config["train"]["out_dir"]) / "export").mkdir(parents=True)
-        (Path(config["train"]["out_dir"]) / "export" / "model.json").write_text("{}")
+        out = Path(config["train"]["out_dir"])
+        configs[out.name] = config
+        (out / "export").mkdir(parents=True)
+        (out / "export" / "model.json").write_text("{}")
         return 0
 
     monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    return configs
+
+
+def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, pretrain_configs):
+    from finetune.study import ethanol_jobs
+
     (tmp_path / "shards" / "ethanol").mkdir(parents=True)
     (tmp_path / "shards" / "ethanol" / "manifest.json").write_text("{}")   # already sharded
     cfg = load_study(STUDY, "tiny", {"ethanol": {"variants": ["scratch", "hmask", "hmask_farthest"]}})
     jobs = ethanol_jobs(cfg, tmp_path)
+    objectives = {name: c["objective"] for name, c in pretrain_configs.items()}
     assert objectives["ethanol_egnn_hmask"]["kind"] == objectives["ethanol_egnn_hmask_farthest"]["kind"] == "hmask"
     assert objectives["ethanol_egnn_hmask_farthest"]["h_mask_target"] == "farthest"
     assert "h_mask_target" not in objectives["ethanol_egnn_hmask"]   # the default: nearest
     assert {Path(j.run_dir).name for j in jobs} >= {"egnn_hmask_farthest_n20_s0", "egnn_scratch_n40_s0"}
 
 
-def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, monkeypatch):
-    import pretrain.cli
+def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, pretrain_configs):
     from finetune.study_ablation import ablation_jobs
 
-    seeds = {}
-
-    def fake_pretrain(args):   # records the seed the pretraining was asked for, writes its export
-        config = yaml.safe_load(Path(args.config).read_text())
-        seeds[Path(config["train"]["out_dir"]).name] = config["train"]["seed"]
-        (Path(config["train"]["out_dir"]) / "export").mkdir(parents=True)
-        (Path(config["train"]["out_dir"]) / "export" / "model.json").write_text("{}")
-        return 0
-
-    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
     cfg = load_study(STUDY, "tiny", {"ablations": {"again": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
                                                              "pretrain": {"seed": 1}}}})
     jobs = {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, "again", tmp_path / "c", tmp_path / "d")}
-    assert seeds == {"egnn_mask@again": 1}
+    assert {name: c["train"]["seed"] for name, c in pretrain_configs.items()} == {"egnn_mask@again": 1}
     assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_scratch_n8_s1", "egnn_mask@again_n8_s0", "egnn_mask@again_n8_s1"}
     assert jobs["egnn_mask@again_n8_s1"].config["init"] == str(tmp_path / "pretrain/egnn_mask@again/export")
     assert cfg.pretrain.seed == 0
