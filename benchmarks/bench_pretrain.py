@@ -37,12 +37,13 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from water_systems import to_batch, water_box  # noqa: E402
+
 from data_shards import keys as K  # noqa: E402
 from pretrain.engine import MODEL_INPUT_FLOATS  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import cosine_mask_loss  # noqa: E402
 from pretrain.transforms import WaterMasking  # noqa: E402
-from water_systems import to_batch, water_box  # noqa: E402
 
 PAPER_MODELS = {
     "egnn": {"hidden": 128, "layers": 5, "cutoff": 3.5},
@@ -167,11 +168,11 @@ def deepspeed_rate(shards: Path, out: Path, model_name: str, precision: str, npr
     """structures/s of `maskpot pretrain --nproc N` (steady state: the first third of the steps dropped)."""
     import yaml
 
-    config = yaml.safe_load((REPO / "configs" / "pretrain_tiny.yaml").read_text())
+    config = yaml.safe_load((REPO / "configs" / "pretrain" / "tiny.yaml").read_text())
     config["model"] = {"name": model_name, "params": PAPER_MODELS[model_name]}   # replaced, not merged
     out.mkdir(parents=True, exist_ok=True)
     (out.parent / f"{out.name}.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "finetune.cli", "pretrain", "--config", str(out.parent / f"{out.name}.yaml"),
+    cmd = [sys.executable, "-m", "maskpot.cli", "pretrain", "--config", str(out.parent / f"{out.name}.yaml"),
            "--nproc", str(nproc), "--resume", "never", "--override", f"data.manifest_dir={shards}",
            f"data.batch_size={global_batch // nproc}",
            f"deepspeed.precision={precision}", "deepspeed.zero_stage=1", f"train.max_steps={steps}",

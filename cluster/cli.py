@@ -6,7 +6,14 @@ import sys
 
 from cluster.config import load_cluster_config
 from cluster.sbatch import STAGES, pipeline_stages
-from cluster.submit import SubmitError, absolutised, cancel, shared_fs_warnings, status, submit
+from cluster.submit import (
+    SubmitError,
+    absolutised,
+    cancel,
+    shared_fs_warnings,
+    status,
+    submit,
+)
 
 
 def _submit(args) -> int:

@@ -14,7 +14,7 @@ from cluster.config import ClusterConfig
 STAGES = ("shards", "pretrain", "finetune")
 PREFLIGHT_IMPORTS = {  # pretrain runs the distributed `python -m pretrain.preflight` instead
     "shards": ("data_shards.build", "ray"),
-    "finetune": ("finetune.train", "mlflow", "torch"),
+    "finetune": ("finetune.loop", "mlflow", "torch"),
 }
 
 

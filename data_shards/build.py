@@ -34,10 +34,27 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data_shards import dedup, readers
-from data_shards.chunk import (SHARD_NAME, SIDECAR_SUFFIX, Chunk, ChunkOptions, ChunkResult, InputError,
-                               finished_chunk, write_chunk)
-from data_shards.manifest import (MANIFEST_NAME, QUARANTINE_NAME, SCHEMA_VERSION, SPLITS, STATS_SPLIT,
-                                  StatsPartial, finalize_stats, load_manifest, write_json_atomic)
+from data_shards.chunk import (
+    SHARD_NAME,
+    SIDECAR_SUFFIX,
+    Chunk,
+    ChunkOptions,
+    ChunkResult,
+    InputError,
+    finished_chunk,
+    write_chunk,
+)
+from data_shards.manifest import (
+    MANIFEST_NAME,
+    QUARANTINE_NAME,
+    SCHEMA_VERSION,
+    SPLITS,
+    STATS_SPLIT,
+    StatsPartial,
+    finalize_stats,
+    load_manifest,
+    write_json_atomic,
+)
 from data_shards.units import check_units_name
 
 __all__ = ["BuildConfig", "Chunk", "ChunkResult", "InputError", "SHARD_NAME", "SIDECAR_SUFFIX", "build_shards",

@@ -9,7 +9,13 @@ import argparse
 import logging
 import sys
 
-from data_shards.manifest import MANIFEST_DIR, QUARANTINE_NAME, SPLITS, load_manifest, verify_shards
+from data_shards.manifest import (
+    MANIFEST_DIR,
+    QUARANTINE_NAME,
+    SPLITS,
+    load_manifest,
+    verify_shards,
+)
 from data_shards.units import UNITS
 
 EXIT_USER_ERROR = 2

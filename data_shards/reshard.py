@@ -26,8 +26,17 @@ from webdataset import TarWriter
 
 from data_shards.build import SHARD_PATTERN, SIDECAR_PATTERN
 from data_shards.chunk import SHARD_NAME, TAR_MTIME, TAR_OWNER
-from data_shards.manifest import (MANIFEST_DIR, MANIFEST_NAME, QUARANTINE_NAME, SPLITS, ManifestError,
-                                  file_sha256, load_manifest, shard_entries, write_json_atomic)
+from data_shards.manifest import (
+    MANIFEST_DIR,
+    MANIFEST_NAME,
+    QUARANTINE_NAME,
+    SPLITS,
+    ManifestError,
+    file_sha256,
+    load_manifest,
+    shard_entries,
+    write_json_atomic,
+)
 from data_shards.sample import JSON_NATOMS
 
 BLOCK = 512

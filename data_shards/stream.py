@@ -32,10 +32,17 @@ from torch_geometric.data import Batch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from data_shards import equal_batches
-from data_shards.batching import batch_by_budget
 from data_shards import keys as K
+from data_shards.batching import batch_by_budget
 from data_shards.graph import collate, sample_to_data
-from data_shards.manifest import MANIFEST_DIR, SPLITS, load_stream_manifest, open_location, shard_entries, shard_url
+from data_shards.manifest import (
+    MANIFEST_DIR,
+    SPLITS,
+    load_stream_manifest,
+    open_location,
+    shard_entries,
+    shard_url,
+)
 from data_shards.sample import decode_sample
 from data_shards.stream_state import STATE_VERSION, Layout, merge_stream_states
 from data_shards.transport import NumpyBatch

@@ -10,7 +10,7 @@ from data_shards.config_io import load_config, merge, parse_dotted_overrides
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="finetune YAML (see configs/finetune_tiny.yaml)")
+    p.add_argument("--config", required=True, help="finetune YAML (see configs/finetune/tiny.yaml)")
     p.add_argument("--init", default=None, metavar="EXPORT",
                    help="pretrain export folder to start from (overrides `init` in the config); "
                         "its architecture replaces the config's model section")
@@ -38,7 +38,7 @@ def load_finetune_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3"):

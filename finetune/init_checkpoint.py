@@ -17,8 +17,15 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import (BEST_FILE, CHECKPOINT_SUBDIR, STATE_FILE, best_tag, complete_tags,
-                                 manifest_sha256, tag_problem)
+from pretrain.checkpoint import (
+    BEST_FILE,
+    CHECKPOINT_SUBDIR,
+    STATE_FILE,
+    best_tag,
+    complete_tags,
+    manifest_sha256,
+    tag_problem,
+)
 from pretrain.export import META_FILE, WEIGHTS_FILE, load_export, read_meta
 
 MODEL_STATES = "mp_rank_00_model_states.pt"

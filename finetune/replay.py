@@ -57,7 +57,7 @@ def resolve_objective(cfg: FinetuneConfig, init_meta: dict | None) -> tuple[Obje
 
 
 def _transform(objective: ObjectiveConfig, seed: int):
-    from pretrain.train import make_transform
+    from pretrain.loop import make_transform
 
     return make_transform(types.SimpleNamespace(objective=objective), seed)
 

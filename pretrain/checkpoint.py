@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
-import logging
 import shutil
 import signal
 from dataclasses import asdict, dataclass

@@ -16,7 +16,7 @@ def add_command(subparsers) -> None:
         description="Validates the config, then runs `torchrun --standalone --nproc_per_node N -m pretrain`. "
                     "Output: OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/, OUT_DIR/export/ (model for finetuning).",
     )
-    p.add_argument("--config", required=True, help="pretraining YAML (see configs/pretrain_tiny.yaml)")
+    p.add_argument("--config", required=True, help="pretraining YAML (see configs/pretrain/tiny.yaml)")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="e.g. train.max_steps=50 deepspeed.zero_stage=2")
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
-    from pretrain.train import check_objective_fits_data
+    from pretrain.loop import check_objective_fits_data
 
     # a missing or broken shard set, or a supervised objective on unlabelled data, fails before any rank starts
     check_objective_fits_data(cfg, load_manifest(cfg.data.manifest_dir))

@@ -90,8 +90,8 @@ def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> 
     import torch
 
     from pretrain.export import normalisation_from_stats
+    from pretrain.loop import make_stream
     from pretrain.models import build_model
-    from pretrain.train import make_stream
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)

@@ -81,7 +81,7 @@ def make_probe(stream, batches: int, elements: list[int]):
     """A callable engine → probe figures over `batches` batches per rank of `stream` (labelled, untransformed)."""
 
     def probe(engine) -> dict[str, float]:
-        from pretrain.train import all_ranks
+        from pretrain.loop import all_ranks
 
         stream.set_epoch(0)
         iterator = iter(stream)

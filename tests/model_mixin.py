@@ -236,9 +236,9 @@ def quick_finetune(shards, out_dir, name: str, params: dict, steps: int = 12, lr
 
     from data_shards.config_io import from_dict, merge
     from finetune.config import FinetuneConfig
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
-    tiny = Path(__file__).resolve().parents[1] / "configs" / "finetune_tiny.yaml"
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "finetune" / "tiny.yaml"
     data = merge(yaml.safe_load(tiny.read_text()), {
         "data": {"manifest_dir": str(shards), "batch_size": 4},
         "optim": {"lr": lr, "schedule": "constant", "warmup_steps": 2},

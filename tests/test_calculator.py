@@ -10,7 +10,7 @@ import torch
 from ase import Atoms
 
 from data_shards import keys as K
-from finetune.calculator import MaskpotCalculator
+from finetune.forcefield.calculator import MaskpotCalculator
 from pretrain.export import load_export
 from water_systems import random_rotation, to_batch, water_box, water_dimer
 

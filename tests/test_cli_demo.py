@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def maskpot(*args, cwd=None, timeout=600):
     env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], cwd=cwd or REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -41,7 +41,7 @@ def test_user_errors_are_one_line_not_tracebacks(tmp_path, args, needle):
 
 def test_unknown_config_key_is_rejected_with_valid_keys(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO / "configs" / "pretrain_tiny.yaml").read_text().replace("max_steps:", "max_stepz:"))
+    bad.write_text((REPO / "configs" / "pretrain" / "tiny.yaml").read_text().replace("max_steps:", "max_stepz:"))
     out = maskpot("pretrain", "--config", bad)
     assert out.returncode == 2 and "max_stepz" in out.stderr and "max_steps" in out.stderr
 

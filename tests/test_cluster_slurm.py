@@ -44,8 +44,8 @@ def water_shards(tmp_path_factory) -> Path:
     return out
 
 
-def _maskpot(env, *args, module="finetune.cli"):
-    """`maskpot ARGS` (finetune.cli); module="cluster" skips importing torch & co. (3-10 s a call here)."""
+def _maskpot(env, *args, module="maskpot.cli"):
+    """`maskpot ARGS` (maskpot.cli); module="cluster" skips importing torch & co. (3-10 s a call here)."""
     import subprocess
 
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
@@ -61,11 +61,11 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, water_shards, tmp
                   "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",  # virtual nodes n1/n2 share 127.0.0.1
                             "export OMP_NUM_THREADS=1 TQDM_DISABLE=1 MLFLOW_DISABLE_TELEMETRY=true"]},
         "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
-                   "pretrain_config": "configs/pretrain_tiny.yaml",
+                   "pretrain_config": "configs/pretrain/tiny.yaml",
                    "pretrain_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={pre_out}",
                                           "train.max_steps=4", "train.val_every=2", "train.checkpoint_every=2",
                                           "optim.decay_steps=4"],
-                   "finetune_config": "configs/finetune_tiny.yaml", "finetune_init": str(pre_out / "export"),
+                   "finetune_config": "configs/finetune/tiny.yaml", "finetune_init": str(pre_out / "export"),
                    "finetune_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={ft_out}",
                                           "train.max_steps=4", "train.eval_every=2",
                                           "tracking.enabled=false"]},
@@ -246,7 +246,7 @@ def test_walltime_warning_checkpoints_requeues_and_resumes(slurm, water_shards, 
                      "setup": ["export DS_ACCELERATOR=cpu MASTER_ADDR=127.0.0.1 OMP_NUM_THREADS=1 TQDM_DISABLE=1",
                                "export MASKPOT_TEST_STEP_SLEEP_S=1"]},  # slow steps: the signal lands mid-run
            "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
-                      "pretrain_config": "configs/pretrain_tiny.yaml",
+                      "pretrain_config": "configs/pretrain/tiny.yaml",
                       "pretrain_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={pre_out}",
                                              "train.max_steps=12", "train.val_every=0", "train.checkpoint_every=0",
                                              "optim.decay_steps=12"]}}

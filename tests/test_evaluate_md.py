@@ -13,10 +13,10 @@ from ase.io import read
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
-from finetune import metrics as M
-from finetune.cli import main
-from finetune.evaluate import evaluate_model, frame_sample
-from finetune.md import MDConfig, rdf_oo, read_log, run_md
+from finetune.forcefield import metrics as M
+from maskpot.cli import main
+from finetune.forcefield.evaluate import evaluate_model, frame_sample
+from finetune.forcefield.md import MDConfig, rdf_oo, read_log, run_md
 from pretrain.export import load_export, save_export
 from pretrain.models import build_model
 
@@ -150,8 +150,8 @@ def min_pair_distance(frames) -> float:
 
 @pytest.mark.slow
 def test_nve_md_keeps_atoms_apart_and_conserves_energy(water_model, tmp_path):
-    from finetune.calculator import MaskpotCalculator
-    from finetune.md import load_structure
+    from finetune.forcefield.calculator import MaskpotCalculator
+    from finetune.forcefield.md import load_structure
 
     export_dir, start, _ = water_model
     atoms = load_structure(start, index=0)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from data_shards.config_io import ConfigError, load_config, merge
-from finetune import metrics as M
+from finetune.forcefield import metrics as M
 from finetune.config import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "finetune_tiny.yaml"
+TINY = REPO / "configs" / "finetune" / "tiny.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Force-dominated loss, constant lr: the tiny EGNN's force RMSE visibly drops within 40 steps.
 LEARNS = {"optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 2},
@@ -121,7 +121,7 @@ def test_valid_tracking_uris_are_accepted(uri):
 
 
 def test_empty_validation_split_fails_before_training(tmp_path):
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     shards = _build(tmp_path, (0.8, 0.0, 0.2))
     out = tmp_path / "run"
@@ -134,7 +134,7 @@ def test_labels_in_the_wrong_units_fail_before_training(water_shards, tmp_path):
     import ase.io
 
     from data_shards.build import build_shards
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     # the same frames with forces in meV/Å: every frame is quarantined, and the finetune says why
     frames = ase.io.read(next((water_shards.parent / "data").glob("*.extxyz")), ":")
@@ -160,7 +160,7 @@ def test_labels_in_the_wrong_units_fail_before_training(water_shards, tmp_path):
 
 
 def test_newer_export_format_fails_before_training(water_shards, tmp_path):
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     export = export_fresh_model(tmp_path / "export", {"hidden": 8, "layers": 1, "cutoff": 3.5})
     meta = json.loads((export / "model.json").read_text())
@@ -200,7 +200,7 @@ def test_finetune_from_scratch_keeps_and_exports_the_best_model(water_shards, tm
     from mlflow import MlflowClient
 
     from data_shards.stream import ShardStream
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
     from pretrain.export import load_export
 
     out = tmp_path / "run"
@@ -249,7 +249,7 @@ def test_finetune_from_scratch_keeps_and_exports_the_best_model(water_shards, tm
 def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tmp_path):
     from data_shards.manifest import file_sha256, load_manifest
     from data_shards.stream import ShardStream
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
     from pretrain.export import load_export, normalisation_from_stats
 
     arch = {"hidden": 8, "layers": 1, "cutoff": 3.0}
@@ -276,7 +276,7 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
 
 def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path):
     from data_shards.stream import ShardStream
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
     from pretrain.export import load_export
 
     short = {"train": {"max_steps": 4, "eval_every": 2}}
@@ -294,7 +294,7 @@ def test_unreachable_tracking_server_warns_keeps_training_and_buffers(water_shar
     from mlflow import MlflowClient
 
     from finetune.tracking import PENDING_FILE, replay_pending
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     out = tmp_path / "run"
     dead = f"http://127.0.0.1:{free_port()}"

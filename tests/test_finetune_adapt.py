@@ -85,7 +85,7 @@ def test_every_model_names_its_heads(name, heads):
 
 
 def test_lr_multipliers_give_each_part_its_groups_and_the_schedule_keeps_the_ratio():
-    from finetune.train import make_scheduler
+    from finetune.loop import make_scheduler
     from pretrain.models import build_model
 
     cfg = cfg_with({"optim": {"lr": 2e-3, "warmup_steps": 3, "min_lr": 1e-5, "schedule": "cosine"},
@@ -118,7 +118,7 @@ def test_lr_multipliers_give_each_part_its_groups_and_the_schedule_keeps_the_rat
 
 def test_backbone_is_bit_identical_while_frozen_and_trains_after(water_shards, init, tmp_path,  # noqa: F811
                                                                   monkeypatch):
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     snapshots: dict[int, dict] = {}
 
@@ -146,7 +146,7 @@ def test_backbone_is_bit_identical_while_frozen_and_trains_after(water_shards, i
 
 
 def test_backbone_frozen_throughout_is_exported_unchanged(water_shards, init, tmp_path):  # noqa: F811
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     out = tmp_path / "run"
     results = run_finetune(cfg_with(where(water_shards, out), {"init": str(init)}, LEARNS, SHORT,
@@ -159,7 +159,7 @@ def test_backbone_frozen_throughout_is_exported_unchanged(water_shards, init, tm
 
 
 def test_reinit_heads_redraws_the_heads_only(water_shards, init, tmp_path):  # noqa: F811
-    from finetune.train import check_inputs, make_model
+    from finetune.loop import check_inputs, make_model
 
     start = exported_params(init)
     backbone, head = split_names(_model_for(init))
@@ -180,7 +180,7 @@ def _export_without_oxygen(init):
 
 
 def test_elements_new_to_the_export_are_refused_naming_them(water_shards, init, tmp_path):  # noqa: F811
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     _export_without_oxygen(init)
     out = tmp_path / "run"
@@ -192,7 +192,7 @@ def test_elements_new_to_the_export_are_refused_naming_them(water_shards, init, 
 
 
 def test_allowed_new_elements_get_fresh_embedding_rows(water_shards, init, tmp_path):  # noqa: F811
-    from finetune.train import check_inputs, make_model, run_finetune
+    from finetune.loop import check_inputs, make_model, run_finetune
 
     _export_without_oxygen(init)
     cfg = cfg_with(where(water_shards, tmp_path / "run"), {"init": str(init)}, SHORT,
@@ -216,7 +216,7 @@ def test_allowed_new_elements_get_fresh_embedding_rows(water_shards, init, tmp_p
 # --- early stopping ----------------------------------------------------------------------------------
 
 def test_early_stopping_ends_training_and_records_where(water_shards, tmp_path):  # noqa: F811
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     out = tmp_path / "run"
     # lr 1e-12 moves no float32 weight: every validation equals step 0's, none is a new best

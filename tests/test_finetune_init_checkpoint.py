@@ -34,7 +34,7 @@ def pretrain_run(one_rank, water_shards, tmp_path):  # noqa: F811
 
 
 def test_checkpoint_folders_load_its_weights_and_architecture(pretrain_run, water_shards, tmp_path):  # noqa: F811
-    from finetune.train import check_inputs, make_model
+    from finetune.loop import check_inputs, make_model
 
     run, weights = pretrain_run
     tag = run / "checkpoints" / "step00000003"
@@ -49,7 +49,7 @@ def test_checkpoint_folders_load_its_weights_and_architecture(pretrain_run, wate
 
 def test_finetune_from_a_checkpoint_records_it(pretrain_run, water_shards, tmp_path):  # noqa: F811
     from data_shards.manifest import file_sha256
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     run, _ = pretrain_run
     tag = run / "checkpoints" / "step00000003"
@@ -63,7 +63,7 @@ def test_finetune_from_a_checkpoint_records_it(pretrain_run, water_shards, tmp_p
 
 
 def test_bf16_checkpoints_and_non_checkpoints_are_refused(pretrain_run, water_shards, tmp_path):  # noqa: F811
-    from finetune.train import check_inputs
+    from finetune.loop import check_inputs
 
     run, _ = pretrain_run
     state = run / "checkpoints" / "step00000003" / "state.json"

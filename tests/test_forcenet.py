@@ -8,7 +8,7 @@ import torch
 
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
-from finetune import metrics as M
+from finetune.forcefield import metrics as M
 from model_mixin import ModelTestMixin, build_water_shards, quick_finetune
 from pretrain.models import MODELS, build_model
 from pretrain.models.egnn import cosine_envelope

@@ -78,7 +78,7 @@ def test_seeded_and_deterministic(target):
 
 def test_config_key_is_validated_and_reaches_the_transform():
     from pretrain.config import resume_relevant
-    from pretrain.train import make_transform
+    from pretrain.loop import make_transform
 
     cfg = cfg_with(objective={"kind": "hmask", "h_mask_target": "farthest"})
     assert make_transform(cfg, 0).target == "farthest"

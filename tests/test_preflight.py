@@ -10,7 +10,7 @@ from pretrain.preflight import format_table
 from test_pretrain import write_water_frames
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "pretrain_tiny.yaml"
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_missing_manifest_fails_clearly_before_any_rendezvous(tmp_path):
                               capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     assert one_rank.returncode != 0
     assert "preflight FAILED" in one_rank.stderr and f"manifest not found: {missing}" in one_rank.stderr
-    cli = subprocess.run([sys.executable, "-m", "finetune.cli", "preflight", "--config", str(TINY),
+    cli = subprocess.run([sys.executable, "-m", "maskpot.cli", "preflight", "--config", str(TINY),
                           "--override", f"data.manifest_dir={missing}"],
                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
     assert cli.returncode == 2 and "manifest not found" in cli.stderr
@@ -49,7 +49,7 @@ def test_missing_manifest_fails_clearly_before_any_rendezvous(tmp_path):
 
 @pytest.mark.slow
 def test_two_rank_torchrun_preflight_passes(two_rank_shards):
-    out = subprocess.run([sys.executable, "-m", "finetune.cli", "preflight", "--config", str(TINY), "--nproc", "2",
+    out = subprocess.run([sys.executable, "-m", "maskpot.cli", "preflight", "--config", str(TINY), "--nproc", "2",
                           "--override", f"data.manifest_dir={two_rank_shards}"],
                          capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -15,7 +15,7 @@ from pretrain.config import PretrainConfig, resume_hash
 from pretrain.engine import deepspeed_config, lr_factor, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "pretrain_tiny.yaml"
+TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
 
 def cfg_with(**sections) -> PretrainConfig:
@@ -300,7 +300,7 @@ def test_nonfinite_loss_is_skipped_and_counted(one_rank, tiny_shards, tmp_path):
     from pretrain import checkpoint as ckpt
     from pretrain.engine import build_engine
     from pretrain.models import build_model
-    from pretrain.train import LockstepBatches, make_transform, train_step
+    from pretrain.loop import LockstepBatches, make_transform, train_step
 
     cfg = cfg_with(data={"manifest_dir": str(tiny_shards)}, train={"out_dir": str(tmp_path)})
     stream = ShardStream(tiny_shards, "train", 2, cfg.model.cutoff, transform=make_transform(cfg, 0))

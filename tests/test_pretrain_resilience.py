@@ -53,7 +53,7 @@ def test_later_keys_at_their_defaults_stay_out_of_the_resume_hash():
 
 def test_objective_kinds_build_their_transform_and_supervised_needs_labels(tmp_path):
     from pretrain.transforms import HydrogenMasking
-    from pretrain.train import check_objective_fits_data, make_transform
+    from pretrain.loop import check_objective_fits_data, make_transform
 
     cfg = cfg_with(objective={"kind": "hmask", "h_mask_p": 0.25, "h_mask_radius": 3.0})
     transform = make_transform(cfg, 7)
@@ -82,7 +82,7 @@ def test_supervised_and_hmask_steps_train_on_real_batches(one_rank, tiny_shards,
     from pretrain.engine import build_engine
     from pretrain.models import build_model
     from pretrain.objectives import energy_force_loss
-    from pretrain.train import LockstepBatches, make_transform, pretext_loss, train_step
+    from pretrain.loop import LockstepBatches, make_transform, pretext_loss, train_step
 
     for kind in ("supervised", "hmask"):
         cfg = cfg_with(objective={"kind": kind}, data={"manifest_dir": str(tiny_shards)},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import metrics as M
+from finetune.forcefield import metrics as M
 from test_finetune import LEARNS, cfg_with, free_port, one_torch_thread, water_shards, where  # noqa: F401
 from test_tracking import mlflow_server  # noqa: F401 - fixture
 
@@ -22,7 +22,7 @@ def test_versions_are_registered_and_champion_follows_the_best(mlflow_server, wa
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     client = MlflowClient(mlflow_server)
     experiment = client.create_experiment("ft-registry-test")
@@ -70,7 +70,7 @@ def test_versions_are_registered_and_champion_follows_the_best(mlflow_server, wa
 def test_registration_is_skipped_with_a_warning_when_the_store_is_down(water_shards, tmp_path, caplog):  # noqa: F811
     import logging
 
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     dead = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, logger="finetune.tracking"):

@@ -100,7 +100,7 @@ def test_supervised_init_lineage_needs_an_explicit_kind():
 
 
 def test_empty_replay_split_fails_before_anything_is_written(water_shards, pretrain_corpus, tmp_path):
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=r"replay split 'test' is empty"):
@@ -141,7 +141,7 @@ def test_finetune_with_replay_logs_the_pretext_loss_and_changes_the_weights(wate
                                                                            tmp_path):
     from mlflow import MlflowClient
 
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
     from test_finetune_adapt import exported_params
 
     init = export_fresh_model(tmp_path / "pretrained", {"hidden": 8, "layers": 1, "cutoff": 3.5})

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from data_shards.config_io import ConfigError
-from finetune import study_report
-from finetune.study import describe_plan
-from finetune.study_config import load_study
+from maskpot.study import report as study_report
+from maskpot.study.stages import describe_plan
+from maskpot.study.config import load_study
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO / "studies" / "water.yaml"
+STUDY = REPO / "configs" / "study" / "water.yaml"
 
 
 @pytest.mark.parametrize("scale", ["tiny", "small", "full", "paper"])
@@ -56,7 +56,7 @@ def test_unknown_scale_lists_the_defined_ones():
 
 def maskpot(*args, cwd):
     env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "finetune.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
 
 
@@ -124,7 +124,7 @@ def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path)
 
 
 def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_path):
-    from finetune.study_ablation import ablation_jobs
+    from maskpot.study.ablation import ablation_jobs
 
     cfg = load_study(STUDY, "tiny", {"ablations": {
         "a": {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train"},
@@ -163,7 +163,7 @@ def pretrain_configs(monkeypatch) -> dict:
 
 
 def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, pretrain_configs):
-    from finetune.study import ethanol_jobs
+    from maskpot.study.stages import ethanol_jobs
 
     (tmp_path / "shards" / "ethanol").mkdir(parents=True)
     (tmp_path / "shards" / "ethanol" / "manifest.json").write_text("{}")   # already sharded
@@ -177,7 +177,7 @@ def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tm
 
 
 def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, pretrain_configs):
-    from finetune.study_ablation import ablation_jobs
+    from maskpot.study.ablation import ablation_jobs
 
     cfg = load_study(STUDY, "tiny", {"ablations": {"again": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
                                                              "pretrain": {"seed": 1}}}})

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import metrics as M
+from finetune.forcefield import metrics as M
 from finetune.tracking import server_is_up
 from test_finetune import LEARNS, cfg_with, free_port, one_torch_thread, water_shards, where  # noqa: F401 - fixtures
 
@@ -113,7 +113,7 @@ def test_finetune_logs_everything_to_an_mlflow_server(mlflow_server, water_shard
     from mlflow import MlflowClient
     from mlflow.artifacts import download_artifacts
 
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     out = tmp_path / "run"
     cfg = cfg_with(where(water_shards, out, tracking=True), LEARNS,

@@ -26,7 +26,6 @@ from data_shards import keys as K
 from pretrain.models.base import ReferenceEnergyModel
 
 
-
 @dataclass
 class EGNNConfig:
     hidden: int = 128          # width of node features and messages

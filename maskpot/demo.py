@@ -17,7 +17,6 @@ from pathlib import Path
 import yaml
 
 
-
 @dataclass(frozen=True)
 class DemoScale:
     molecules: int                  # water molecules per box
@@ -155,7 +154,7 @@ def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Pat
 def stage_finetune(out: Path, scale: DemoScale, labelled: Path, name: str, init: Path | None) -> dict:
     from data_shards.config_io import load_config
     from finetune.config import FinetuneConfig
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     source = labelled.name.removeprefix("labelled_")
     run_dir = out / f"finetune_{source}_{name}"

@@ -2,7 +2,7 @@
 
 DATA is anything the readers understand (extxyz file, DeePMD system folder or root, …) or a shard folder
 with manifest.json (one split, `--split`). Writes OUT/metrics.json, OUT/metrics.md and parity plots, and
-prints the table. Units: energies per atom in meV/atom, forces in meV/Å (see finetune.metrics).
+prints the table. Units: energies per atom in meV/atom, forces in meV/Å (see finetune.forcefield.metrics).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
-    from finetune import metrics as M
+    from finetune.forcefield import metrics as M
 
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]), ("energy MAE", "meV/atom", figures[M.ENERGY_MAE]),
@@ -82,8 +82,8 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
     import torch
 
-    from finetune import metrics as M
-    from finetune import plots
+    from finetune.forcefield import metrics as M
+    from finetune.forcefield import plots
     from pretrain.export import load_export
 
     if batch_size < 1:

@@ -1,9 +1,9 @@
 """Ablations of the study (`maskpot study --ablation NAME`): what changes the gain of pretraining?
 
-Each ablation (`ablations:` in the study YAML, finetune.study_config.AblationConfig) re-runs some variants
+Each ablation (`ablations:` in the study YAML, maskpot.study.config.AblationConfig) re-runs some variants
 on DFT water with a changed pretraining and/or finetuning, at its own budgets and seeds. What it needs from
 the main study (corpus, DFT shards, unchanged pretrainings, unchanged scratch runs) is run or reused; its
-own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models), next to the main runs, so that the report (finetune.study_report) can set
+own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models), next to the main runs, so that the report (maskpot.study.report) can set
 each beside its baseline: scratch@NAME when the finetune budget changed, else the main scratch runs.
 """
 from __future__ import annotations
@@ -14,8 +14,7 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import to_dict
-
-from finetune.study_config import ABLATION_MARK, VARIANTS, StudyConfig
+from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 
 
 def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
@@ -30,7 +29,7 @@ def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
 
 def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path) -> list:
     """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
-    from finetune.study import finetune_config, pretrain_one, water_objective
+    from maskpot.study.stages import finetune_config, pretrain_one, water_objective
 
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
@@ -87,7 +86,12 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
 
 
 def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
-    from finetune.study import Timings, run_finetunes, stage_corpus, stage_dft_shards
+    from maskpot.study.stages import (
+        Timings,
+        run_finetunes,
+        stage_corpus,
+        stage_dft_shards,
+    )
 
     if not cfg.dft_water.enabled:
         raise ValueError("ablations run on DFT water: dft_water.enabled must be true")

@@ -2,7 +2,7 @@
 
 corpus (TIP3P, OpenMM) → shards (Ray) → one DeepSpeed pretraining per model × objective → finetunes of
 every variant (scratch and each pretrained export) × label budget × seed on DFT water, TIP3P labels and
-rMD17 ethanol, all with the same finetune budget → tables, plots and summary.md (finetune.study_report).
+rMD17 ethanol, all with the same finetune budget → tables, plots and summary.md (maskpot.study.report).
 
 A stage whose output exists is skipped, so rerunning the same command after an interruption finishes
 only what is missing (a pretraining killed midway resumes from its last checkpoint). Every finetune is
@@ -16,15 +16,23 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
 
 from data_shards.config_io import parse_dotted_overrides, to_dict
-from finetune import study_ablation
-from finetune.study_config import (ABLATION_MARK, ETHANOL_VARIANTS, VARIANTS, FinetuneStageConfig,
-                                   PretrainStageConfig, StudyConfig, load_study)
+from maskpot.study import ablation as study_ablation
+from maskpot.study.config import (
+    ABLATION_MARK,
+    ETHANOL_VARIANTS,
+    VARIANTS,
+    FinetuneStageConfig,
+    PretrainStageConfig,
+    StudyConfig,
+    load_study,
+)
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"
@@ -49,7 +57,8 @@ def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "study", help="the reproduction study: corpus → pretraining variants → finetunes × budgets × seeds → report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="studies/water.yaml", help="study YAML (default studies/water.yaml)")
+    p.add_argument("--config", default=None,
+                   help="study YAML (default: the shipped configs/study/water.yaml, package data maskpot.configs)")
     p.add_argument("--scale", default="small",
                    help="a scale defined in the YAML: tiny (CI, ~3 min, no claims), small (~90 min on 2 cores, "
                         "the numbers in REPORT.md), full (the whole grid: many hours, or a GPU), paper "
@@ -66,12 +75,11 @@ def add_command(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_config_path(path: str) -> Path:
-    """`path`, or for a relative path that is not there, the same path in the source tree (an editable
-    install run from another folder still finds studies/water.yaml)."""
-    p = Path(path)
-    beside_source = Path(__file__).resolve().parents[1] / p
-    return beside_source if not p.exists() and not p.is_absolute() and beside_source.is_file() else p
+def resolve_config_path(path: str | None) -> Path:
+    """`path`, or the shipped study config (package data) when none is given."""
+    if path is None:
+        return Path(str(resources.files("maskpot.configs") / "study" / "water.yaml"))
+    return Path(path)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -81,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plan:
         print(study_ablation.describe(cfg, names) if names else describe_plan(cfg, out))
         return 0
-    from finetune import study_report
+    from maskpot.study import report as study_report
 
     if not args.report_only:
         if names:
@@ -323,7 +331,7 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
     torch.set_num_threads(threads)
     from data_shards.config_io import from_dict
     from finetune.config import FinetuneConfig
-    from finetune.train import run_finetune
+    from finetune.loop import run_finetune
 
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir).parent / f"{Path(job.run_dir).name}.yaml").write_text(

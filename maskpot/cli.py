@@ -13,8 +13,9 @@ import sys
 from cluster import cli as cluster_cli
 from data_shards import cli as data_cli
 from finetune import commands as finetune_commands
-from finetune import demo
-from finetune import evaluate, md, study
+from finetune.forcefield import evaluate, md
+from maskpot import demo
+from maskpot.study import stages as study
 from pretrain import cli as pretrain_cli
 from pretrain import preflight as pretrain_preflight
 

@@ -29,16 +29,16 @@ from tqdm import tqdm
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
 from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest
-from data_shards.units import MAX_FORCE_RMS
 from data_shards.stream import ShardStream
+from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A
-from finetune import metrics as M
-from finetune import plots
 from finetune import replay as R
 from finetune.config import FinetuneConfig, flatten_config
+from finetune.forcefield import metrics as M
+from finetune.forcefield import plots
+from finetune.init_checkpoint import load_init, read_init_meta, weights_file
 from finetune.tracking import Tracker
 from pretrain.engine import lr_factor
-from finetune.init_checkpoint import load_init, read_init_meta, weights_file
 from pretrain.export import normalisation_from_stats, save_export
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss

@@ -8,7 +8,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from data_shards.keys import CHEMICAL_SYMBOLS
-from finetune import metrics as M
+from finetune.forcefield import metrics as M
 
 DPI = 120
 
@@ -25,7 +25,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
 def learning_curve(train: list[tuple[int, float]], val: list[dict], path: str | Path) -> Path:
     """Train loss per step (left) and validation energy/force RMSE per evaluation (right).
 
-    `val` items: {"step", M.ENERGY_RMSE, M.FORCE_RMSE} (finetune.metrics keys).
+    `val` items: {"step", M.ENERGY_RMSE, M.FORCE_RMSE} (finetune.forcefield.metrics keys).
     """
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_val = fig.subplots(1, 2)
@@ -77,7 +77,7 @@ def parity(ref: np.ndarray, pred: np.ndarray, path: str | Path, quantity: str, u
 
 
 def parity_plots(arrays: dict, figures: dict, out_dir: str | Path, split: str) -> list[Path]:
-    """parity_energy.png and parity_forces.png from `finetune.metrics.evaluate` output."""
+    """parity_energy.png and parity_forces.png from `finetune.forcefield.metrics.evaluate` output."""
     out_dir = Path(out_dir)
     species = np.repeat(arrays["species"], 3)  # forces are flattened component-wise
     names = {z: CHEMICAL_SYMBOLS[int(z)] for z in np.unique(species)}

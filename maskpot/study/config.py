@@ -1,6 +1,6 @@
 """`StudyConfig`: what `maskpot study` runs, one dataclass per stage, validated when built.
 
-The YAML (e.g. `studies/water.yaml`) holds a `base:` mapping and a `scales:` mapping whose entries
+The YAML (e.g. `configs/study/water.yaml`) holds a `base:` mapping and a `scales:` mapping whose entries
 (tiny, small, full, paper) are merged over the base; `load_study(path, scale)` returns the result.
 Unknown keys are refused with the list of valid ones (data_shards.config_io).
 """
@@ -92,7 +92,10 @@ class FinetuneStageConfig:
         _positive("finetune.steps/batch_size/eval_every/jobs",
                   [self.steps, self.batch_size, self.eval_every, self.jobs])
         _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
-        from finetune.config import AdaptConfig, ReplayConfig  # the finetune's own checks, before any run starts
+        from finetune.config import (  # the finetune's own checks, before any run starts
+            AdaptConfig,
+            ReplayConfig,
+        )
 
         from_dict(AdaptConfig, self.adapt, where="finetune.adapt")
         if self.replay:
@@ -197,7 +200,9 @@ class StudyConfig:
     ablations: dict = field(default_factory=dict)  # name → AblationConfig mapping (`--ablation NAME`)
 
     def __post_init__(self):
-        from pretrain.models import MODELS  # torch: only when a config is built, not for `maskpot --help`
+        from pretrain.models import (
+            MODELS,  # torch: only when a config is built, not for `maskpot --help`
+        )
 
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")

@@ -17,8 +17,8 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from finetune import metrics as M
-from finetune.study_config import ABLATION_MARK
+from finetune.forcefield import metrics as M
+from maskpot.study.config import ABLATION_MARK
 
 RUN_NAME = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>.+)_n(?P<budget>\d+)_s(?P<seed>\d+)$")
 SETTING_TITLES = {"dft_water": "DFT water (DeePMD data_0+1 → test data_3), pretraining on TIP3P",

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.calculators.calculator import (
+    Calculator,
+    PropertyNotImplementedError,
+    all_changes,
+)
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data

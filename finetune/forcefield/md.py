@@ -10,7 +10,6 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ase import Atoms
 
-    from finetune.calculator import MaskpotCalculator
+    from finetune.forcefield.calculator import MaskpotCalculator
 
 # ase, matplotlib and the calculator (torch) are imported where used: `maskpot --help` stays fast
 
@@ -207,7 +206,7 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.calculator import MaskpotCalculator
+    from finetune.forcefield.calculator import MaskpotCalculator
 
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
                    args.seed, args.skin, args.dtype)

@@ -1,0 +1,1 @@
+"""Example configs, shipped as package data `maskpot.configs` (pretrain/, finetune/, study/, cluster/)."""
