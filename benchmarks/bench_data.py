@@ -17,13 +17,13 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
 import ase  # noqa: E402
 import ase.io  # noqa: E402
 from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
-from water_systems import water_box  # noqa: E402
+from tests.helpers.water_systems import water_box  # noqa: E402
 
 from data_shards import keys as K  # noqa: E402
 from data_shards import readers  # noqa: E402

@@ -35,9 +35,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
-from water_systems import to_batch, water_box  # noqa: E402
+from tests.helpers.water_systems import to_batch, water_box  # noqa: E402
 
 from data_shards import keys as K  # noqa: E402
 from pretrain.engine import MODEL_INPUT_FLOATS  # noqa: E402

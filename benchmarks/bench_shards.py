@@ -25,8 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
 import numpy as np  # noqa: E402
 
@@ -97,7 +96,7 @@ def time_build(inputs: list[str], out: Path, cpus: int, shard_size: int) -> tupl
 
 
 def sharding(tmp: Path, frames: int) -> None:
-    from water_systems import water_box
+    from tests.helpers.water_systems import water_box
 
     water = write_deepmd(tmp / "water64", [water_box(64, seed=s) for s in range(8)], frames, seed=1)
     molecule, label = small_molecule_input(tmp, 1000)
@@ -166,7 +165,7 @@ print(json.dumps({{"n": n, "s": time.perf_counter() - t0,
 
 
 def peak_rss(tmp: Path, sizes: list[int]) -> None:
-    from water_systems import water_box
+    from tests.helpers.water_systems import water_box
 
     boxes = [water_box(8, seed=s) for s in range(16)]
     print("3. peak RSS (fresh process each), 8-water frames (24 atoms)")

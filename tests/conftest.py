@@ -1,4 +1,5 @@
-"""Session-wide test settings: CPU DeepSpeed, loopback Ray, quiet MLflow, the shared data path."""
+"""Session-wide test settings (CPU DeepSpeed, loopback Ray, quiet MLflow) and every fixture shared by more
+than one test module. Session fixtures here are built once per run (`pytest --setup-plan` shows it)."""
 import os
 from pathlib import Path
 
@@ -13,8 +14,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MASKPOT_SHARED_DATA", REPO.parent / "shared" / "data"))
+import torch  # noqa: E402 - after the environment above
+
+from tests.helpers.finetuning import build_tip3p_shards  # noqa: E402
+from tests.helpers.mlflow_server import start_mlflow_server, stop_mlflow_server  # noqa: E402
+from tests.helpers.net import free_port  # noqa: E402
+from tests.helpers.paths import SHARED_DATA  # noqa: E402
+from tests.helpers.shards import write_water_frames  # noqa: E402
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.fixture(scope="session")
@@ -23,3 +31,63 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared DFT data not found at {SHARED_DATA} (set MASKPOT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models: with 2 OpenMP threads on 2 busy cores they ran 6x slower than with one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank process group in this process (DeepSpeed engines need one); torn down after the module."""
+    import deepspeed.comm
+    import torch.distributed as dist
+
+    from pretrain.engine import init_distributed
+
+    saved = {k: os.environ.get(k) for k in RANK_VARIABLES}
+    for k in saved:
+        os.environ.pop(k, None)
+    assert init_distributed() == (0, 1)
+    yield
+    # through deepspeed.comm, which also drops DeepSpeed's cached groups: another module can init again
+    deepspeed.comm.destroy_process_group()
+    assert not dist.is_initialized()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """16 train frames in 4 shards, 8 val frames in 2 shards: every rank of 2 gets whole shards."""
+    from data_shards.build import build_shards
+
+    root = tmp_path_factory.mktemp("pretrain_shards")
+    write_water_frames(root / "train.xyz", 16, seed=1)
+    write_water_frames(root / "val.xyz", 8, seed=2)
+    out = root / "shards"
+    build_shards([f"train={root / 'train.xyz'}", f"val={root / 'val.xyz'}"], str(out), shard_size=4,
+                 use_ray=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def water_shards(tmp_path_factory) -> Path:
+    """40 flexible-TIP3P frames of 8 H2O (OpenMM): 24 train / 8 val / 8 test, 8 frames per shard."""
+    return build_tip3p_shards(tmp_path_factory.mktemp("ft_water"), (0.6, 0.2, 0.2))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on a free loopback port for the whole session; yields its URI."""
+    port = free_port()
+    proc = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_mlflow_server(proc)

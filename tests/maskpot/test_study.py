@@ -1,0 +1,253 @@
+"""`maskpot study`: config scales, the report maths on hand-made results, and the tiny scale end to end."""
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_shards.config_io import ConfigError
+from maskpot.study import report as study_report
+from maskpot.study.stages import describe_plan
+from maskpot.study.config import load_study
+from tests.helpers.paths import REPO
+
+STUDY = REPO / "configs" / "study" / "water.yaml"
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "full", "paper"])
+def test_every_scale_in_the_repo_yaml_is_valid(scale):
+    cfg = load_study(STUDY, scale)
+    assert cfg.scale == scale and "scratch" in cfg.variants
+    assert {"denoise", "mask"} <= set(cfg.variants)  # every scale compares scratch, denoise and mask
+    plan = describe_plan(cfg, REPO / "runs" / "x")
+    assert f"scale {scale}" in plan and "finetunes" in plan
+
+
+def test_small_scale_keeps_one_finetune_budget_and_the_required_budgets():
+    cfg = load_study(STUDY, "small")
+    assert cfg.dft_water.budgets[0] == 30 and cfg.dft_water.budgets[-1] == 240
+    assert len(cfg.seeds) >= 2 and cfg.corpus.frames >= 1000
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"finetune": {"stepz": 3}}, "valid keys"),
+    ({"variants": ["mask", "denoise"]}, "must include 'scratch'"),
+    ({"variants": ["scratch", "maks"]}, "valid: ['scratch', 'denoise', 'mask', 'mask+denoise', 'supervised']"),
+    ({"models": {"schnet": {}}}, "registered"),
+    ({"dft_water": {"budgets": [30, 500]}}, "240 frames"),
+    ({"seeds": [0, 0]}, "distinct"),
+])
+def test_bad_study_configs_say_what_is_valid(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "tiny", overrides)
+    assert needle in str(err.value)
+
+
+def test_unknown_scale_lists_the_defined_ones():
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "huge")
+    assert "'full', 'paper', 'small', 'tiny'" in str(err.value)
+
+
+def maskpot(*args, cwd):
+    env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _fake_run(root, setting, name, force, energy, curve):
+    d = root / "finetune" / setting / name
+    d.mkdir(parents=True)
+    history = [{"step": s, "force_rmse_mev_per_a": f, "energy_rmse_mev_per_atom": 1.0} for s, f in curve]
+    d.joinpath("results.json").write_text(json.dumps({
+        "test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": energy}, "history": history}))
+
+
+def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, [(0, 900), (50, 300), (100, 110)])
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 120.0, 4.0, [(0, 900), (50, 280), (100, 130)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s0", 70.0, 1.0, [(0, 500), (50, 115), (100, 80)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s1", 90.0, 1.0, [(0, 500), (50, 125), (100, 90)])
+    _fake_run(tmp_path, "dft_water", "egnn_denoise_n30_s0", 200.0, 5.0, [(0, 600), (50, 400), (100, 300)])
+    _fake_run(tmp_path, "dft_water", "egnn_mask+denoise_n240_s0", 50.0, 1.0, [(0, 400), (100, 60)])
+    summary = study_report.summarize(study_report.collect(tmp_path))["dft_water"]
+    rows = {(r["budget"], r["variant"]): r for r in summary["rows"]}
+    scratch, mask = rows[(30, "scratch")], rows[(30, "mask")]
+    assert scratch["force_mean"] == pytest.approx(110.0) and scratch["force_std"] == pytest.approx(math.sqrt(200))
+    assert mask["force_change_vs_scratch_pct"] == pytest.approx(100 * (80 / 110 - 1))
+    assert rows[(30, "denoise")]["force_std"] == 0.0 and rows[(30, "denoise")]["seeds"] == 1
+    assert math.isnan(rows[(240, "mask+denoise")]["force_change_vs_scratch_pct"])  # no scratch at 240
+    reach = {(r["budget"], r["variant"]): r for r in summary["steps_to_scratch"]}
+    assert reach[(30, "scratch")]["scratch_final_val_force"] == pytest.approx(120.0)  # mean of 110 and 130
+    assert reach[(30, "mask")]["first_step_reaching"] == 50  # mean 120 at step 50
+    assert reach[(30, "denoise")]["first_step_reaching"] is None
+    text = study_report.write_report(tmp_path)
+    assert "| egnn | 30 | mask | 2 | 1.00 ± 0.00 | 80.0 ± 14.1 | -27.3% |" in text
+    for png in ("learning_curves_dft_water_egnn.png", "data_efficiency_dft_water_egnn.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 5000
+
+
+def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path):
+    curve = [(0, 900), (100, 100)]
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 140.0, 2.0, curve)   # not a seed of the ablations
+    _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s0", 90.0, 2.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_mask@lowlr_n30_s0", 80.0, 1.0, curve)         # finetune unchanged
+    _fake_run(tmp_path, "dft_water", "egnn_scratch@long_n30_s0", 50.0, 1.0, curve)       # finetune changed
+    _fake_run(tmp_path, "dft_water", "egnn_mask@long_n30_s0", 40.0, 1.0, curve)
+    _fake_run(tmp_path, "dft_water", "egnn_mask@long2_n30_s0", 45.0, 1.0, curve)   # shares long's scratch
+    (tmp_path / "finetune/dft_water/egnn_mask@long2_n30_s0.yaml").write_text(
+        "tracking:\n  tags: {study.baseline: scratch@long}\n")
+    records = study_report.collect(tmp_path)
+    main = {r["variant"] for r in study_report.summarize(records)["dft_water"]["rows"]}
+    assert main == {"scratch", "mask"}                     # ablation runs stay out of the main table
+    rows = {r["ablation"]: r for r in study_report.summarize_ablations(records)}
+    assert set(rows) == {"lowlr", "long", "long2"}
+    assert rows["long2"]["baseline"] == "scratch@long" and rows["long2"]["baseline_force"] == pytest.approx(50.0)
+    low, long = rows["lowlr"], rows["long"]
+    assert low["baseline"] == "scratch" and low["baseline_force"] == pytest.approx(100.0)   # seed 0 only
+    assert low["force_change_vs_baseline_pct"] == pytest.approx(-20.0)
+    assert low["without_ablation_force"] == pytest.approx(90.0)
+    assert low["without_ablation_change_pct"] == pytest.approx(-10.0)
+    assert long["baseline"] == "scratch@long" and long["force_change_vs_baseline_pct"] == pytest.approx(-20.0)
+    text = study_report.write_report(tmp_path)
+    assert "| egnn | 30 | mask | 2 |" not in text   # the main table counts main runs only (1 mask seed)
+    ablations = (tmp_path / "report" / "ablations.md").read_text()
+    assert "| lowlr | egnn | 30 | mask | 0 | 1.00 ± 0.00 | 80.0 ± 0.0 | 100.0 (scratch) | -20.0% | 90.0 (-10.0%) |" \
+        in ablations
+    assert (tmp_path / "report" / "ablation_long_dft_water_egnn.png").stat().st_size > 5000
+
+
+def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_path):
+    from maskpot.study.ablation import ablation_jobs
+
+    cfg = load_study(STUDY, "tiny", {"ablations": {
+        "a": {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train"},
+        "b": {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train", "finetune": {"steps": 9}},
+        "c": {"variants": ["mask"], "budgets": [8], "finetune": {"steps": 9}}}})
+    for run in ("egnn_mask@a", "egnn_mask"):   # finished pretrainings: nothing is run again
+        (tmp_path / "pretrain" / run / "export").mkdir(parents=True)
+        (tmp_path / "pretrain" / run / "export" / "model.json").write_text("{}")
+    names = {n: {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, n, tmp_path / "corpus",
+                                                                  tmp_path / "dft")} for n in ("b", "c")}
+    assert set(names["b"]) == {"egnn_scratch@b_n8_s0", "egnn_mask@b_n8_s0"}
+    assert names["b"]["egnn_mask@b_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask@a/export")
+    assert set(names["c"]) == {"egnn_scratch@b_n8_s0", "egnn_mask@c_n8_s0"}   # b's scratch serves c too
+    assert names["c"]["egnn_mask@c_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask/export")
+    assert names["c"]["egnn_mask@c_n8_s0"].config["tracking"]["tags"]["study.baseline"] == "scratch@b"
+    assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
+
+
+@pytest.fixture
+def pretrain_configs(monkeypatch) -> dict:
+    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written."""
+    import pretrain.cli
+
+    configs = {}
+
+    def fake_pretrain(args):
+        config = yaml.safe_load(Path(args.config).read_text())
+        out = Path(config["train"]["out_dir"])
+        configs[out.name] = config
+        (out / "export").mkdir(parents=True)
+        (out / "export" / "model.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    return configs
+
+
+def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, pretrain_configs):
+    from maskpot.study.stages import ethanol_jobs
+
+    (tmp_path / "shards" / "ethanol").mkdir(parents=True)
+    (tmp_path / "shards" / "ethanol" / "manifest.json").write_text("{}")   # already sharded
+    cfg = load_study(STUDY, "tiny", {"ethanol": {"variants": ["scratch", "hmask", "hmask_farthest"]}})
+    jobs = ethanol_jobs(cfg, tmp_path)
+    objectives = {name: c["objective"] for name, c in pretrain_configs.items()}
+    assert objectives["ethanol_egnn_hmask"]["kind"] == objectives["ethanol_egnn_hmask_farthest"]["kind"] == "hmask"
+    assert objectives["ethanol_egnn_hmask_farthest"]["h_mask_target"] == "farthest"
+    assert "h_mask_target" not in objectives["ethanol_egnn_hmask"]   # the default: nearest
+    assert {Path(j.run_dir).name for j in jobs} >= {"egnn_hmask_farthest_n20_s0", "egnn_scratch_n40_s0"}
+
+
+def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, pretrain_configs):
+    from maskpot.study.ablation import ablation_jobs
+
+    cfg = load_study(STUDY, "tiny", {"ablations": {"again": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
+                                                             "pretrain": {"seed": 1}}}})
+    jobs = {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, "again", tmp_path / "c", tmp_path / "d")}
+    assert {name: c["train"]["seed"] for name, c in pretrain_configs.items()} == {"egnn_mask@again": 1}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_scratch_n8_s1", "egnn_mask@again_n8_s0", "egnn_mask@again_n8_s1"}
+    assert jobs["egnn_mask@again_n8_s1"].config["init"] == str(tmp_path / "pretrain/egnn_mask@again/export")
+    assert cfg.pretrain.seed == 0
+
+
+@pytest.mark.parametrize("ablation,needle", [
+    ({"variants": ["maks"]}, "valid: ['scratch'"),
+    ({"finetune": {"stepz": 3}}, "ablations.x.finetune: unknown key(s) ['stepz']"),
+    ({"finetune": {"adapt": {"backbone_lr": 0.2}}}, "finetune.adapt: unknown key(s) ['backbone_lr']"),
+    ({"pretrain": {"zero_stage": 4}}, "zero_stage must be 0, 1 or 2"),
+    ({"budgets": [500]}, "240 frames"),
+    ({"colour": "red"}, "valid keys"),
+])
+def test_bad_ablations_fail_when_the_study_config_is_read(ablation, needle):
+    with pytest.raises(ConfigError) as err:
+        load_study(STUDY, "tiny", {"ablations": {"x": ablation}})
+    assert needle in str(err.value)
+
+
+def test_ablation_plan_names_what_changes_and_refuses_unknown_names(tmp_path):
+    run = maskpot("study", "--scale", "small", "--ablation", "all", "--plan", cwd=REPO)
+    assert run.returncode == 0, run.stderr
+    cfg = load_study(STUDY, "small")
+    for name in cfg.ablations:
+        assert f"ablation {name}:" in run.stdout
+    bad = maskpot("study", "--scale", "small", "--ablation", "nope", "--plan", cwd=REPO)
+    assert bad.returncode == 2 and "defined: ['backbone_lr'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, shared_data):
+    out = tmp_path / "study"
+    args = ["study", "--scale", "tiny", "--out", out, "--config", STUDY, "--override",
+            f"dft_water.path={shared_data / 'water_deepmd'}", f"ethanol.path={shared_data / 'ethanol_rmd17'}"]
+    first = maskpot(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    cfg = load_study(STUDY, "tiny")
+    expected = (len(cfg.variants) * len(cfg.dft_water.budgets) + len(cfg.tip3p.variants)
+                + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets)) * len(cfg.seeds)
+    results = sorted(out.glob("finetune/*/*/results.json"))
+    assert len(results) == expected
+    summary = (out / "report" / "summary.md").read_text()
+    for title in study_report.SETTING_TITLES.values():
+        assert title in summary
+    assert (out / "report" / "learning_curves_dft_water_egnn.png").is_file()
+    exports = sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json"))
+    assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
+    with sqlite3.connect(out / "mlflow.db") as db:
+        runs = db.execute("select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id "
+                          "where e.name = ? and r.status = 'FINISHED'", (cfg.experiment,)).fetchone()[0]
+        variants = {v for (v,) in db.execute("select value from tags where key = 'study.variant'")}
+    assert runs == expected and variants == {"scratch", "denoise", "mask", "hmask"}
+    stamps = {p: p.stat().st_mtime_ns for p in results}
+    again = maskpot(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{expected} of {expected} runs already finished, 0 to go" in again.stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in results}
+
+    ablated = maskpot(*args, "--ablation", "all", cwd=tmp_path)
+    assert ablated.returncode == 0, ablated.stdout[-3000:] + ablated.stderr[-3000:]
+    assert stamps == {p: p.stat().st_mtime_ns for p in results}, "the main runs are reused, never redone"
+    runs = {p.parent.name for p in out.glob("finetune/dft_water/*@*/results.json")}
+    assert runs == {"egnn_mask@backbone_lr_n8_s0", "egnn_mask@long_pretrain_n8_s0"}
+    assert (out / "pretrain" / "egnn_mask@long_pretrain" / "export" / "model.json").is_file()
+    adapt = json.loads((out / "finetune/dft_water/egnn_mask@backbone_lr_n8_s0/results.json").read_text())["adapt"]
+    assert adapt["backbone_lr_mult"] == 0.2
+    table = (out / "report" / "ablations.md").read_text()
+    assert "| backbone_lr | egnn | 8 | mask | 0 |" in table and "| long_pretrain | egnn | 8 | mask | 0 |" in table
