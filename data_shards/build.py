@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from data_shards import dedup, readers
@@ -68,6 +69,7 @@ MAX_RETRIES = 3        # a chunk whose worker dies is rerun this many times
 OBJECT_STORE_BYTES = 256 * 1024**2
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 AUTO_SPLIT = "by_fraction"
+SPLIT_MODES = ("contiguous", "shuffled")
 # how inputs without a split= prefix are divided (see `plan`)
 SPLIT_BY = {"frames": "contiguous blocks of each input by split_fractions (neighbouring frames stay together)",
             "input": "whole inputs - files, and each system of a DeePMD folder - assigned to splits by "
@@ -91,7 +93,8 @@ class BuildConfig:
     stats_cutoff: float = DEFAULT_STATS_CUTOFF
     units: str | None = None
     split_by: str = "frames"   # "frames": contiguous blocks of every input; "input": whole inputs (groups)
-    split_seed: int = 0        # with split_by "input": which groups land in which split
+    split_seed: int = 0        # split_by "input": which groups land in which split; split_mode "shuffled": the order
+    split_mode: str = "contiguous"  # split_by "frames": "contiguous" blocks, or "shuffled" (seeded) frame subsets
 
     def __post_init__(self):
         if not self.inputs:
@@ -110,6 +113,11 @@ class BuildConfig:
         check_units_name(self.units)
         if self.split_by not in SPLIT_BY:
             raise ValueError(f"split_by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
+        if self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"split_mode must be one of {list(SPLIT_MODES)}, got {self.split_mode!r}")
+        if self.split_mode == "shuffled" and self.split_by != "frames":
+            raise ValueError("split_mode 'shuffled' cuts frames of each input; it needs split_by 'frames', "
+                             f"got {self.split_by!r}")
 
     @property
     def chunk_options(self) -> ChunkOptions:
@@ -143,6 +151,33 @@ def split_ranges(frames: int, fractions: tuple[float, ...]) -> dict[str, tuple[i
         bounds.append(min(frames, round(frames * acc)))
     bounds[-1] = frames
     return {s: (bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
+
+
+def shuffled_positions(path: str, frames: int, fractions: tuple[float, ...], seed: int) -> dict[str, list[int]]:
+    """Sorted frame positions per split: a permutation seeded by (seed, path as given) cut by `fractions`
+    (so high-force or rare frames of a small file are spread over the splits, unlike contiguous blocks)."""
+    stream = int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "little")
+    order = np.random.default_rng(stream).permutation(frames)
+    return {s: sorted(order[a:b].tolist()) for s, (a, b) in split_ranges(frames, fractions).items()}
+
+
+def _split_chunks(spec: InputSpec, cfg: BuildConfig, first_index: int) -> list[Chunk]:
+    """One input's chunks of ≤ shard_size frames, per split, in plan order."""
+    chunks: list[Chunk] = []
+    if spec.split is None and cfg.split_mode == "shuffled":
+        for split_name, positions in shuffled_positions(spec.path, spec.frames, cfg.split_fractions,
+                                                        cfg.split_seed).items():
+            for lo in range(0, len(positions), cfg.shard_size):
+                part = tuple(positions[lo:lo + cfg.shard_size])
+                chunks.append(Chunk(first_index + len(chunks), spec.path, spec.fmt, split_name, part[0],
+                                    part[-1] + 1, select=part))
+        return chunks
+    ranges = {spec.split: (0, spec.frames)} if spec.split else split_ranges(spec.frames, cfg.split_fractions)
+    for split_name, (start, stop) in ranges.items():
+        for lo in range(start, stop, cfg.shard_size):
+            chunks.append(Chunk(first_index + len(chunks), spec.path, spec.fmt, split_name, lo,
+                                min(stop, lo + cfg.shard_size)))
+    return chunks
 
 
 def assign_groups(specs: list[InputSpec], fractions: tuple[float, ...], seed: int) -> dict[str, str]:
@@ -189,11 +224,7 @@ def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
     `split_by` "input" gives every input without a split= prefix a whole split (`assign_groups`)."""
     specs, chunks = _input_specs(cfg), []
     for spec in specs:
-        ranges = {spec.split: (0, spec.frames)} if spec.split else split_ranges(spec.frames, cfg.split_fractions)
-        for split_name, (start, stop) in ranges.items():
-            for lo in range(start, stop, cfg.shard_size):
-                chunks.append(Chunk(len(chunks), spec.path, spec.fmt, split_name, lo,
-                                    min(stop, lo + cfg.shard_size)))
+        chunks += _split_chunks(spec, cfg, len(chunks))
     return specs, chunks
 
 
@@ -252,6 +283,15 @@ def structure_summary(results: list[ChunkResult], cutoff: float) -> dict:
             "periodicity": kind, "periodic_samples": periodic, "non_periodic_samples": samples - periodic}
 
 
+def _input_record(s: InputSpec, cfg: BuildConfig) -> dict:
+    """Where an input's frames went: `ranges` [start, stop) per split, or `counts` per split when shuffled."""
+    rec = {"path": s.path, "format": s.fmt, "frames": s.frames, "split": s.split or AUTO_SPLIT}
+    if s.split is None and cfg.split_mode == "shuffled":
+        return {**rec, "counts": {k: b - a for k, (a, b) in split_ranges(s.frames, cfg.split_fractions).items()}}
+    ranges = {s.split: (0, s.frames)} if s.split else split_ranges(s.frames, cfg.split_fractions)
+    return {**rec, "ranges": {k: list(v) for k, v in ranges.items()}}
+
+
 def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[ChunkResult],
                       duplicates: dict) -> dict:
     written = [r for r in results if r.samples]
@@ -274,13 +314,9 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
         "schema_version": SCHEMA_VERSION,
         "maskpot_version": _version(),
         "build": {"shard_size": cfg.shard_size, "split_fractions": list(cfg.split_fractions),
-                  "split_by": cfg.split_by, "split_seed": cfg.split_seed,
+                  "split_by": cfg.split_by, "split_seed": cfg.split_seed, "split_mode": cfg.split_mode,
                   "require_labels": cfg.require_labels, "units": cfg.units, "stats_cutoff": cfg.stats_cutoff},
-        "inputs": [{"path": s.path, "format": s.fmt, "frames": s.frames, "split": s.split or AUTO_SPLIT,
-                    "ranges": {k: list(v) for k, v in
-                               ({s.split: (0, s.frames)} if s.split else
-                                split_ranges(s.frames, cfg.split_fractions)).items()}}
-                   for s in specs],
+        "inputs": [_input_record(s, cfg) for s in specs],
         "shards": [{"name": r.name, "split": r.chunk.split, "samples": r.samples, "atoms": r.atoms,
                     "bytes": r.bytes, "sha256": r.sha256} for r in written],
         "splits": {s: {"samples": sum(r.samples for r in written if r.chunk.split == s),
@@ -308,17 +344,18 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
                  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), ray_address: str | None = None,
                  num_cpus: int | None = None, require_labels: bool = True, progress: bool = True,
                  use_ray: bool = True, stats_cutoff: float = DEFAULT_STATS_CUTOFF, units: str | None = None,
-                 split_by: str = "frames", split_seed: int = 0) -> dict:
+                 split_by: str = "frames", split_seed: int = 0, split_mode: str = "contiguous") -> dict:
     """Build shards + manifest.json + quarantine.jsonl in `out_dir`; returns the loaded manifest.
 
     `use_ray=False` runs the same chunk tasks one after another in this process (small builds, tests).
     `stats_cutoff` (Å) is the radius of the manifest's mean neighbour count; `units` ("angstrom_ev" |
     "bohr_hartree" | None = each format's default) the units the inputs are in. `split_by` (SPLIT_BY)
-    and `split_seed` say how inputs without a split= prefix are divided between train, val and test.
+    and `split_seed` say how inputs without a split= prefix are divided between train, val and test;
+    `split_mode` "shuffled" draws each input's split frames by a permutation seeded by `split_seed`.
     """
     cfg = BuildConfig(tuple(str(i) for i in inputs), str(out_dir), shard_size, tuple(split_fractions),
                       ray_address, num_cpus, require_labels, progress, use_ray, stats_cutoff, units, split_by,
-                      split_seed)
+                      split_seed, split_mode)
     specs, chunks = plan(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)

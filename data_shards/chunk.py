@@ -7,6 +7,7 @@ key (so the driver can decide duplicates without rereading) and the positions ac
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,9 +56,12 @@ class Chunk:
     start: int
     stop: int
     drop: tuple[int, ...] = ()    # frame positions in `path` to leave out (duplicates of earlier frames)
+    select: tuple[int, ...] = ()  # only these positions of [start, stop) (a shuffled split); () = all
 
     def plain(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "drop"}
+        """JSON-comparable identity (no `drop`; `select` only when set, so older sidecars still match)."""
+        plain = {k: v for k, v in self.__dict__.items() if k not in ("drop", "select")}
+        return {**plain, "select": list(self.select)} if self.select else plain
 
 
 @dataclass
@@ -111,12 +115,14 @@ def write_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkResul
     A frame whose key already occurred earlier in this chunk, or whose position is in `chunk.drop`, is
     counted in `dropped` instead of written."""
     result = ChunkResult(chunk)
-    buffer, seen, drop = io.BytesIO(), set(), set(chunk.drop)
+    buffer, seen, drop, select = io.BytesIO(), set(), set(chunk.drop), set(chunk.select)
     declared = declared_units(chunk.fmt, options.units)
     items = readers.iter_frames(chunk.path, chunk.fmt, start=chunk.start, stop=chunk.stop,
                                 **reader_options(chunk.fmt, options.units))
     with TarWriter(buffer, user=TAR_OWNER, group=TAR_OWNER, mtime=TAR_MTIME, encoder=False) as writer:
         for position, item in enumerate(items, start=chunk.start):
+            if select and position not in select:
+                continue
             result.frames_read += 1
             try:
                 if isinstance(item, FrameError):
@@ -135,7 +141,7 @@ def write_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkResul
             seen.add(key)
             writer.write(sample)
             _account(result, frame, options.stats_cutoff)
-    expected = chunk.stop - chunk.start
+    expected = len(select) if select else chunk.stop - chunk.start
     if result.frames_read != expected:
         raise InputError(f"{chunk.path}: frames {chunk.start}..{chunk.stop} were counted ({expected}) "
                          f"but the reader yielded {result.frames_read}")
@@ -203,7 +209,7 @@ def finished_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkRe
                          {int(z): v for z, v in s["force_sq"].items()},
                          {int(z): n for z, n in s["force_atoms"].items()})
     structure = rec["structure"]
-    return ChunkResult(Chunk(**{**chunk.plain(), "drop": tuple(rec["dropped"])}), rec["frames_read"],
+    return ChunkResult(dataclasses.replace(chunk, drop=tuple(rec["dropped"])), rec["frames_read"],
                        rec["samples"], rec["unlabelled"], rec["atoms"], rec["bytes"], rec["sha256"],
                        {int(z): n for z, n in rec["elements"].items()}, stats, rec["quarantine"],
                        [list(k) for k in rec["keys"]], list(rec["dropped"]), structure["neighbour_pairs"],

@@ -57,7 +57,7 @@ def _build(args) -> int:
                             split_fractions=tuple(args.split_fractions), ray_address=args.ray_address,
                             num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial,
                             stats_cutoff=args.stats_cutoff, units=args.units, split_by=args.split_by,
-                            split_seed=args.split_seed)
+                            split_seed=args.split_seed, split_mode=args.split_mode)
     splits = ", ".join(f"{s} {manifest['splits'][s]['samples']}" for s in SPLITS)
     totals = manifest["totals"]
     print(f"wrote {len(manifest['shards'])} shards ({splits} samples) to {manifest[MANIFEST_DIR]}; "
@@ -164,9 +164,14 @@ def _add_shards(subparsers) -> None:
                    help="how unprefixed inputs are divided: frames = contiguous blocks of every input; input = "
                         "whole inputs (each file, and each system of a DeePMD folder, e.g. one trajectory or "
                         "seed) go to one split, filling the fractions of all frames (default: frames)")
+    b.add_argument("--split-mode", choices=["contiguous", "shuffled"], default="contiguous",
+                   help="with --split-by frames: contiguous blocks in frame order, or shuffled = each input's frames "
+                        "permuted (seeded by --split-seed and the path) before the fractions are cut, so e.g. the "
+                        "high-force frames of a small file do not all land in one split (default: contiguous)")
     b.add_argument("--split-seed", type=int, default=0,
-                   help="with --split-by input: the seed of the order in which inputs fill the splits; the "
-                        "assignment is a pure function of the input paths as given, their sizes and this (default: 0)")
+                   help="with --split-by input: the seed of the order in which inputs fill the splits (a pure "
+                        "function of the input paths as given, their sizes and this); with --split-mode shuffled: "
+                        "the permutation's seed (default: 0)")
     b.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster at HOST:PORT (from `ray start --head`); "
                         "default: start a local Ray runtime in this process")
