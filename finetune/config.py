@@ -7,6 +7,7 @@ files themselves (the manifest's splits, the init export's format_version) run i
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 
 from data_shards.config_io import from_dict, to_dict
 from data_shards.manifest import SPLITS
+from finetune.energy import ENERGY_NORMALISATIONS, SELECT_METRICS
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.objectives import LOSS_KINDS
 
@@ -91,8 +93,14 @@ class OptimConfig:
 class LossConfig:
     energy_weight: float = 1.0
     force_weight: float = 10.0
-    kind: str = "l2"                    # l1 | l2 | huber, on errors divided by the energy scale
+    kind: str = "l2"                    # l1 | l2 | huber, on errors divided by their scales
     huber_delta: float = 1.0            # in those normalised units
+    # per-atom energy errors are divided by (finetune.energy): annealed = geometric from the force RMS at step 0
+    # to the train split's per-atom energy spread after E0 at the last step; energy_std = that spread
+    # throughout; force_scale = the force RMS throughout (the old behaviour; forces are always divided by it)
+    energy_normalisation: str = "annealed"
+    refit_energy_offset: bool = True    # before step 1 and each validation: E0 shifted so that the mean energy
+    #                                     error on the training frames is 0 (forces leave the zero free to drift)
 
     def __post_init__(self):
         _require(self.energy_weight >= 0 and self.force_weight >= 0,
@@ -100,6 +108,8 @@ class LossConfig:
         _require(self.energy_weight + self.force_weight > 0, "loss.energy_weight and loss.force_weight are both 0")
         _require(self.kind in LOSS_KINDS, f"loss.kind {self.kind!r} is not one of {list(LOSS_KINDS)}")
         _require(self.huber_delta > 0, f"loss.huber_delta must be > 0, got {self.huber_delta}")
+        _require(self.energy_normalisation in ENERGY_NORMALISATIONS, f"loss.energy_normalisation "
+                 f"{self.energy_normalisation!r} is not one of {list(ENERGY_NORMALISATIONS)}")
 
 
 @dataclass
@@ -111,7 +121,11 @@ class TrainConfig:
     out_dir: str = "runs/finetune"
     device: str = "auto"                # cpu | cuda | auto (cuda when available)
     ema_decay: float | None = None      # e.g. 0.99: validate, keep and export an EMA of the weights
-    early_stopping_patience: int | None = None  # stop after N validations without a new best force RMSE
+    early_stopping_patience: int | None = None  # stop after N validations without a new best `select` score
+    # CPU threads for torch; null: $OMP_NUM_THREADS when set, else 1 (under CPU contention torch's default,
+    # one per core, ran 18x slower than 1 thread); 0: torch's default
+    threads: int | None = None
+    select: str = "force"               # best model by validation: force | energy | weighted (loss weights)
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -123,6 +137,16 @@ class TrainConfig:
                  f"train.ema_decay must be in (0, 1) or null (off), got {self.ema_decay}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                  f"train.early_stopping_patience must be >= 1 or null (off), got {self.early_stopping_patience}")
+        _require(self.threads is None or self.threads >= 0,
+                 f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), got {self.threads}")
+        _require(self.select in SELECT_METRICS, f"train.select {self.select!r} is not one of {list(SELECT_METRICS)}")
+
+    def resolved_threads(self) -> int:
+        """Threads to give torch (0: leave torch's default)."""
+        if self.threads is not None:
+            return self.threads
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        return int(env) if env.isdigit() and int(env) >= 1 else 1
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -32,6 +33,7 @@ from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest
 from data_shards.stream import ShardStream
 from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A
+from finetune import energy as E
 from finetune import replay as R
 from finetune.config import FinetuneConfig, flatten_config
 from finetune.forcefield import metrics as M
@@ -49,6 +51,7 @@ MAX_CONSECUTIVE_NONFINITE = 50
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_DIR = "export"
+EXPORT_LAST_DIR = "export_last"    # the weights of the last step, beside the best-by-validation `export`
 MODEL_ARTIFACT = "model"
 
 
@@ -167,11 +170,12 @@ def _version() -> str:
         return "unknown"
 
 
-def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool) -> ShardStream:
+def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, limit: int | None = None
+                ) -> ShardStream:
     d = cfg.data
     return ShardStream(d.manifest_dir, split, d.batch_size, cutoff, num_workers=d.num_workers,
                        shuffle_buffer=d.shuffle_buffer if training else 0, seed=cfg.train.seed,
-                       limit=d.train_frames if training else None)
+                       limit=d.train_frames if training else limit)
 
 
 def endless_batches(stream: ShardStream):
@@ -201,16 +205,18 @@ def make_scheduler(cfg: FinetuneConfig, optimizer):
 @dataclass
 class Best:
     step: int = -1
-    force_rmse: float = math.inf
+    force_rmse: float = math.inf        # of the kept model
     figures: dict | None = None
     state: dict | None = None
+    score: float = math.inf             # the selection metric's value (train.select); lower is better
+    scorer: Callable[[dict], float] = lambda figures: figures[M.FORCE_RMSE]
 
     def offer(self, step: int, figures: dict, model: torch.nn.Module) -> bool:
         """Keep `model`'s weights if they beat the best so far (strictly); never replace by a worse one."""
-        value = figures[M.FORCE_RMSE]
-        if not value < self.force_rmse:
+        value = self.scorer(figures)
+        if not value < self.score:
             return False
-        self.step, self.force_rmse, self.figures = step, value, figures
+        self.step, self.score, self.force_rmse, self.figures = step, value, figures[M.FORCE_RMSE], figures
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return True
 
@@ -218,12 +224,17 @@ class Best:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train, keep the best model, test it, export it, track it; returns the content of results.json."""
     inputs = check_inputs(cfg)
+    if cfg.train.resolved_threads():
+        torch.set_num_threads(cfg.train.resolved_threads())
     device = resolve_device(cfg.train.device)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model, arch = make_model(cfg, inputs)
     model.to(device)
+    refit = (E.refit_energy_offset(model, make_stream(cfg, cfg.data.train_split, arch["cutoff"], False,
+                                                      limit=cfg.data.train_frames), device)
+             if cfg.loss.refit_energy_offset else None)
 
     config_path = out_dir / CONFIG_FILE
     config_path.write_text(f"# resolved finetune config; MLflow store: {cfg.tracking.resolved_uri(out_dir)}\n"
@@ -235,6 +246,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     tracker.log_artifact(config_path)
     try:
         results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir)
+        results["energy_offset_refit"] = refit
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -258,14 +270,23 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
            if t.ema_decay else None)
     scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
     energy_scale = float(model.energy_scale)
+    energy_term_scale = E.energy_loss_scale(inputs.manifest, cfg.loss.energy_normalisation, energy_scale)  # at end
+    E.distant_splits(inputs.manifest, {s: make_stream(cfg, s, arch["cutoff"], False)
+                                       for s in (cfg.data.val_split, inputs.test_split) if s})
     replay = R.Replay(cfg, inputs.replay, arch["cutoff"]) if inputs.replay is not None else None
-    best, history, train_curve = Best(), [], []
+    refit_stream = (make_stream(cfg, cfg.data.train_split, arch["cutoff"], False, limit=cfg.data.train_frames)
+                    if cfg.loss.refit_energy_offset else None)
+    best, history, train_curve = Best(scorer=lambda figures: E.selection_score(
+        figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight)), [], []
     nonfinite_run = skipped = 0
     last_step, stopped_early = t.max_steps, False
     started = time.perf_counter()
 
     def validate(step: int) -> bool:
         """True: early stopping says stop here."""
+        if refit_stream is not None:   # re-centre the energy zero on the training frames (forces don't fix it)
+            E.refit_energy_offset(scored, refit_stream, device, quiet=True)
+            model.e0.copy_(scored.e0)
         figures = M.evaluate(scored, val_stream, cfg.data.val_batches, device)
         improved = best.offer(step, figures, scored)
         history.append({"step": step, **M.without_arrays(figures), "best": improved})
@@ -288,7 +309,9 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         out = model(batch, compute_forces=True)
         loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
                                  batch[K.NATOMS], cfg.loss.energy_weight, cfg.loss.force_weight,
-                                 cfg.loss.kind, energy_scale, cfg.loss.huber_delta)
+                                 cfg.loss.kind, energy_scale, cfg.loss.huber_delta,
+                                 E.energy_loss_scale(inputs.manifest, cfg.loss.energy_normalisation, energy_scale,
+                                                     step / t.max_steps))
         replay_loss = replay.loss(model, device) if replay is not None else None
         total = loss if replay_loss is None else loss + cfg.replay.weight * replay_loss
         if not torch.isfinite(total):
@@ -330,8 +353,9 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
     train_seconds = time.perf_counter() - started
 
     if best.state is None:
-        raise FloatingPointError(f"no validation gave a finite force RMSE ({[h[M.FORCE_RMSE] for h in history]}); "
-                                 f"lower optim.lr or check the data")
+        raise FloatingPointError(f"no validation gave a finite {t.select} score ({[h[M.FORCE_RMSE] for h in history]} "
+                                 f"meV/Å); lower optim.lr or check the data")
+    last_dir = _export(scored, cfg, inputs, arch, last_step, out_dir, EXPORT_LAST_DIR)
     scored.load_state_dict(best.state)
     test = M.evaluate(scored, make_stream(cfg, inputs.test_split, arch["cutoff"], False), device=device) \
         if inputs.test_split else None
@@ -362,25 +386,29 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         "parameters": sum(p.numel() for p in model.parameters()),
         "init": cfg.init, "init_sha256": inputs.init_sha256,
         "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
-        "export_dir": str(export_dir), "device": str(device), "ema_decay": t.ema_decay,
+        "export_dir": str(export_dir), "export_last_dir": str(last_dir), "select": t.select,
+        "best_score": best.score, "energy_loss_scale_ev_per_atom": energy_term_scale,
+        "device": str(device), "ema_decay": t.ema_decay,
         "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
                   "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
         "replay": replay.summary() if replay is not None else None,
     }
 
 
-def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: int, out_dir: Path) -> Path:
+def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: int, out_dir: Path,
+            name: str = EXPORT_DIR) -> Path:
     init_lineage = inputs.init_meta["lineage"] if inputs.init_meta else {}
     species = {int(z) for z in inputs.manifest["elements"]} | set((inputs.init_meta or {}).get("species", []))
     meta = {
-        **arch, "species": sorted(species), "normalisation": normalisation_from_stats(inputs.manifest),
+        **arch, "species": sorted(species), "normalisation": E.model_normalisation(model),
         "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": inputs.manifest_sha256,
                     "maskpot_version": _version(),
                     "pretrain_objective": init_lineage.get("pretrain_objective"),
                     "steps": best_step, "stage": "finetune",
                     "init_sha256": inputs.init_sha256, "init_lineage": init_lineage or None},
     }
-    return save_export(model, out_dir / EXPORT_DIR, meta)
+    return save_export(model, out_dir / name, meta)
+
 
 
 def system_metrics(started: float, step: int) -> dict:

@@ -48,12 +48,14 @@ def _elementwise(diff: torch.Tensor, kind: str, huber_delta: float) -> torch.Ten
 def energy_force_loss(pred_energy: torch.Tensor, energy: torch.Tensor, pred_forces: torch.Tensor,
                       forces: torch.Tensor, natoms: torch.Tensor, energy_weight: float = 1.0,
                       force_weight: float = 1.0, kind: str = "l1", energy_scale: float = 1.0,
-                      huber_delta: float = 1.0) -> torch.Tensor:
-    """energy_weight · mean_b ρ((Ê_b − E_b) / n_b / σ) + force_weight · mean ρ((F̂ − F) / σ).
+                      huber_delta: float = 1.0, energy_term_scale: float | None = None) -> torch.Tensor:
+    """energy_weight · mean_b ρ((Ê_b − E_b) / n_b / σ_E) + force_weight · mean ρ((F̂ − F) / σ).
 
     σ = `energy_scale` (eV) makes both terms dimensionless (the reference: L1 on (E − μ)/σ and on F/σ);
-    ρ is `kind` ("l1", "l2" or "huber" with `huber_delta` in those units). The energy difference is
-    taken in float64 (absolute energies ~ -3e4 eV) before it is cast to the forces' dtype.
+    σ_E = `energy_term_scale` (eV/atom, default σ), e.g. the per-atom energy spread after E0 so that the
+    energy term is not negligible when that spread is far below the force scale. ρ is `kind` ("l1", "l2"
+    or "huber" with `huber_delta` in those units). The energy difference is taken in float64 (absolute
+    energies ~ -3e4 eV) before it is cast to the forces' dtype.
     """
     if kind not in LOSS_KINDS:
         raise ValueError(f"loss kind {kind!r} is not one of {list(LOSS_KINDS)}")
@@ -64,8 +66,11 @@ def energy_force_loss(pred_energy: torch.Tensor, energy: torch.Tensor, pred_forc
                          f"{tuple(energy.shape)}, natoms {tuple(natoms.shape)}; expected (B,)")
     if pred_forces.shape != forces.shape:
         raise ValueError(f"force shapes differ: pred {tuple(pred_forces.shape)}, target {tuple(forces.shape)}")
+    sigma_e = energy_scale if energy_term_scale is None else energy_term_scale
+    if not sigma_e > 0:
+        raise ValueError(f"energy_term_scale must be > 0 eV/atom, got {energy_term_scale}")
     per_atom = (pred_energy.double() - energy.double()) / natoms.double()
-    energy_term = _elementwise((per_atom / energy_scale).to(pred_forces.dtype), kind, huber_delta).mean()
+    energy_term = _elementwise((per_atom / sigma_e).to(pred_forces.dtype), kind, huber_delta).mean()
     force_term = _elementwise((pred_forces - forces.to(pred_forces.dtype)) / energy_scale, kind,
                               huber_delta).mean()
     return energy_weight * energy_term + force_weight * force_term

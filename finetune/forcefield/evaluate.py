@@ -67,7 +67,10 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
     from finetune.forcefield import metrics as M
 
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
-    rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]), ("energy MAE", "meV/atom", figures[M.ENERGY_MAE]),
+    rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]),
+            ("energy RMSE, offset-corrected", "meV/atom", figures[M.ENERGY_RMSE_CORRECTED]),
+            ("energy offset (mean error)", "meV/atom", figures[M.ENERGY_OFFSET]),
+            ("energy MAE", "meV/atom", figures[M.ENERGY_MAE]),
             ("force RMSE", "meV/Å", figures[M.FORCE_RMSE]), ("force MAE", "meV/Å", figures[M.FORCE_MAE])]
     rows += [(f"force RMSE {K.CHEMICAL_SYMBOLS[int(z)]}", "meV/Å", value) for z, value in sorted(
         per_element.items(), key=lambda item: int(item[0]))]

@@ -17,6 +17,8 @@ MILLI = 1000.0
 # keys of the dict `evaluate` returns
 ENERGY_RMSE = "energy_rmse_mev_per_atom"
 ENERGY_MAE = "energy_mae_mev_per_atom"
+ENERGY_OFFSET = "energy_offset_mev_per_atom"                        # mean (pred − ref) per atom
+ENERGY_RMSE_CORRECTED = "energy_rmse_offset_corrected_mev_per_atom"  # RMSE after removing that mean
 FORCE_RMSE = "force_rmse_mev_per_a"
 FORCE_MAE = "force_mae_mev_per_a"
 FORCE_RMSE_PER_ELEMENT = "force_rmse_per_element_mev_per_a"   # {"1": ..., "8": ...}
@@ -44,11 +46,14 @@ def summarize(energy_pred: np.ndarray, energy_ref: np.ndarray, forces_pred: np.n
         raise ValueError(f"{len(species)} species for {len(forces_ref)} force rows")
     if energy_ref.size == 0:
         raise ValueError("no labelled structures to evaluate")
+    energy_error = np.asarray(energy_pred, np.float64) - np.asarray(energy_ref, np.float64)
     per_element = {str(int(z)): MILLI * rmse(forces_pred[species == z], forces_ref[species == z])
                    for z in np.unique(species)}
     return {
         ENERGY_RMSE: MILLI * rmse(energy_pred, energy_ref),
         ENERGY_MAE: MILLI * mae(energy_pred, energy_ref),
+        ENERGY_OFFSET: MILLI * float(np.mean(energy_error)),
+        ENERGY_RMSE_CORRECTED: MILLI * float(np.std(energy_error)),
         FORCE_RMSE: MILLI * rmse(forces_pred, forces_ref),
         FORCE_MAE: MILLI * mae(forces_pred, forces_ref),
         FORCE_RMSE_PER_ELEMENT: per_element,

@@ -337,7 +337,8 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
     (Path(job.run_dir).parent / f"{Path(job.run_dir).name}.yaml").write_text(
         yaml.safe_dump(job.config, sort_keys=False))
     t0 = time.perf_counter()
-    results = run_finetune(from_dict(FinetuneConfig, job.config))
+    config = {**job.config, "train": {"threads": threads, **job.config.get("train", {})}}  # the pool's share
+    results = run_finetune(from_dict(FinetuneConfig, config))
     return {"name": job.name, "seconds": time.perf_counter() - t0, "test": results.get("test")}
 
 

@@ -192,8 +192,9 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
     arch = {"hidden": 8, "layers": 1, "cutoff": 3.0}
     init = export_fresh_model(tmp_path / "pretrained", arch)
     out = tmp_path / "run"
-    results = run_finetune(cfg_with(where(water_shards, out), {"init": str(init)},
-                                    {"data": {"train_frames": 8}, "train": {"max_steps": 4, "eval_every": 2}}))
+    results = run_finetune(cfg_with(where(water_shards, out), {"init": str(init)},   # no refit: the init's own E0
+                                    {"data": {"train_frames": 8}, "train": {"max_steps": 4, "eval_every": 2},
+                                     "loss": {"refit_energy_offset": False}}))
     assert results["train_frames"] == 8 and results["init_sha256"] == file_sha256(init / "model.safetensors")
 
     # step 0 validates the init weights themselves, under the finetune data's normalisation
