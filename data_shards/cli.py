@@ -9,6 +9,7 @@ import argparse
 import logging
 import sys
 
+from data_shards.corpus.cli import add_command as add_corpus_command
 from data_shards.manifest import (
     MANIFEST_DIR,
     QUARANTINE_NAME,
@@ -141,6 +142,7 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=300.0,
                    help="thermostat temperature in K (default: 300)")
     p.set_defaults(func=_generate_tip3p)
+    add_corpus_command(kinds, _positive_int)
 
 
 def _add_shards(subparsers) -> None:
