@@ -17,7 +17,7 @@ import math
 import random
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class TrainState:
     best_val: float = math.inf
     best_step: int = -1
     skipped_nonfinite: int = 0
+    sets: list = field(default_factory=list)   # data.sets: [epoch, batches consumed] per set (pretrain.mixture)
 
 
 def tag_for(step: int) -> str:

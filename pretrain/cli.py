@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 from data_shards.config_io import load_config, parse_dotted_overrides
-from data_shards.manifest import load_manifest
 
 
 def add_command(subparsers) -> None:
@@ -22,6 +21,9 @@ def add_command(subparsers) -> None:
                    help="e.g. train.max_steps=50 deepspeed.zero_stage=2")
     p.add_argument("--resume", default="auto",
                    help="auto: continue from OUT_DIR/checkpoints when present (default); never; or a PATH")
+    p.add_argument("--init", default=None, metavar="EXPORT",
+                   help="continue pretraining from this export (two-stage: new data, objective or LR schedule; "
+                        "the same architecture); sets train.init")
     p.add_argument("--allow-config-change", action="store_true",
                    help="resume even though the config or the data manifest differs from the checkpoint's")
     p.set_defaults(func=run)
@@ -33,8 +35,9 @@ def launch_command(args: argparse.Namespace) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
            "-m", "pretrain", "--config", str(args.config), "--resume", args.resume]
-    if args.override:
-        cmd += ["--override", *args.override]
+    overrides = [*args.override, *([f"train.init={args.init}"] if getattr(args, "init", None) else [])]
+    if overrides:
+        cmd += ["--override", *overrides]
     if args.allow_config_change:
         cmd.append("--allow-config-change")
     return cmd
@@ -47,11 +50,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
+    overrides = [*args.override, *([f"train.init={args.init}"] if args.init else [])]
+    cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(overrides))
+    from pretrain import mixture, stages
     from pretrain.loop import check_objective_fits_data
 
-    # a missing or broken shard set, or a supervised objective on unlabelled data, fails before any rank starts
-    check_objective_fits_data(cfg, load_manifest(cfg.data.manifest_dir))
+    # a missing or broken shard set, incompatible sets, an objective a set cannot serve, or an --init export
+    # of another architecture: fails before any rank starts
+    mixture.check_objective_per_set(cfg, mixture.load_sets(cfg), check_objective_fits_data)
+    stages.check_init(cfg)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"

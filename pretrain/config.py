@@ -27,6 +27,7 @@ RESUME_HARMLESS_KEYS = (
 LATER_KEY_DEFAULTS = {
     "optim.ema_decay": None, "objective.h_mask_p": 0.5, "objective.h_mask_radius": 5.0,
     "objective.energy_weight": 1.0, "objective.force_weight": 1.0, "objective.h_mask_target": "nearest",
+    "data.sets": [], "train.init": None,
 }
 
 
@@ -44,8 +45,21 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 0
     limit: int | None = None        # at most this many samples per split (None: all)
+    # several shard sets streamed at once: [{manifest_dir, weight}]; each step's batch comes from one set,
+    # drawn with probability weight / Σ weights (pretrain.mixture). manifest_dir then defaults to the first
+    # set's, whose val split is validated on and whose statistics normalise the model.
+    sets: list = field(default_factory=list)
 
     def __post_init__(self):
+        for i, entry in enumerate(self.sets):
+            _require(isinstance(entry, dict) and set(entry) <= {"manifest_dir", "weight"}
+                     and bool(entry.get("manifest_dir")),
+                     f"data.sets[{i}] must be {{manifest_dir: DIR, weight: NUMBER}}, got {entry!r}")
+            weight = entry.get("weight", 1.0)
+            _require(isinstance(weight, (int, float)) and 0 < weight < float("inf"),
+                     f"data.sets[{i}].weight must be a finite number > 0, got {weight!r}")
+        if self.sets and not self.manifest_dir:
+            self.manifest_dir = self.sets[0]["manifest_dir"]
         _require(bool(self.manifest_dir), "data.manifest_dir is required (folder holding manifest.json)")
         _require(bool(self.train_split), "data.train_split must name a split, e.g. 'train'")
         _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
@@ -162,6 +176,7 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/pretrain"
     linear_probe: bool = True       # labelled corpus: log a per-atom energy linear probe at each validation
+    init: str | None = None         # an export to continue from (two-stage pretraining; `maskpot pretrain --init`)
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -171,6 +186,7 @@ class TrainConfig:
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0, got {self.checkpoint_every}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(bool(self.out_dir), "train.out_dir is required")
+        _require(self.init is None or bool(self.init), "train.init must be an export folder or null")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from pretrain.engine import (
     to_model_precision,
 )
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
+from pretrain.stages import init_lineage
 from pretrain.models import build_model
 from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
 
@@ -238,7 +239,8 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
             "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,
                         "maskpot_version": metadata.version("maskpot"),
                         "pretrain_objective": cfg.objective.kind, "steps": step,
-                        "ema_decay": cfg.optim.ema_decay}}
+                        "ema_decay": cfg.optim.ema_decay, **({"data_sets": cfg.data.sets} if cfg.data.sets else {}),
+                        **init_lineage(cfg)}}
     save_export(model, out_dir / "export", meta)
 
 

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
-from data_shards.manifest import load_manifest
 from pretrain import checkpoint as ckpt
+from pretrain import mixture, stages
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
 from pretrain.export import normalisation_from_stats
@@ -67,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     rank, world_size = init_distributed()
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
-    manifest = load_manifest(cfg.data.manifest_dir)
-    check_objective_fits_data(cfg, manifest)
-    manifest_hash = ckpt.manifest_sha256(cfg.data.manifest_dir)
+    sets = mixture.load_sets(cfg)
+    manifest = sets[0].manifest
+    mixture.check_objective_per_set(cfg, sets, check_objective_fits_data)
+    stages.check_init(cfg)
+    manifest_hash = mixture.sets_sha256(sets)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
     if rank == 0:
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
+    if cfg.train.init is not None:   # two-stage: the export's weights, the new data's normalisation
+        stages.load_init_weights(model, cfg.train.init)
     norm = normalisation_from_stats(manifest)
     model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
     engine = build_engine(cfg, model, out_dir)
@@ -90,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                                                args.allow_config_change, ema)
         log.warning("rank %d resumed from %s at step %d", rank, ckpt_dir / tag, state.step)
 
-    batches = LockstepBatches(make_stream(cfg, cfg.data.train_split, rank, world_size),
-                              state.epoch, state.batches_in_epoch)
+    batches = mixture.make_batches(cfg, sets, rank, world_size, state, LockstepBatches, make_stream)
     validate = make_validator(cfg, manifest, rank, world_size)
     metrics = MetricsLog(out_dir / "metrics.jsonl", rank, cfg)
     bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             ema.update(engine)
         state.step += 1
         state.epoch, state.batches_in_epoch = batches.position()
+        if isinstance(batches, mixture.MixedBatches):
+            state.sets = batches.sets_state()
         bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         bar.update(1)
         metrics.train(state, loss, engine.get_lr()[0], time.perf_counter() - started)
