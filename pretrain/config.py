@@ -46,8 +46,8 @@ class DataConfig:
     shuffle_buffer: int = 0
     limit: int | None = None        # at most this many samples per split (None: all)
     # several shard sets streamed at once: [{manifest_dir, weight}]; each step's batch comes from one set,
-    # drawn with probability weight / Σ weights (pretrain.mixture). manifest_dir then defaults to the first
-    # set's, whose val split is validated on and whose statistics normalise the model.
+    # drawn with probability weight / Σ weights (pretrain.mixture). manifest_dir is then the first set's,
+    # whose val split is validated on and whose statistics normalise the model.
     sets: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -58,7 +58,7 @@ class DataConfig:
             weight = entry.get("weight", 1.0)
             _require(isinstance(weight, (int, float)) and 0 < weight < float("inf"),
                      f"data.sets[{i}].weight must be a finite number > 0, got {weight!r}")
-        if self.sets and not self.manifest_dir:
+        if self.sets:   # the first set is the one validated on (and its statistics normalise the model)
             self.manifest_dir = self.sets[0]["manifest_dir"]
         _require(bool(self.manifest_dir), "data.manifest_dir is required (folder holding manifest.json)")
         _require(bool(self.train_split), "data.train_split must name a split, e.g. 'train'")
