@@ -89,14 +89,29 @@ def test_mixed_batches_follow_the_weights_and_resume_exactly():
     assert [other.next() for _ in range(50)] != drawn[:50]
 
 
+def deepmd_positions_only(root: Path, n: int, seed: int) -> Path:
+    """A DeePMD system with coordinates and boxes only (no energy.npy / force.npy)."""
+    frames = water_frames(n, seed, labelled=False)
+    (root / "set.000").mkdir(parents=True)
+    (root / "type_map.raw").write_text("O\nH\n")
+    (root / "type.raw").write_text("\n".join("0" if z == 8 else "1" for z in frames[0].numbers) + "\n")
+    np.save(root / "set.000" / "coord.npy", np.stack([a.get_positions().reshape(-1) for a in frames]))
+    np.save(root / "set.000" / "box.npy", np.stack([a.cell.array.reshape(-1) for a in frames]))
+    return root
+
+
 def test_positions_only_and_mixed_corpora_are_valid_pretext_samples(tmp_path):
     pos_only = shards(tmp_path, "pos", 0, 12, seed=1)
     mixed = shards(tmp_path, "mixed", 8, 8, seed=3)
+    system = deepmd_positions_only(tmp_path / "dp", 6, seed=5)
+    deepmd = tmp_path / "dp_shards"
+    build_shards([str(system)], deepmd, shard_size=4, split_fractions=(0.5, 0.5, 0.0), use_ray=False, progress=False,
+                 require_labels=False)
     from data_shards.manifest import load_manifest
     from data_shards.stream import ShardStream
     from pretrain.loop import make_transform
 
-    for path, samples in ((pos_only, 12), (mixed, 16)):
+    for path, samples in ((pos_only, 12), (mixed, 16), (deepmd, 6)):
         manifest = load_manifest(path)
         assert not manifest["labelled"] and manifest["totals"]["quarantined"] == 0
         assert sum(manifest["splits"][s]["samples"] for s in ("train", "val", "test")) == samples
