@@ -21,7 +21,6 @@ histogram, periodicity) is summed in the same pass.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from data_shards import dedup, readers
@@ -56,6 +54,7 @@ from data_shards.manifest import (
     load_manifest,
     write_json_atomic,
 )
+from data_shards.splits import assign_groups, shuffled_positions, split_ranges
 from data_shards.units import check_units_name
 
 __all__ = ["BuildConfig", "Chunk", "ChunkResult", "InputError", "SHARD_NAME", "SIDECAR_SUFFIX", "build_shards",
@@ -143,24 +142,6 @@ def parse_input(text: str) -> tuple[str, str | None]:
     return text, split
 
 
-def split_ranges(frames: int, fractions: tuple[float, ...]) -> dict[str, tuple[int, int]]:
-    """Contiguous blocks [start, stop) per split, in frame order (neighbouring MD frames stay together)."""
-    bounds, acc = [0], 0.0
-    for f in fractions:
-        acc += f
-        bounds.append(min(frames, round(frames * acc)))
-    bounds[-1] = frames
-    return {s: (bounds[i], bounds[i + 1]) for i, s in enumerate(SPLITS)}
-
-
-def shuffled_positions(path: str, frames: int, fractions: tuple[float, ...], seed: int) -> dict[str, list[int]]:
-    """Sorted frame positions per split: a permutation seeded by (seed, path as given) cut by `fractions`
-    (so high-force or rare frames of a small file are spread over the splits, unlike contiguous blocks)."""
-    stream = int.from_bytes(hashlib.sha256(f"{seed}:{path}".encode()).digest()[:8], "little")
-    order = np.random.default_rng(stream).permutation(frames)
-    return {s: sorted(order[a:b].tolist()) for s, (a, b) in split_ranges(frames, fractions).items()}
-
-
 def _split_chunks(spec: InputSpec, cfg: BuildConfig, first_index: int) -> list[Chunk]:
     """One input's chunks of ≤ shard_size frames, per split, in plan order."""
     chunks: list[Chunk] = []
@@ -178,29 +159,6 @@ def _split_chunks(spec: InputSpec, cfg: BuildConfig, first_index: int) -> list[C
             chunks.append(Chunk(first_index + len(chunks), spec.path, spec.fmt, split_name, lo,
                                 min(stop, lo + cfg.shard_size)))
     return chunks
-
-
-def assign_groups(specs: list[InputSpec], fractions: tuple[float, ...], seed: int) -> dict[str, str]:
-    """{input path: split} for whole inputs: largest first, equal sizes in the order of sha256(seed, path as
-    given), each goes to the split furthest below its target share of the frames (relative to the target),
-    so that sizes, not counts, fill the fractions and a few groups still reach every split with a non-zero
-    fraction. A pure function of paths, sizes and seed."""
-    total = sum(s.frames for s in specs)
-    targets = {name: f * total for name, f in zip(SPLITS, fractions)}
-    filled = dict.fromkeys(SPLITS, 0)
-    order = sorted(specs, key=lambda s: (-s.frames, hashlib.sha256(f"{seed}:{s.path}".encode()).hexdigest(),
-                                         s.path))
-    assigned = {}
-    for spec in order:
-        open_splits = [name for name in SPLITS if targets[name] > 0]
-        split = max(open_splits, key=lambda n: ((targets[n] - filled[n]) / targets[n], -SPLITS.index(n)))
-        assigned[spec.path] = split
-        filled[split] += spec.frames
-    empty = [n for n in SPLITS if targets[n] > 0 and not filled[n]]
-    if empty:
-        log.warning("split_by input: %d group(s) cannot fill every split; %s got none (fractions %s)",
-                    len(specs), empty, list(fractions))
-    return assigned
 
 
 def _input_specs(cfg: BuildConfig) -> list[InputSpec]:

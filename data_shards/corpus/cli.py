@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 
+from data_shards.corpus.conditions import CorpusConfig
 from data_shards.corpus.models import WATER_MODELS
 
 
@@ -38,7 +39,7 @@ def add_command(kinds, positive_int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_shards.corpus.conditions import CorpusConfig  # imports OpenMM: only when the command runs
+    # imports OpenMM (and Ray when used): only when the command runs, so `maskpot --help` stays fast
     from data_shards.corpus.generate import generate_corpus
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
