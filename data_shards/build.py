@@ -33,6 +33,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data_shards import dedup, readers
+from data_shards.datasets import check_label_keys, dataset_names, datasets_section
+from data_shards.e0 import parse_e0_specs
 from data_shards.chunk import (
     SHARD_NAME,
     SIDECAR_SUFFIX,
@@ -48,9 +50,6 @@ from data_shards.manifest import (
     QUARANTINE_NAME,
     SCHEMA_VERSION,
     SPLITS,
-    STATS_SPLIT,
-    StatsPartial,
-    finalize_stats,
     load_manifest,
     write_json_atomic,
 )
@@ -94,6 +93,11 @@ class BuildConfig:
     split_by: str = "frames"   # "frames": contiguous blocks of every input; "input": whole inputs (groups)
     split_seed: int = 0        # split_by "input": which groups land in which split; split_mode "shuffled": the order
     split_mode: str = "contiguous"  # split_by "frames": "contiguous" blocks, or "shuffled" (seeded) frame subsets
+    energy_key: str | None = None   # label field names in extxyz/asedb inputs; None: what ASE finds
+    forces_key: str | None = None
+    stress_key: str | None = None
+    datasets: tuple[str, ...] = ()  # one data-set name per input; () = the folder holding each input
+    e0s: tuple[str, ...] = ()       # E0 files: "FILE" (every data set) or "NAME=FILE" (see data_shards/e0.py)
 
     def __post_init__(self):
         if not self.inputs:
@@ -120,7 +124,8 @@ class BuildConfig:
 
     @property
     def chunk_options(self) -> ChunkOptions:
-        return ChunkOptions(self.require_labels, float(self.stats_cutoff), self.units)
+        return ChunkOptions(self.require_labels, float(self.stats_cutoff), self.units, self.energy_key,
+                            self.forces_key, self.stress_key)
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ class InputSpec:
     fmt: str
     frames: int
     split: str | None  # None: cut into blocks by split_fractions
+    dataset: str = ""
 
 
 def parse_input(text: str) -> tuple[str, str | None]:
@@ -151,26 +157,26 @@ def _split_chunks(spec: InputSpec, cfg: BuildConfig, first_index: int) -> list[C
             for lo in range(0, len(positions), cfg.shard_size):
                 part = tuple(positions[lo:lo + cfg.shard_size])
                 chunks.append(Chunk(first_index + len(chunks), spec.path, spec.fmt, split_name, part[0],
-                                    part[-1] + 1, select=part))
+                                    part[-1] + 1, select=part, dataset=spec.dataset))
         return chunks
     ranges = {spec.split: (0, spec.frames)} if spec.split else split_ranges(spec.frames, cfg.split_fractions)
     for split_name, (start, stop) in ranges.items():
         for lo in range(start, stop, cfg.shard_size):
             chunks.append(Chunk(first_index + len(chunks), spec.path, spec.fmt, split_name, lo,
-                                min(stop, lo + cfg.shard_size)))
+                                min(stop, lo + cfg.shard_size), dataset=spec.dataset))
     return chunks
 
 
 def _input_specs(cfg: BuildConfig) -> list[InputSpec]:
     specs = []
-    for text in cfg.inputs:
+    for text, dataset in zip(cfg.inputs, dataset_names(cfg.inputs, cfg.datasets)):
         path, split = parse_input(text)
         fmt = readers.detect_format(path)
         paths = [path]
         if cfg.split_by == "input" and fmt == "deepmd":  # each system of a DeePMD folder is its own group
             from data_shards.readers.deepmd import find_systems
             paths = [str(p) for p in find_systems(Path(path))]
-        specs += [InputSpec(p, fmt, readers.count_frames(p, fmt), split) for p in paths]
+        specs += [InputSpec(p, fmt, readers.count_frames(p, fmt), split, dataset) for p in paths]
     if cfg.split_by == "input":
         groups = assign_groups([s for s in specs if s.split is None], cfg.split_fractions, cfg.split_seed)
         specs = [s if s.split else dataclasses.replace(s, split=groups[s.path]) for s in specs]
@@ -243,7 +249,7 @@ def structure_summary(results: list[ChunkResult], cutoff: float) -> dict:
 
 def _input_record(s: InputSpec, cfg: BuildConfig) -> dict:
     """Where an input's frames went: `ranges` [start, stop) per split, or `counts` per split when shuffled."""
-    rec = {"path": s.path, "format": s.fmt, "frames": s.frames, "split": s.split or AUTO_SPLIT}
+    rec = {"path": s.path, "format": s.fmt, "frames": s.frames, "split": s.split or AUTO_SPLIT, "dataset": s.dataset}
     if s.split is None and cfg.split_mode == "shuffled":
         return {**rec, "counts": {k: b - a for k, (a, b) in split_ranges(s.frames, cfg.split_fractions).items()}}
     ranges = {s.split: (0, s.frames)} if s.split else split_ranges(s.frames, cfg.split_fractions)
@@ -254,17 +260,17 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
                       duplicates: dict) -> dict:
     written = [r for r in results if r.samples]
     elements: dict[int, int] = {}
-    stats = StatsPartial()
     for r in written:
         for z, n in r.elements.items():
             elements[z] = elements.get(z, 0) + n
-        if r.chunk.split == STATS_SPLIT:
-            stats = stats.merge(r.stats)
+    datasets, stats = datasets_section(results, cfg.e0s)
     totals = {"frames_read": sum(r.frames_read for r in results),
               "samples_written": sum(r.samples for r in results),
               "quarantined": sum(len(r.quarantine) for r in results),
-              "duplicates": sum(len(r.dropped) for r in results)}
+              "duplicates": sum(len(r.dropped) for r in results),
+              "isolated_atoms": sum(len(r.isolated) for r in results)}
     if (totals["frames_read"] != totals["samples_written"] + totals["quarantined"] + totals["duplicates"]
+            + totals["isolated_atoms"]
             or totals["duplicates"] != duplicates["count"]):
         raise RuntimeError(f"frame accounting does not add up: {totals}, duplicates decided "
                            f"{duplicates['count']}")
@@ -273,7 +279,9 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
         "maskpot_version": _version(),
         "build": {"shard_size": cfg.shard_size, "split_fractions": list(cfg.split_fractions),
                   "split_by": cfg.split_by, "split_seed": cfg.split_seed, "split_mode": cfg.split_mode,
-                  "require_labels": cfg.require_labels, "units": cfg.units, "stats_cutoff": cfg.stats_cutoff},
+                  "require_labels": cfg.require_labels, "units": cfg.units, "stats_cutoff": cfg.stats_cutoff,
+                  "energy_key": cfg.energy_key, "forces_key": cfg.forces_key, "stress_key": cfg.stress_key,
+                  "e0s": list(cfg.e0s)},
         "inputs": [_input_record(s, cfg) for s in specs],
         "shards": [{"name": r.name, "split": r.chunk.split, "samples": r.samples, "atoms": r.atoms,
                     "bytes": r.bytes, "sha256": r.sha256} for r in written],
@@ -283,7 +291,8 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
         "duplicates": duplicates,
         "elements": {str(z): elements[z] for z in sorted(elements)},
         "labelled": bool(written) and not any(r.unlabelled for r in written),
-        "stats": finalize_stats(stats),
+        "stats": stats,
+        "datasets": datasets,
         "structure": structure_summary(written, cfg.stats_cutoff),
     }
 
@@ -302,7 +311,9 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
                  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), ray_address: str | None = None,
                  num_cpus: int | None = None, require_labels: bool = True, progress: bool = True,
                  use_ray: bool = True, stats_cutoff: float = DEFAULT_STATS_CUTOFF, units: str | None = None,
-                 split_by: str = "frames", split_seed: int = 0, split_mode: str = "contiguous") -> dict:
+                 split_by: str = "frames", split_seed: int = 0, split_mode: str = "contiguous",
+                 energy_key: str | None = None, forces_key: str | None = None, stress_key: str | None = None,
+                 datasets: tuple[str, ...] = (), e0s: tuple[str, ...] = ()) -> dict:
     """Build shards + manifest.json + quarantine.jsonl in `out_dir`; returns the loaded manifest.
 
     `use_ray=False` runs the same chunk tasks one after another in this process (small builds, tests).
@@ -310,10 +321,14 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     "bohr_hartree" | None = each format's default) the units the inputs are in. `split_by` (SPLIT_BY)
     and `split_seed` say how inputs without a split= prefix are divided between train, val and test;
     `split_mode` "shuffled" draws each input's split frames by a permutation seeded by `split_seed`.
+    `energy_key`/`forces_key`/`stress_key` name the label fields of extxyz/asedb inputs (None: what ASE finds);
+    `datasets` names each input's data set and `e0s` gives E0 files (data_shards/datasets.py, e0.py).
     """
     cfg = BuildConfig(tuple(str(i) for i in inputs), str(out_dir), shard_size, tuple(split_fractions),
                       ray_address, num_cpus, require_labels, progress, use_ray, stats_cutoff, units, split_by,
-                      split_seed, split_mode)
+                      split_seed, split_mode, energy_key, forces_key, stress_key, tuple(datasets), tuple(e0s))
+    if e0s:
+        parse_e0_specs(cfg.e0s)   # fail on a malformed --e0s before any work
     specs, chunks = plan(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,6 +366,7 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
         bar.close()
     elapsed = time.perf_counter() - t0
     ordered = [results[c.shard_index] for c in chunks]
+    check_label_keys(ordered, cfg.chunk_options.label_keys(), cfg.require_labels)
     manifest = assemble_manifest(cfg, specs, ordered, duplicates)
     _remove_stale(out, {s["name"] for s in manifest["shards"]}, {r.name for r in ordered})
     quarantine = "".join(json.dumps(rec, sort_keys=True) + "\n" for r in ordered for rec in r.quarantine)

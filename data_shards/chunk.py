@@ -21,6 +21,7 @@ import numpy as np
 from webdataset import TarWriter
 
 from data_shards import readers
+from data_shards.e0 import is_isolated_atom
 from data_shards.frame import FrameError
 from data_shards.manifest import StatsPartial, file_sha256, write_json_atomic
 from data_shards.sample import encode_frame
@@ -28,9 +29,11 @@ from data_shards.units import check_plausible, convert, declared_units, reader_o
 
 SHARD_NAME = "shard-{:06d}.tar"
 SIDECAR_SUFFIX = ".json"
-SIDECAR_VERSION = 2
+SIDECAR_VERSION = 3
 TAR_MTIME = 0          # fixed member metadata so reruns give byte-identical tars
 TAR_OWNER = "maskpot"
+KEYED_FORMATS = ("extxyz", "asedb")   # readers that take energy_key / forces_key / stress_key
+LABELS = ("energy", "forces", "stress")
 
 log = logging.getLogger("data_shards.build")
 
@@ -45,6 +48,18 @@ class ChunkOptions:
     require_labels: bool = True
     stats_cutoff: float = 5.0     # Å, for the mean neighbour count
     units: str | None = None      # None: each format's default
+    energy_key: str | None = None  # label field names (extxyz, asedb); None: what ASE finds (energy, forces, stress)
+    forces_key: str | None = None
+    stress_key: str | None = None
+
+    def reader_options(self, fmt: str) -> dict:
+        opts = reader_options(fmt, self.units)
+        if fmt in KEYED_FORMATS:
+            opts.update({f"{label}_key": value for label, value in self.label_keys().items() if value is not None})
+        return opts
+
+    def label_keys(self) -> dict[str, str | None]:
+        return {"energy": self.energy_key, "forces": self.forces_key, "stress": self.stress_key}
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class Chunk:
     stop: int
     drop: tuple[int, ...] = ()    # frame positions in `path` to leave out (duplicates of earlier frames)
     select: tuple[int, ...] = ()  # only these positions of [start, stop) (a shuffled split); () = all
+    dataset: str = ""             # the data set of the input (its own E0); stored with every sample
 
     def plain(self) -> dict:
         """JSON-comparable identity (no `drop`; `select` only when set, so older sidecars still match)."""
@@ -81,6 +97,8 @@ class ChunkResult:
     neighbour_pairs: int = 0                               # directed pairs within stats_cutoff
     periodic: int = 0                                      # samples with any periodic direction
     natoms_histogram: dict[int, int] = field(default_factory=dict)
+    labels_found: dict[str, int] = field(default_factory=dict)  # frames carrying energy / forces / stress
+    isolated: list[list] = field(default_factory=list)          # [Z, E0 eV, "source:index"] isolated-atom frames
 
     @property
     def name(self) -> str:
@@ -118,7 +136,8 @@ def write_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkResul
     buffer, seen, drop, select = io.BytesIO(), set(), set(chunk.drop), set(chunk.select)
     declared = declared_units(chunk.fmt, options.units)
     items = readers.iter_frames(chunk.path, chunk.fmt, start=chunk.start, stop=chunk.stop,
-                                **reader_options(chunk.fmt, options.units))
+                                **options.reader_options(chunk.fmt))
+    result.labels_found = dict.fromkeys(LABELS, 0)
     with TarWriter(buffer, user=TAR_OWNER, group=TAR_OWNER, mtime=TAR_MTIME, encoder=False) as writer:
         for position, item in enumerate(items, start=chunk.start):
             if select and position not in select:
@@ -127,9 +146,15 @@ def write_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkResul
             try:
                 if isinstance(item, FrameError):
                     raise item
+                for label in LABELS:
+                    result.labels_found[label] += getattr(item, label) is not None
+                if is_isolated_atom(item):   # an E0 reference (MACE convention), not a training sample
+                    e = convert(item, chunk.fmt, options.units)
+                    result.isolated.append([int(e.species[0]), float(e.energy), f"{e.source}:{e.index}"])
+                    continue
                 frame = check_plausible(convert(item, chunk.fmt, options.units).validate(options.require_labels),
                                         declared)
-                sample = encode_frame(frame)
+                sample = encode_frame(frame, chunk.dataset)
             except FrameError as e:
                 result.quarantine.append(e.as_record())
                 continue
@@ -176,7 +201,7 @@ def sidecar_record(result: ChunkResult, options: ChunkOptions) -> dict:
                   "sum_au": st.sum_au.tolist(), "sum_uu": st.sum_uu.tolist(),
                   "force_sq": {str(z): v for z, v in st.force_sq.items()},
                   "force_atoms": {str(z): n for z, n in st.force_atoms.items()}},
-        "quarantine": result.quarantine,
+        "quarantine": result.quarantine, "labels_found": result.labels_found, "isolated": result.isolated,
         "keys": result.keys, "dropped": sorted(result.dropped),
         "structure": {"neighbour_pairs": result.neighbour_pairs, "periodic": result.periodic,
                       "natoms_histogram": {str(n): c for n, c in sorted(result.natoms_histogram.items())}},
@@ -213,4 +238,5 @@ def finished_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkRe
                        rec["samples"], rec["unlabelled"], rec["atoms"], rec["bytes"], rec["sha256"],
                        {int(z): n for z, n in rec["elements"].items()}, stats, rec["quarantine"],
                        [list(k) for k in rec["keys"]], list(rec["dropped"]), structure["neighbour_pairs"],
-                       structure["periodic"], {int(n): c for n, c in structure["natoms_histogram"].items()})
+                       structure["periodic"], {int(n): c for n, c in structure["natoms_histogram"].items()},
+                       dict(rec["labels_found"]), [list(i) for i in rec["isolated"]])

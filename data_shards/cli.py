@@ -14,9 +14,11 @@ from data_shards.manifest import (
     MANIFEST_DIR,
     QUARANTINE_NAME,
     SPLITS,
+    dataset_entries,
     load_manifest,
     verify_shards,
 )
+from data_shards.keys import CHEMICAL_SYMBOLS
 from data_shards.units import UNITS
 
 EXIT_USER_ERROR = 2
@@ -58,14 +60,24 @@ def _build(args) -> int:
                             split_fractions=tuple(args.split_fractions), ray_address=args.ray_address,
                             num_cpus=args.num_cpus, require_labels=not args.no_labels, use_ray=not args.serial,
                             stats_cutoff=args.stats_cutoff, units=args.units, split_by=args.split_by,
-                            split_seed=args.split_seed, split_mode=args.split_mode)
+                            split_seed=args.split_seed, split_mode=args.split_mode, energy_key=args.energy_key,
+                            forces_key=args.forces_key, stress_key=args.stress_key,
+                            datasets=tuple(args.datasets or ()), e0s=tuple(args.e0s or ()))
     splits = ", ".join(f"{s} {manifest['splits'][s]['samples']}" for s in SPLITS)
     totals = manifest["totals"]
     print(f"wrote {len(manifest['shards'])} shards ({splits} samples) to {manifest[MANIFEST_DIR]}; "
           f"{totals['quarantined']} of {totals['frames_read']} frames quarantined"
           + (f" (see {QUARANTINE_NAME})" if totals["quarantined"] else "")
-          + f", {totals['duplicates']} duplicates left out")
+          + f", {totals['duplicates']} duplicates left out"
+          + (f", {totals['isolated_atoms']} isolated-atom E0 frames set aside" if totals.get("isolated_atoms") else ""))
+    for name, d in dataset_entries(manifest).items():
+        e0 = ", ".join(f"{_symbol(z)} {v:.4f}" for z, v in sorted(d["e0"].items())) or "n/a"
+        print(f"  data set {name}: {d['samples']} samples, E0 [eV] ({d['e0_source']}) {e0}")
     return 0
+
+
+def _symbol(z: str) -> str:
+    return CHEMICAL_SYMBOLS[int(z)]
 
 
 def _reshard(args) -> int:
@@ -187,6 +199,21 @@ def _add_shards(subparsers) -> None:
                    help="units of the inputs: angstrom_ev (Å, eV, eV/Å) or bohr_hartree (Bohr, Hartree, "
                         "Hartree/Bohr; converted). Frames with implausible magnitudes are quarantined with a hint "
                         "(default: each format's own, Å/eV except n2p2: Bohr/Hartree)")
+    b.add_argument("--energy-key", default=None, metavar="FIELD",
+                   help="per-frame field holding the energy [eV] in extxyz/ASE-db inputs, e.g. REF_energy for a "
+                        "MACE file (default: what ASE finds: energy, or the calculator's energy)")
+    b.add_argument("--forces-key", default=None, metavar="FIELD",
+                   help="per-atom column holding the forces [eV/Å], e.g. REF_forces (default: forces)")
+    b.add_argument("--stress-key", default=None, metavar="FIELD",
+                   help="per-frame field holding the stress [eV/Å³], 9 numbers or 6 Voigt, e.g. REF_stress "
+                        "(default: stress; optional label)")
+    b.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                   help="one data-set name per input, in order: each data set has its own energy zero (E0) and "
+                        "statistics (default: each input's folder name)")
+    b.add_argument("--e0s", action="append", default=None, metavar="[NAME=]FILE",
+                   help="isolated-atom reference energies [eV]: a YAML/JSON table {element: E0} or an extxyz of "
+                        "isolated atoms (config_type=IsolatedAtom); NAME= applies it to one data set; repeatable "
+                        "(default: isolated-atom frames in the inputs, else a least-squares fit per data set)")
     b.add_argument("--stats-cutoff", type=_positive_float, default=5.0,
                    help="radius in Å for the manifest's mean neighbour count (default: 5.0)")
     b.set_defaults(func=_build)

@@ -38,6 +38,17 @@ def closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, below
     return (int(i[k]), int(j[k])), float(d[k])
 
 
+def stress_matrix(value) -> np.ndarray:
+    """9 numbers (row-major 3×3) or 6 (Voigt xx yy zz yz xz xy) → (3, 3) float64; ValueError otherwise."""
+    flat = np.asarray(value, dtype=np.float64).reshape(-1)
+    if flat.size == 9:
+        return flat.reshape(3, 3)
+    if flat.size == 6:
+        xx, yy, zz, yz, xz, xy = flat
+        return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
+    raise ValueError(f"{flat.size} numbers (expected 9 or 6 in Voigt order)")
+
+
 @dataclass
 class Frame:
     """Arrays in Å / eV / eV/Å. `energy` and `forces` may be None for position-only corpora."""
@@ -48,6 +59,7 @@ class Frame:
     pbc: np.ndarray                     # (3,) bool
     energy: float | None = None         # eV
     forces: np.ndarray | None = None    # (n, 3) float64 eV/Å
+    stress: np.ndarray | None = None    # (3, 3) float64 eV/Å³ (ASE convention), optional label
     source: str = ""                    # file or folder the frame was read from
     index: int = 0                      # frame index inside `source`
     info: dict = field(default_factory=dict)  # small json-able extras (e.g. group, seed)
@@ -100,4 +112,6 @@ class Frame:
                 raise bad("forces", f"shape {self.forces.shape}, expected ({n}, 3)")
             if not np.isfinite(self.forces).all():
                 raise bad("forces", "contains NaN or infinite values")
+        if self.stress is not None and (self.stress.shape != (3, 3) or not np.isfinite(self.stress).all()):
+            raise bad("stress", f"shape {self.stress.shape} or non-finite values; expected finite (3, 3) eV/Å³")
         return self

@@ -12,6 +12,7 @@ CELL = "cell"                  # (B, 3, 3) float  Å, rows are lattice vectors; 
 PBC = "pbc"                    # (B, 3) bool   periodic along each lattice vector
 ENERGY = "energy"              # (B,) float   eV, total potential energy
 FORCES = "forces"              # (N, 3) float  eV/Å
+STRESS = "stress"              # (3, 3) float  eV/Å³ per structure, ASE sign convention (optional label)
 
 # --- graph, added by the streaming loader --------------------------------------------------------
 EDGE_INDEX = "edge_index"      # (2, E) int64  [source i, neighbour j]; both directions present
@@ -32,6 +33,7 @@ PRED_FORCES = "pred_forces"    # (N, 3) float  eV/Å (−∂E/∂r for energy-ce
 SAMPLE_KEY = "key"             # str   content hash of the sample; WebDataset __key__
 SOURCE = "source"              # str   input file the frame came from
 FRAME_INDEX = "frame_index"    # int   index of the frame inside its source
+DATASET = "dataset"            # str   data set the sample belongs to (its own energy zero: per-data-set E0)
 
 CHEMICAL_SYMBOLS = (
     "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se "

@@ -1,4 +1,8 @@
-"""Manifest schema (`manifest.json`, schema_version 1), loading/verification, and training statistics.
+"""Manifest schema (`manifest.json`, schema_version 2; version 1 still read), loading/verification, and training
+statistics.
+
+Version 2 adds `datasets` (per data set: inputs, E0 and where it came from, statistics) and `dataset` in
+every sample's json; a version-1 manifest is read as one data set whose E0 is `stats.e0` (`dataset_entries`).
 
 Statistics are merged from small per-shard partial sums (`StatsPartial`), so Ray tasks never send
 frames back to the driver: E0 per element comes from the normal equations XᵀX e = Xᵀy of the
@@ -16,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from data_shards.e0 import Rereference
 from data_shards.frame import Frame
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)   # 1: no `datasets` section, no per-sample dataset
 MANIFEST_NAME = "manifest.json"
 QUARANTINE_NAME = "quarantine.jsonl"
 SPLITS = ("train", "val", "test")
@@ -50,8 +56,9 @@ def parse_manifest(text: str | bytes, where: str) -> dict:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{where}: not valid JSON: {e}") from e
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ManifestError(f"{where}: schema_version {version!r} is not supported (readable: "
+                            f"{list(READABLE_SCHEMA_VERSIONS)}; rebuild with `maskpot shards build`)")
     for section in ("shards", "splits", "totals"):
         if section not in manifest:
             raise ManifestError(f"{where}: missing section {section!r}")
@@ -182,16 +189,24 @@ class StatsPartial:
         self.__dict__.update(merged.__dict__)
 
 
-def finalize_stats(partial: StatsPartial) -> dict:
-    """Merged partial sums → the manifest's `stats` section (E0 by least squares, residual mean/std, force RMS)."""
+def finalize_stats(partial: StatsPartial, e0_given: dict[int, float] | None = None, source: str = "fit") -> dict:
+    """Merged partial sums → the manifest's `stats` section (E0 by least squares unless `e0_given`, residual
+    mean/std after E0, force RMS). `source` says where a given E0 came from (recorded as `e0_source`)."""
     force_atoms = sum(partial.force_atoms.values())
     force_rms = (float(np.sqrt(sum(partial.force_sq.values()) / (3 * force_atoms))) if force_atoms else None)
     per_element = {str(z): float(np.sqrt(partial.force_sq[z] / (3 * partial.force_atoms[z])))
                    for z in sorted(partial.force_atoms) if partial.force_atoms[z]}
     stats = {"split": STATS_SPLIT, "structures": partial.structures, "e0": {}, "e0_rank_deficient": False,
+             "e0_source": source if e0_given is not None else "fit",
              "energy_per_atom_mean": None, "energy_per_atom_std": None,
              "force_rms": force_rms, "force_rms_per_element": per_element}
+    if e0_given is not None:
+        stats["e0"] = {str(z): float(v) for z, v in sorted(e0_given.items())}
     if partial.structures == 0:
+        return stats
+    if e0_given is not None:
+        e0 = np.array([e0_given[z] for z in partial.elements], dtype=np.float64)
+        stats.update(_residuals(partial, e0))
         return stats
     singular = np.linalg.svd(partial.xtx, compute_uv=False)
     rank = int((singular > RANK_RTOL * singular.max()).sum())
@@ -203,16 +218,53 @@ def finalize_stats(partial: StatsPartial) -> dict:
             "least-squares E0: it predicts structure energies of these compositions correctly, but the "
             "split of the offset between elements is arbitrary.", rank, len(partial.elements), list(partial.elements))
     e0, *_ = np.linalg.lstsq(partial.xtx, partial.xty, rcond=RANK_RTOL)
+    stats.update(e0={str(z): float(v) for z, v in zip(partial.elements, e0)}, e0_rank_deficient=bool(deficient),
+                 **_residuals(partial, e0))
+    return stats
+
+
+def _residuals(partial: StatsPartial, e0: np.ndarray) -> dict:
+    """Mean and std of the per-atom energy after subtracting E0 (vector on `partial.elements`)."""
     n = partial.structures
     mean = (partial.sum_a - partial.sum_u @ e0) / n
     mean_sq = (partial.sum_a2 - 2.0 * partial.sum_au @ e0 + e0 @ partial.sum_uu @ e0) / n
-    stats.update(
-        e0={str(z): float(v) for z, v in zip(partial.elements, e0)},
-        e0_rank_deficient=bool(deficient),
-        energy_per_atom_mean=float(mean),
-        energy_per_atom_std=float(np.sqrt(max(mean_sq - mean * mean, 0.0))),
-    )
+    return {"energy_per_atom_mean": float(mean), "energy_per_atom_std": float(np.sqrt(max(mean_sq - mean * mean, 0.0)))}
+
+
+def pooled_stats(per_dataset: dict[str, dict], forces: StatsPartial, table: dict[int, float]) -> dict:
+    """The top-level `stats` of several data sets: E0 = `table` (e0.merged_table), per-atom energy residuals
+    pooled from each data set's own (every structure measured against its own data set's E0, which is what
+    re-referencing to `table` gives), force RMS over all."""
+    stats = finalize_stats(forces, table, "per-dataset")
+    n = sum(d["structures"] for d in per_dataset.values() if d["energy_per_atom_mean"] is not None)
+    stats["structures"] = sum(d["structures"] for d in per_dataset.values())
+    stats["e0_rank_deficient"] = any(d["e0_rank_deficient"] for d in per_dataset.values())
+    if n:
+        s1 = s2 = 0.0
+        for d in per_dataset.values():
+            if d["energy_per_atom_mean"] is not None:
+                m, sd, k = d["energy_per_atom_mean"], d["energy_per_atom_std"], d["structures"]
+                s1, s2 = s1 + k * m, s2 + k * (sd * sd + m * m)
+        mean = s1 / n
+        stats.update(energy_per_atom_mean=mean, energy_per_atom_std=float(np.sqrt(max(s2 / n - mean * mean, 0.0))))
     return stats
+
+
+def rereference_transform(manifest: dict, then=None):
+    """The stream transform that puts every sample's energy on the manifest's model E0 table (e0.Rereference)."""
+    stats = manifest.get("stats") or {}
+    return Rereference(dataset_entries(manifest), {int(z): float(v) for z, v in (stats.get("e0") or {}).items()}, then)
+
+
+def dataset_entries(manifest: dict) -> dict[str, dict]:
+    """{name: {"e0": {Z: eV}, "e0_source", ...}} of a manifest; a version-1 manifest is one data set "" whose
+    E0 is `stats.e0`."""
+    if manifest.get("datasets"):   # in input order (json files keep keys sorted)
+        ordered = sorted(manifest["datasets"].items(), key=lambda item: item[1].get("index", 0))
+        return {name: {**entry, "e0": {int(z): float(v) for z, v in entry["e0"].items()}} for name, entry in ordered}
+    stats = manifest.get("stats") or {}
+    return {"": {"e0": {int(z): float(v) for z, v in (stats.get("e0") or {}).items()},
+                 "e0_source": stats.get("e0_source", "fit")}}
 
 
 # ---- shard locations: local paths, http(s):// URLs and `pipe:COMMAND` -------------------------------------

@@ -47,8 +47,9 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-def encode_frame(frame: Frame) -> dict:
-    """Frame → WebDataset sample dict with its content-hash key. The frame should be validated first."""
+def encode_frame(frame: Frame, dataset: str = "") -> dict:
+    """Frame → WebDataset sample dict with its content-hash key. The frame should be validated first.
+    `dataset` (when given) is stored in the json member: the data set whose E0 the energy refers to."""
     species = np.asarray(frame.species, dtype=np.int64)
     positions = np.asarray(frame.positions, dtype=np.float32)
     cell = np.asarray(frame.cell, dtype=np.float64).reshape(3, 3)
@@ -60,12 +61,16 @@ def encode_frame(frame: Frame) -> dict:
     }
     if frame.forces is not None:
         arrays[K.FORCES] = np.asarray(frame.forces, dtype=np.float32)
+    if frame.stress is not None:
+        arrays[K.STRESS] = np.asarray(frame.stress, dtype=np.float64).reshape(3, 3)
     meta = {
         K.ENERGY: None if frame.energy is None else float(frame.energy),
         K.SOURCE: str(frame.source),
         K.FRAME_INDEX: int(frame.index),
         JSON_NATOMS: int(species.shape[0]),
     }
+    if dataset:
+        meta[K.DATASET] = str(dataset)
     return {
         "__key__": sample_key(species, positions, cell),
         "npz": _npz_bytes(arrays),
@@ -117,6 +122,8 @@ def decode_sample(sample: dict) -> dict:
         K.PBC: arrays[K.PBC].reshape(3),
         K.ENERGY: None if energy is None else float(energy),
         K.FORCES: arrays.get(K.FORCES),
+        K.STRESS: arrays.get(K.STRESS),
+        K.DATASET: meta.get(K.DATASET, ""),
         K.SAMPLE_KEY: key,
         K.SOURCE: meta.get(K.SOURCE, ""),
         K.FRAME_INDEX: int(meta.get(K.FRAME_INDEX, -1)),

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
-from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest
+from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest, rereference_transform
 from data_shards.stream import ShardStream
 from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A
@@ -173,9 +173,11 @@ def _version() -> str:
 def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, limit: int | None = None
                 ) -> ShardStream:
     d = cfg.data
+    rereference = rereference_transform(load_manifest(d.manifest_dir))   # per-data-set E0 → the model's table
     return ShardStream(d.manifest_dir, split, d.batch_size, cutoff, num_workers=d.num_workers,
                        shuffle_buffer=d.shuffle_buffer if training else 0, seed=cfg.train.seed,
-                       limit=d.train_frames if training else limit)
+                       limit=d.train_frames if training else limit,
+                       transform=rereference if rereference.active else None)
 
 
 def endless_batches(stream: ShardStream):

@@ -9,7 +9,9 @@ The pretext loss is pretraining's: cosine loss on the flagged atoms and/or denoi
 vector output. That output is −energy_scale · ∂(Σe)/∂r, and finetuning refits energy_scale to the
 labelled data, so it is rescaled to the replay corpus's own scale (what pretraining used) first.
 The objective is `replay.objective` (pretrain `objective:` keys); without a kind, the init export's
-lineage `pretrain_objective`, else `mask`.
+lineage `pretrain_objective`, else `mask`. A replay corpus of several data sets (manifest `datasets`) has its
+energies put on one E0 table first (data_shards.e0.Rereference), as finetuning does, so structures that carry
+energies never mix energy zeros; the pretext loss itself uses the force scale (pooled force RMS) only.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 
 from data_shards import keys as K
-from data_shards.manifest import file_sha256, load_manifest
+from data_shards.manifest import file_sha256, load_manifest, rereference_transform
 from data_shards.stream import ShardStream
 from finetune.config import FinetuneConfig
 from pretrain.config import OBJECTIVES, ObjectiveConfig
@@ -105,7 +107,8 @@ class Replay:
         d, r = self.cfg.data, self.cfg.replay
         self.stream = ShardStream(r.manifest_dir, r.split, self.plan.batch_size, self.cutoff,
                                   num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.train.seed,
-                                  transform=_transform(self.plan.objective, self.cfg.train.seed))
+                                  transform=rereference_transform(load_manifest(r.manifest_dir),
+                                                                  _transform(self.plan.objective, self.cfg.train.seed)))
         self.batches = self._endless()
 
     def _endless(self):

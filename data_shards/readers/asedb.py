@@ -15,7 +15,7 @@ import ase.db
 import numpy as np
 
 from data_shards import keys as K
-from data_shards.frame import Frame, FrameError
+from data_shards.frame import Frame, FrameError, stress_matrix
 
 SUFFIXES = (".db",)
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -50,7 +50,17 @@ def _lookup(row, key: str):
     return value
 
 
-def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str) -> Frame | FrameError:
+def label_fields(path, frames: int = 20) -> list[str]:
+    """Key-value pairs, data entries and stored calculator results of the first rows (for error messages)."""
+    found: set[str] = set()
+    for row in _connect(Path(path)).select(sort="id", limit=frames):
+        found |= set(row.key_value_pairs) | set(row.get("data") or {})
+        found |= {k for k in ("energy", "forces", "stress", "free_energy") if row.get(k) is not None}
+    return sorted(found)
+
+
+def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str,
+              stress_key: str = K.STRESS) -> Frame | FrameError:
     energy = _lookup(row, energy_key)
     if energy is not None:
         try:
@@ -64,6 +74,12 @@ def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str) ->
             forces = np.asarray(forces, dtype=np.float64)
         except (TypeError, ValueError):
             return FrameError(source, index, K.FORCES, f"row id {row.id}: '{forces_key}' is not numeric")
+    stress = _lookup(row, stress_key)
+    if stress is not None:
+        try:
+            stress = stress_matrix(stress)
+        except (TypeError, ValueError) as e:
+            return FrameError(source, index, K.STRESS, f"row id {row.id}: '{stress_key}': {e}")
     try:
         species = np.asarray(row.numbers, dtype=np.int64)
         positions = np.asarray(row.positions, dtype=np.float64)
@@ -72,14 +88,14 @@ def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str) ->
     except (AttributeError, TypeError, ValueError) as e:
         return FrameError(source, index, "row", f"row id {row.id}: cannot read the structure ({e})")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.key_value_pairs.items()
-            if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key)}
+            if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key, stress_key)}
     info["id"] = int(row.id)
     return Frame(species=species, positions=positions, cell=cell, pbc=pbc, energy=energy, forces=forces,
-                 source=source, index=index, info=info)
+                 stress=stress, source=source, index=index, info=info)
 
 
 def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key: str = DEFAULT_ENERGY_KEY,
-                forces_key: str = DEFAULT_FORCES_KEY) -> Iterator[Frame | FrameError]:
+                forces_key: str = DEFAULT_FORCES_KEY, stress_key: str = K.STRESS) -> Iterator[Frame | FrameError]:
     """Rows [start, stop) in id order, fetched PAGE_ROWS at a time (keyset pages: `id > last id`)."""
     path = Path(path)
     source = str(path)
@@ -92,7 +108,7 @@ def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key:
         else:
             page = list(db.select(f"id>{last_id}", sort="id", limit=limit))
         for row in page:
-            yield _to_frame(row, source, index, energy_key, forces_key)
+            yield _to_frame(row, source, index, energy_key, forces_key, stress_key)
             index += 1
         if len(page) < limit:
             return

@@ -1,7 +1,9 @@
 """Extended XYZ reader: scans natoms header lines to count and seek, parses one frame at a time with ase.
 
-Labels are looked up under `energy_key` / `forces_key` in the frame's info/arrays and, as ase moves the
-standard names there, in its calculator results. A frame whose text cannot be parsed (bad natoms line,
+Labels are looked up under `energy_key` / `forces_key` / `stress_key` in the frame's info/arrays and, as ase
+moves the standard names there, in its calculator results (so the defaults find what ASE finds; a MACE file
+with `REF_energy`/`REF_forces` needs `energy_key="REF_energy"`, `forces_key="REF_forces"`). Stress may be
+given as 9 numbers or 6 (Voigt xx yy zz yz xz xy), eV/Å³. `label_fields(path)` lists what a file holds. A frame whose text cannot be parsed (bad natoms line,
 truncated atom block, unknown element symbol, malformed columns) is yielded as a FrameError; after a bad
 natoms line the frame boundaries are lost, so that error is the last item and counts as one frame.
 """
@@ -16,11 +18,12 @@ import numpy as np
 from ase.io.extxyz import read_xyz
 
 from data_shards import keys as K
-from data_shards.frame import Frame, FrameError
+from data_shards.frame import Frame, FrameError, stress_matrix
 
 SUFFIXES = (".extxyz", ".xyz")
 DEFAULT_ENERGY_KEY = K.ENERGY
 DEFAULT_FORCES_KEY = K.FORCES
+DEFAULT_STRESS_KEY = K.STRESS
 _INFO_TYPES = (bool, int, float, str, np.bool_, np.integer, np.floating)
 
 
@@ -77,7 +80,25 @@ def _lookup(atoms, key: str):
     return None
 
 
-def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str) -> Frame | FrameError:
+def label_fields(path, frames: int = 20) -> list[str]:
+    """Names of the per-frame (info) and per-atom (arrays) fields and calculator results in the first
+    `frames` parseable frames: what a user can pass as --energy-key / --forces-key / --stress-key."""
+    found: set[str] = set()
+    for index, block in _blocks(Path(path), 0, frames, keep=True):
+        if not isinstance(block, bytes):
+            break
+        try:
+            atoms = next(read_xyz(io.StringIO(block.decode("utf-8")), 0))
+        except Exception:  # a broken frame names nothing; the build quarantines it anyway
+            continue
+        found |= set(atoms.info) | (set(atoms.arrays) - {"numbers", "positions"})
+        if atoms.calc is not None:
+            found |= set(getattr(atoms.calc, "results", {}))
+    return sorted(found)
+
+
+def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str,
+              stress_key: str = DEFAULT_STRESS_KEY) -> Frame | FrameError:
     energy = _lookup(atoms, energy_key)
     if energy is not None:
         try:
@@ -90,18 +111,25 @@ def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str) 
             forces = np.asarray(forces, dtype=np.float64)
         except (TypeError, ValueError):
             return FrameError(source, index, K.FORCES, f"column '{forces_key}' is not numeric")
+    stress = _lookup(atoms, stress_key)
+    if stress is not None:
+        try:
+            stress = stress_matrix(stress)
+        except (TypeError, ValueError) as e:
+            return FrameError(source, index, K.STRESS, f"value under key '{stress_key}': {e}")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in atoms.info.items()
-            if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key)}
+            if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key, stress_key)}
     return Frame(
         species=np.asarray(atoms.numbers, dtype=np.int64),
         positions=np.asarray(atoms.positions, dtype=np.float64),
         cell=np.asarray(atoms.cell.array, dtype=np.float64),
         pbc=np.asarray(atoms.pbc, dtype=bool),
-        energy=energy, forces=forces, source=source, index=index, info=info,
+        energy=energy, forces=forces, stress=stress, source=source, index=index, info=info,
     )
 
 
-def _parse(block: bytes, source: str, index: int, energy_key: str, forces_key: str) -> Frame | FrameError:
+def _parse(block: bytes, source: str, index: int, energy_key: str, forces_key: str,
+           stress_key: str) -> Frame | FrameError:
     try:
         text = block.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -112,11 +140,12 @@ def _parse(block: bytes, source: str, index: int, energy_key: str, forces_key: s
         return FrameError(source, index, K.SPECIES, f"unknown element symbol {e.args[0]!r}")
     except Exception as e:  # ase raises assorted types (XYZError, ValueError, IndexError) for bad text
         return FrameError(source, index, "header/atom lines", f"cannot parse: {type(e).__name__}: {e}")
-    return _to_frame(atoms, source, index, energy_key, forces_key)
+    return _to_frame(atoms, source, index, energy_key, forces_key, stress_key)
 
 
 def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key: str = DEFAULT_ENERGY_KEY,
-                forces_key: str = DEFAULT_FORCES_KEY) -> Iterator[Frame | FrameError]:
+                forces_key: str = DEFAULT_FORCES_KEY, stress_key: str = DEFAULT_STRESS_KEY
+                ) -> Iterator[Frame | FrameError]:
     """Frames [start, stop) in file order; memory holds one frame's text at a time."""
     source = str(path)
     for index, block in _blocks(Path(path), start, stop, keep=True):
@@ -125,4 +154,4 @@ def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key:
                 yield FrameError(source, index, K.NATOMS, block)
             return
         if block is not None:
-            yield _parse(block, source, index, energy_key, forces_key)
+            yield _parse(block, source, index, energy_key, forces_key, stress_key)
