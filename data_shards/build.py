@@ -33,8 +33,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from data_shards import dedup, readers
-from data_shards.datasets import check_label_keys, dataset_names, datasets_section
-from data_shards.e0 import parse_e0_specs
 from data_shards.chunk import (
     SHARD_NAME,
     SIDECAR_SUFFIX,
@@ -45,6 +43,8 @@ from data_shards.chunk import (
     finished_chunk,
     write_chunk,
 )
+from data_shards.datasets import check_label_keys, dataset_names, datasets_section
+from data_shards.e0 import parse_e0_specs
 from data_shards.manifest import (
     MANIFEST_NAME,
     QUARANTINE_NAME,

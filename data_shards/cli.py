@@ -10,6 +10,7 @@ import logging
 import sys
 
 from data_shards.corpus.cli import add_command as add_corpus_command
+from data_shards.keys import CHEMICAL_SYMBOLS
 from data_shards.manifest import (
     MANIFEST_DIR,
     QUARANTINE_NAME,
@@ -18,7 +19,6 @@ from data_shards.manifest import (
     load_manifest,
     verify_shards,
 )
-from data_shards.keys import CHEMICAL_SYMBOLS
 from data_shards.units import UNITS
 
 EXIT_USER_ERROR = 2

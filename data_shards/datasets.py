@@ -12,7 +12,13 @@ from pathlib import Path
 
 from data_shards import keys as K
 from data_shards.chunk import KEYED_FORMATS, ChunkResult, InputError
-from data_shards.e0 import E0Error, check_covers, merged_table, parse_e0_specs, read_e0_file
+from data_shards.e0 import (
+    E0Error,
+    check_covers,
+    merged_table,
+    parse_e0_specs,
+    read_e0_file,
+)
 from data_shards.manifest import STATS_SPLIT, StatsPartial, finalize_stats, pooled_stats
 from data_shards.readers import asedb, extxyz
 

@@ -107,7 +107,7 @@ def parse_e0_specs(specs: tuple[str, ...] | list[str]) -> dict[str | None, str]:
 
 def check_covers(table: dict[int, float], elements, source: str, dataset: str) -> None:
     """E0Error naming the source and the missing elements when `table` lacks one of `elements`."""
-    missing = sorted(set(int(z) for z in elements) - set(table))
+    missing = sorted({int(z) for z in elements} - set(table))
     if missing:
         names = ", ".join(K.CHEMICAL_SYMBOLS[z] for z in missing)
         have = ", ".join(K.CHEMICAL_SYMBOLS[z] for z in sorted(table)) or "none"

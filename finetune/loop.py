@@ -29,7 +29,12 @@ from tqdm import tqdm
 
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
-from data_shards.manifest import QUARANTINE_NAME, file_sha256, load_manifest, rereference_transform
+from data_shards.manifest import (
+    QUARANTINE_NAME,
+    file_sha256,
+    load_manifest,
+    rereference_transform,
+)
 from data_shards.stream import ShardStream
 from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A

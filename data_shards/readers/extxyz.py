@@ -89,7 +89,7 @@ def label_fields(path, frames: int = 20) -> list[str]:
             break
         try:
             atoms = next(read_xyz(io.StringIO(block.decode("utf-8")), 0))
-        except Exception:  # a broken frame names nothing; the build quarantines it anyway
+        except (ValueError, KeyError, IndexError, UnicodeDecodeError):  # a broken frame names nothing
             continue
         found |= set(atoms.info) | (set(atoms.arrays) - {"numbers", "positions"})
         if atoms.calc is not None:
