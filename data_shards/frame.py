@@ -59,10 +59,10 @@ class Frame:
     pbc: np.ndarray                     # (3,) bool
     energy: float | None = None         # eV
     forces: np.ndarray | None = None    # (n, 3) float64 eV/Å
-    stress: np.ndarray | None = None    # (3, 3) float64 eV/Å³ (ASE convention), optional label
     source: str = ""                    # file or folder the frame was read from
     index: int = 0                      # frame index inside `source`
     info: dict = field(default_factory=dict)  # small json-able extras (e.g. group, seed)
+    stress: np.ndarray | None = None    # (3, 3) float64 eV/Å³ (ASE convention), optional label; last: positional use
 
     @property
     def natoms(self) -> int:
