@@ -267,10 +267,11 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
     totals = {"frames_read": sum(r.frames_read for r in results),
               "samples_written": sum(r.samples for r in results),
               "quarantined": sum(len(r.quarantine) for r in results),
-              "duplicates": sum(len(r.dropped) for r in results),
-              "isolated_atoms": sum(len(r.isolated) for r in results)}
-    if (totals["frames_read"] != totals["samples_written"] + totals["quarantined"] + totals["duplicates"]
-            + totals["isolated_atoms"]
+              "duplicates": sum(len(r.dropped) for r in results)}
+    isolated = sum(len(r.isolated) for r in results)
+    if isolated:   # E0 reference frames, not samples (only listed when there are some)
+        totals["isolated_atoms"] = isolated
+    if (totals["frames_read"] != totals["samples_written"] + totals["quarantined"] + totals["duplicates"] + isolated
             or totals["duplicates"] != duplicates["count"]):
         raise RuntimeError(f"frame accounting does not add up: {totals}, duplicates decided "
                            f"{duplicates['count']}")

@@ -2,7 +2,8 @@
 
 DATA is anything the readers understand (extxyz file, DeePMD system folder or root, …) or a shard folder
 with manifest.json (one split, `--split`). Writes OUT/metrics.json, OUT/metrics.md and parity plots, and
-prints the table. Units: energies per atom in meV/atom, forces in meV/Å (see finetune.forcefield.metrics).
+prints the table; OUT/predictions.extxyz holds every structure with the reference labels and the model's
+(`maskpot_energy`, `maskpot_forces`, per-atom `maskpot_force_error`; finetune.forcefield.predictions). Units: energies per atom in meV/atom, forces in meV/Å (see finetune.forcefield.metrics).
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
 
     from finetune.forcefield import metrics as M
     from finetune.forcefield import plots
+    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions
     from pretrain.export import load_export
 
     if batch_size < 1:
@@ -94,14 +96,16 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     model, meta = load_export(model_dir)
     model.to(device)
     batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]))
-    figures = M.evaluate(model, batches, device=torch.device(device))
+    recorder = Recorder(model)
+    figures = M.evaluate(recorder, batches, device=torch.device(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = write_predictions(recorder.structures, figures[M.ARRAYS], out_dir / PREDICTIONS)
     label = split if (Path(data) / MANIFEST).is_file() else Path(data).name
     plot_paths = plots.parity_plots(figures[M.ARRAYS], figures, out_dir, label)
     summary = {**M.without_arrays(figures), "model": str(model_dir), "data": str(data),
                "split": split if (Path(data) / MANIFEST).is_file() else None,
-               "plots": [p.name for p in plot_paths]}
+               "plots": [p.name for p in plot_paths], "predictions": predictions.name}
     (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / METRICS_MD).write_text(markdown_table(figures, str(model_dir), str(data)))
     return summary
@@ -112,7 +116,9 @@ def add_command(subparsers) -> None:
         "evaluate", help="energy/force errors of an exported model on labelled data (tables + parity plots)",
         description="Evaluate an export folder on labelled structures. DATA: an extxyz file, a DeePMD folder, "
                     "or a shard folder with manifest.json (then --split picks the split). Writes OUT/metrics.json, "
-                    "OUT/metrics.md, OUT/parity_energy.png and OUT/parity_forces.png.")
+                    "OUT/metrics.md, OUT/parity_energy.png, OUT/parity_forces.png and OUT/predictions.extxyz "
+                    "(reference energy [eV]/forces [eV/Å] kept, maskpot_energy, maskpot_forces, per-atom "
+                    "maskpot_force_error [eV/Å], maskpot_stress [eV/Å³] when the model gives one).")
     p.add_argument("model", metavar="MODEL", help="export folder (model.json + model.safetensors)")
     p.add_argument("data", metavar="DATA", help="labelled data: file/folder a reader understands, or shard folder")
     p.add_argument("--format", default=None, help="reader name (default: detected from DATA)")
@@ -126,5 +132,5 @@ def add_command(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device)
     print((Path(args.out) / METRICS_MD).read_text(), end="")
-    print(f"written: {Path(args.out) / METRICS_JSON}, {', '.join(summary['plots'])}")
+    print(f"written: {Path(args.out) / METRICS_JSON}, {', '.join(summary['plots'])}, {summary['predictions']}")
     return 0
