@@ -2,17 +2,22 @@
 
 Writes the trajectory (extxyz, energies and forces per frame), a log next to it (`<out>.log`: step, time,
 potential / kinetic / total energy, temperature) and, with `--rdf`, the O–O radial distribution function
-of the trajectory (`<out>_rdf_oo.png` + `.csv`). Units: fs, K, eV, Å.
+of the trajectory (`<out>_rdf_oo.png` + `.csv`). Units: fs, K, eV, Å. Safety checks (runaway temperature,
+overlapping atoms, NVE energy drift) warn, then stop the run: finetune.forcefield.md_guards.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from finetune.forcefield import md_guards
+from finetune.forcefield.md_guards import MDGuards, MDUnstable
 
 if TYPE_CHECKING:
     from ase import Atoms
@@ -23,6 +28,7 @@ if TYPE_CHECKING:
 
 ENSEMBLES = ("langevin", "nve")
 OXYGEN = 8
+EXIT_UNSTABLE = 3   # a safety check stopped the run (user errors exit 2)
 LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
 
 
@@ -68,8 +74,11 @@ def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     return Atoms(numbers=frame.species, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
 
 
-def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path) -> dict:
-    """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures."""
+def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path,
+           guards: MDGuards | None = None) -> dict:
+    """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures.
+    `guards` (default: MDGuards() with its default limits) raise MDUnstable when the run goes wrong."""
+    guards = MDGuards() if guards is None else guards
     from ase import units
     from ase.io import write
     from ase.md.langevin import Langevin
@@ -101,20 +110,23 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
         write(out, atoms, format="extxyz", append=step > 0)
         log.write(" ".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in rows[-1]) + "\n")
         log.flush()
+        guards.check(atoms, step, cfg.temperature, rows[-1][4], rows[0][4], nve=cfg.ensemble == "nve")
 
     with open(log_path, "w") as log:
         log.write("# " + " ".join(LOG_COLUMNS) + "\n")
         record()
         bar = tqdm(total=cfg.steps, desc=f"md {cfg.ensemble}", unit="step")
         started = time.perf_counter()
-        for done in range(0, cfg.steps, cfg.every):
-            chunk = min(cfg.every, cfg.steps - done)
-            dyn.run(chunk)
-            record()
-            bar.update(chunk)
-            bar.set_postfix(T=f"{rows[-1][5]:.0f} K", Etot=f"{rows[-1][4]:.3f} eV")
+        try:
+            for done in range(0, cfg.steps, cfg.every):
+                chunk = min(cfg.every, cfg.steps - done)
+                dyn.run(chunk)
+                record()
+                bar.update(chunk)
+                bar.set_postfix(T=f"{rows[-1][5]:.0f} K", Etot=f"{rows[-1][4]:.3f} eV")
+        finally:
+            bar.close()
         seconds = time.perf_counter() - started
-        bar.close()
     etot = np.array([r[4] for r in rows])
     return {"steps": cfg.steps, "seconds": seconds, "steps_per_second": cfg.steps / seconds,
             "atoms": len(atoms), "trajectory": str(out), "log": str(log_path),
@@ -202,6 +214,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--rdf", action="store_true", help="also compute and plot the O–O g(r) of the trajectory")
     p.add_argument("--rdf-rmax", type=float, default=None, help="Å (default: 6 Å or half the box)")
+    md_guards.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -213,8 +226,13 @@ def run(args: argparse.Namespace) -> int:
     atoms = load_structure(args.structure, args.format, args.frame)
     if args.rdf and not atoms.pbc.all():
         raise ValueError(f"--rdf needs a structure periodic in 3D; {args.structure} has pbc={atoms.pbc.tolist()}")
+    guards = md_guards.from_args(args)
     calc = MaskpotCalculator(args.model, dtype=cfg.dtype, skin=cfg.skin, device=args.device)
-    result = run_md(atoms, calc, cfg, args.out)
+    try:
+        result = run_md(atoms, calc, cfg, args.out, guards)
+    except MDUnstable as e:
+        print(f"maskpot md: {e} (trajectory so far: {args.out})", file=sys.stderr)
+        return EXIT_UNSTABLE
     print(f"{result['steps']} steps of {result['atoms']} atoms in {result['seconds']:.1f} s "
           f"({result['steps_per_second']:.1f} steps/s); final T {result['final_temperature_K']:.0f} K; "
           f"trajectory {result['trajectory']}, log {result['log']}")
