@@ -43,7 +43,7 @@ class Recorder(torch.nn.Module):
         pbc = batch[K.PBC].cpu().numpy().reshape(-1, 3)
         stress = out.get(PRED_STRESS)
         stress = None if stress is None else stress.detach().double().cpu().numpy().reshape(-1, 3, 3)
-        ref_stress = batch[K.STRESS] if K.STRESS in batch else None
+        ref_stress = getattr(batch, K.STRESS, None)
         ref_stress = None if ref_stress is None else ref_stress.detach().double().cpu().numpy().reshape(-1, 3, 3)
         start = 0
         for b, stop in enumerate(ptr):
