@@ -1,8 +1,8 @@
 """Data sets of a build: names, label-key checks, per-data-set E0 and statistics (the manifest's `datasets`).
 
-Each input belongs to one data set (its own energy zero). By default the name is the input's folder (for a
-file, the folder holding it: `ethanol_rmd17/train.xyz` → `ethanol_rmd17`), so files from one source share a
-data set; `shards build --datasets NAME ...` names them explicitly, one per input. Energies of different
+Each input belongs to one data set (its own energy zero). By default the name is the folder holding the input
+(`ethanol_rmd17/train.xyz` → `ethanol_rmd17`, `water_deepmd/data/data_0` → `data`), so files from one source
+share a data set; `shards build --datasets NAME ...` names them explicitly, one per input. Energies of different
 data sets are never fitted together: each gets its own E0 (data_shards/e0.py), and the top-level `stats` E0 is
 the merged table that finetuning re-references every sample to (finetune.loop).
 """
@@ -19,23 +19,31 @@ from data_shards.e0 import (
     parse_e0_specs,
     read_e0_file,
 )
-from data_shards.manifest import STATS_SPLIT, StatsPartial, finalize_stats, pooled_stats
+from data_shards.manifest import SPLITS, STATS_SPLIT, StatsPartial, finalize_stats, pooled_stats
 from data_shards.readers import asedb, extxyz
 
 KEY_OPTIONS = {"energy": "--energy-key", "forces": "--forces-key", "stress": "--stress-key"}
 FIELD_LISTERS = {"extxyz": extxyz.label_fields, "asedb": asedb.label_fields}
 
 
-def default_name(path: str) -> str:
-    p = Path(path)
-    return (p.parent.name if p.is_file() else p.name) or p.resolve().name
-
-
 def dataset_names(inputs: tuple[str, ...], given: tuple[str, ...]) -> list[str]:
+    """One name per input: `given`, else the name of the folder holding the input (a file or a folder), so
+    inputs side by side (train.xyz and test.xyz, DeePMD data_0 … data_3) form one data set; two different
+    folders of the same name get `NAME`, `NAME-2`, …"""
     if given and len(given) != len(inputs):
         raise InputError(f"--datasets: {len(given)} name(s) for {len(inputs)} input(s); give one per input, in order")
-    return list(given) if given else [default_name(i.partition("=")[2] if i.split("=")[0] in ("train", "val", "test")
-                                                    and "=" in i else i) for i in inputs]
+    if given:
+        return list(given)
+    names, by_folder = [], {}
+    for text in inputs:
+        prefix, sep, rest = text.partition("=")
+        folder = Path(rest if sep and prefix in SPLITS else text).resolve().parent
+        if folder not in by_folder:
+            base = folder.name or "data"
+            taken = sum(1 for name in by_folder.values() if name == base or name.startswith(base + "-"))
+            by_folder[folder] = base if not taken else f"{base}-{taken + 1}"
+        names.append(by_folder[folder])
+    return names
 
 
 def check_label_keys(results: list[ChunkResult], keys: dict[str, str | None], require_labels: bool) -> None:
