@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from data_shards.progress import progress as progress_bar
 
 from data_shards import dedup, readers
 from data_shards.chunk import (
@@ -335,7 +335,7 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     out.mkdir(parents=True, exist_ok=True)
     results: dict[int, ChunkResult] = {}
     total_frames = sum(c.stop - c.start for c in chunks)
-    bar = tqdm(total=total_frames, unit="frame", desc="shards", **({} if progress else {"disable": True}))
+    bar = progress_bar(total=total_frames, unit="frame", desc="shards", **({} if progress else {"disable": True}))
     t0 = time.perf_counter()
 
     def on_result(result: ChunkResult) -> None:

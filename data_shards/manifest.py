@@ -22,6 +22,7 @@ import numpy as np
 
 from data_shards.e0 import Rereference
 from data_shards.frame import Frame
+from data_shards.progress import warn_once
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)   # 1: no `datasets` section, no per-sample dataset
@@ -211,12 +212,13 @@ def finalize_stats(partial: StatsPartial, e0_given: dict[int, float] | None = No
     singular = np.linalg.svd(partial.xtx, compute_uv=False)
     rank = int((singular > RANK_RTOL * singular.max()).sum())
     deficient = rank < len(partial.elements)
-    if deficient:
-        log.warning(
-            "E0 per element is not identifiable from the training set: element counts are collinear "
-            "(rank %d < %d elements %s; e.g. pure water always has n_H = 2 n_O). Using the minimum-norm "
-            "least-squares E0: it predicts structure energies of these compositions correctly, but the "
-            "split of the offset between elements is arbitrary.", rank, len(partial.elements), list(partial.elements))
+    if deficient:   # once per element set and process (a study builds several shard sets of one chemistry)
+        warn_once(log, f"e0-rank:{partial.elements}:{rank}",
+                  "E0 per element is not identifiable from the training set: element counts are collinear "
+                  "(rank %d < %d elements %s; e.g. pure water always has n_H = 2 n_O). Using the minimum-norm "
+                  "least-squares E0: it predicts structure energies of these compositions correctly, but the "
+                  "split of the offset between elements is arbitrary; give isolated-atom energies with "
+                  "`shards build --e0s FILE` to fix it.", rank, len(partial.elements), list(partial.elements))
     e0, *_ = np.linalg.lstsq(partial.xtx, partial.xty, rcond=RANK_RTOL)
     stats.update(e0={str(z): float(v) for z, v in zip(partial.elements, e0)}, e0_rank_deficient=bool(deficient),
                  **_residuals(partial, e0))

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
+from pathlib import Path
 
 from data_shards.config_io import load_config, merge, parse_dotted_overrides
+from data_shards.progress import quiet_libraries
+from pretrain.tracking_links import ui_command
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +25,8 @@ def add_command(subparsers) -> None:
         "finetune", help="train energies + forces from a pretrain export (or from scratch), tracked in MLflow",
         description="Single-process finetuning. Output: OUT_DIR/results.json, OUT_DIR/export/ (the best model "
                     "by validation force RMSE), plots, and an MLflow run (default store "
-                    "sqlite:///OUT_DIR/mlflow.db; browse with `mlflow ui --backend-store-uri ...`).")
+                    "sqlite:///OUT_DIR/mlflow.db). Prints the val/test error table and the command that opens the "
+                    "MLflow runs table; every figure is in OUT_DIR/results.json.")
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -38,16 +41,37 @@ def load_finetune_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.loop import run_finetune
+    from finetune.loop import RESULTS_FILE, run_finetune
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("mlflow", "alembic", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = run_finetune(load_finetune_config(args))
-    summary = {"best_step": results["best_step"], "best_val": results["best_val"], "test": results["test"],
-               "export_dir": results["export_dir"], "mlflow": results["tracking"]}
-    print(json.dumps(summary, indent=2, default=float))
+    quiet_libraries()
+    cfg = load_finetune_config(args)
+    results = run_finetune(cfg)
+    print(result_table(results, Path(cfg.train.out_dir) / RESULTS_FILE))
     return 0
+
+
+def _cell(figures: dict | None, key: str) -> str:
+    value = (figures or {}).get(key)
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def result_table(results: dict, results_path: Path) -> str:
+    """What a finetune prints: best step, val/test errors as a table, where the files and the MLflow run are
+    (all figures are in OUT_DIR/results.json)."""
+    rows = [("val (best)", results.get("best_val")), ("test", results.get("test"))]
+    lines = [f"finetune: best step {results['best_step']}",
+             "| split      | energy RMSE (meV/atom) | force RMSE (meV/Å) | force MAE (meV/Å) |",
+             "|------------|------------------------|--------------------|-------------------|"]
+    lines += [f"| {name:<10} | {_cell(f, 'energy_rmse_mev_per_atom'):>22} | {_cell(f, 'force_rmse_mev_per_a'):>18} | "
+              f"{_cell(f, 'force_mae_mev_per_a'):>17} |" for name, f in rows if f is not None]
+    lines.append(f"export: {results['export_dir']}   all figures: {results_path}")
+    tracking = results.get("tracking") or {}
+    if tracking.get("run_id"):
+        lines.append(f"MLflow run {tracking['run_id']}: {ui_command(tracking['tracking_uri'], tracking['experiment_id'])}")
+    elif tracking.get("pending_file"):
+        lines.append(f"MLflow store unreachable: the run is buffered in {tracking['pending_file']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from tqdm import tqdm
+from data_shards.progress import progress
 
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
@@ -44,7 +44,7 @@ from finetune.config import FinetuneConfig, flatten_config
 from finetune.forcefield import metrics as M
 from finetune.forcefield import plots
 from finetune.init_checkpoint import load_init, read_init_meta, weights_file
-from finetune.tracking import Tracker
+from finetune.tracking import Tracker, lineage_tags
 from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
 from pretrain.models import build_model
@@ -165,6 +165,8 @@ def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
         tags["maskpot.init_sha256"] = inputs.init_sha256
         for key, value in flatten_config(inputs.init_meta["lineage"]).items():
             tags[f"maskpot.init.lineage.{key}"] = value
+        # the pretraining's MLflow run: `source_run_id` tag and a link in the run description
+        tags.update(lineage_tags(inputs.init_meta["lineage"], cfg.tracking.resolved_uri(cfg.train.out_dir)))
     return tags
 
 
@@ -306,7 +308,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
                         val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
         return stopper.should_stop(improved)
 
-    bar = tqdm(total=t.max_steps, desc="finetune", unit="step")
+    bar = progress(total=t.max_steps, desc="finetune", unit="step")
     validate(0)
     batches = endless_batches(train_stream)
     model.train()

@@ -12,6 +12,7 @@ import sys
 
 from cluster import cli as cluster_cli
 from data_shards import cli as data_cli
+from data_shards.progress import quiet_libraries
 from finetune import commands as finetune_commands
 from finetune.forcefield import evaluate, md
 from maskpot import demo
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet_libraries()   # library warnings/INFO lines a user cannot act on (data_shards/progress.py)
     try:
         code = args.func(args)
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:

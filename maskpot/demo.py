@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.tracking_links import ui_command
+
 
 @dataclass(frozen=True)
 class DemoScale:
@@ -191,11 +193,13 @@ def print_table(results: dict, scale: DemoScale, labels: str, seconds: float, ou
                     f"{test['energy_rmse_mev_per_atom']:>22.2f} | {test['force_rmse_mev_per_a']:>19.1f} |")
     scratch, pre = results["scratch"]["test"], results["pretrained"]["test"]
     change = 100.0 * (pre["force_rmse_mev_per_a"] / scratch["force_rmse_mev_per_a"] - 1.0)
+    store = f"sqlite:///{out / 'mlflow.db'}"
+    experiment_id = (results["pretrained"].get("tracking") or {}).get("experiment_id")
     print("\n" + "\n".join([
         f"Test errors on {labels}, same finetune budget for both runs:",
         "| run        | train frames | steps | energy RMSE (meV/atom) | force RMSE (meV/Å) |",
         "|------------|--------------|-------|------------------------|--------------------|",
         *rows,
         f"Pretrained vs scratch, force RMSE: {change:+.1f}%.   Wall time {seconds / 60:.1f} min.",
-        f"Open the runs:  mlflow ui --backend-store-uri sqlite:///{out / 'mlflow.db'}",
+        f"Open the runs:  {ui_command(store, experiment_id)}",
     ]), flush=True)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_shards.config_io import from_dict, to_dict
+from pretrain.tracking import TrackingConfig
 from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 
 OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")
@@ -21,6 +22,8 @@ PRECISIONS = ("fp32", "bf16")
 RESUME_HARMLESS_KEYS = (
     "train.max_steps", "train.log_every", "train.val_every", "train.checkpoint_every",
     "train.keep_last", "train.out_dir", "train.linear_probe",
+    "tracking.enabled", "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.tags",
+    "tracking.registered_model", "tracking.parent_run_id", "tracking.retry_every_s",
 )
 # Keys added after checkpoints existed: at their default they stay out of the resume hash, so older
 # checkpoints still resume.
@@ -190,6 +193,14 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainTrackingConfig(TrackingConfig):
+    """`tracking:` of a pretraining: rank 0 makes it an MLflow run (pretrain/run_tracking.py). Off unless
+    enabled (the shipped configs and the study turn it on); default store sqlite:///<train.out_dir>/mlflow.db."""
+    enabled: bool = False
+    experiment: str = "maskpot-pretrain"
+
+
+@dataclass
 class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -197,6 +208,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: PretrainTrackingConfig = field(default_factory=PretrainTrackingConfig)
 
 
 def flatten(cfg: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from data_shards import keys as K
 from data_shards.config_io import (
     config_hash,
 )
+from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
 from pretrain.config import PretrainConfig
@@ -64,6 +65,7 @@ HYDROGEN, OXYGEN = 1, 8
 
 def quiet_libraries(rank: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+    quiet_warnings()
     from deepspeed.utils import logger as ds_logger
     ds_logger.setLevel(logging.WARNING)
 
@@ -226,7 +228,7 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
 
 
 def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str, step: int,
-                 out_dir: Path, rank: int, ema: WeightEMA | None = None) -> None:
+                 out_dir: Path, rank: int, ema: WeightEMA | None = None, lineage: dict | None = None) -> None:
     """Collective (fp32 master weights are gathered); rank 0 writes out_dir/export/ (EMA weights if on)."""
     state = ema.state_dict(engine) if ema is not None else fp32_state_dict(engine)
     if rank != 0:
@@ -240,7 +242,7 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
                         "maskpot_version": metadata.version("maskpot"),
                         "pretrain_objective": cfg.objective.kind, "steps": step,
                         "ema_decay": cfg.optim.ema_decay, **({"data_sets": cfg.data.sets} if cfg.data.sets else {}),
-                        **init_lineage(cfg)}}
+                        **init_lineage(cfg), **(lineage or {})}}
     save_export(model, out_dir / "export", meta)
 
 
@@ -254,11 +256,14 @@ class MetricsLog:
                                     * cfg.deepspeed.gradient_accumulation_steps)
         self.losses: list[float] = []
         self.seconds = 0.0
+        self.sink = None   # rank 0 with tracking: each record also goes to MLflow (pretrain/run_tracking.py)
 
     def _write(self, record: dict) -> None:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.sink is not None:
+            self.sink(record)
 
     def train(self, state: ckpt.TrainState, loss: float, lr: float, seconds: float) -> None:
         self.losses.append(loss)

@@ -23,11 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
+from data_shards.progress import progress
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from pretrain import checkpoint as ckpt
 from pretrain import mixture, stages
+from pretrain import run_tracking
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
 from pretrain.export import normalisation_from_stats
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     (out_dir / f"rank{rank}.pid").write_text(f"{os.getpid()}\n")
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tracker = run_tracking.start(cfg, rank, world_size, out_dir, manifest_hash)   # rank 0, tracking.enabled
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     batches = mixture.make_batches(cfg, sets, rank, world_size, state, LockstepBatches, make_stream)
     validate = make_validator(cfg, manifest, rank, world_size)
     metrics = MetricsLog(out_dir / "metrics.jsonl", rank, cfg)
-    bar = tqdm(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
+    metrics.sink = (lambda record: run_tracking.log_record(tracker, record)) if tracker else None
+    bar = progress(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
                **({"disable": True} if rank else {}))  # rank 0 honours TQDM_DISABLE
 
     step_sleep = float(os.environ.get(STEP_SLEEP_ENV, 0))
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if validate and (state.step % cfg.train.val_every == 0 or last):
             improved = keep_if_best(state, validate(engine, ema), metrics)
             if improved:
-                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema)
+                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema,
+                             run_tracking.lineage(tracker))
         stop_signal = agreed_signal(preempt.signal)
         preempted = stop_signal != 0
         if improved or preempted or last or (cfg.train.checkpoint_every
@@ -134,9 +138,11 @@ def main(argv: list[str] | None = None) -> int:
                             state.step, signal.Signals(stop_signal).name)
 
     if state.best_step < 0 and not preempted:  # no validation (or never a finite one): export the final weights
-        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema)
+        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema,
+                     run_tracking.lineage(tracker))
     bar.close()
     metrics.close()
+    run_tracking.finish(tracker, out_dir, preempted)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -30,7 +30,7 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
-    from tqdm import tqdm
+    from data_shards.progress import progress
 
     from data_shards.graph import collate, sample_to_data
     from data_shards.readers import count_frames, iter_frames
@@ -39,7 +39,7 @@ def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iter
     if total == 0:
         raise ValueError(f"{path}: no frames to evaluate")
     pending = []
-    for item in tqdm(iter_frames(path, fmt), total=total, desc="evaluate", unit="frame"):
+    for item in progress(iter_frames(path, fmt), total=total, desc="evaluate", unit="frame"):
         if isinstance(item, FrameError):
             raise item
         pending.append(sample_to_data(frame_sample(item.validate(require_labels=True)), cutoff))

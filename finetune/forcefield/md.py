@@ -84,7 +84,7 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import Stationary, thermalize_momenta
     from ase.md.verlet import VelocityVerlet
-    from tqdm import tqdm
+    from data_shards.progress import progress
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
     with open(log_path, "w") as log:
         log.write("# " + " ".join(LOG_COLUMNS) + "\n")
         record()
-        bar = tqdm(total=cfg.steps, desc=f"md {cfg.ensemble}", unit="step")
+        bar = progress(total=cfg.steps, desc=f"md {cfg.ensemble}", unit="step")
         started = time.perf_counter()
         try:
             for done in range(0, cfg.steps, cfg.every):

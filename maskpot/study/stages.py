@@ -232,6 +232,10 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
         "train": {"max_steps": steps, "log_every": max(steps // 20, 1), "val_every": max(steps // 5, 1),
                   "val_batches": 4, "checkpoint_every": max(steps // 4, 1), "out_dir": str(run_dir),
                   "seed": p.seed},
+        # the pretraining is a run of the study's experiment; its finetunes nest under it (finetune_config)
+        "tracking": {"enabled": True, "uri": f"sqlite:///{out_root(run_dir) / 'mlflow.db'}",
+                     "experiment": cfg.experiment, "run_name": f"pretrain/{run_dir.name}",
+                     "tags": {"study.scale": cfg.scale, "study.stage": "pretrain", "study.model": model}},
     }
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -243,6 +247,22 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     if code != 0:
         raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
     return export
+
+
+def out_root(run_dir: Path) -> Path:
+    """The study folder of a pretraining run folder (STUDY/pretrain/NAME or STUDY/<stage>/pretrain/NAME):
+    where the study's mlflow.db is."""
+    for parent in run_dir.parents:
+        if parent.name == "pretrain":
+            return parent.parent
+    return run_dir.parent
+
+
+def pretraining_run_id(init: Path | None) -> str | None:
+    """The MLflow run of the pretraining that wrote the export `init` (its lineage), to nest finetunes under."""
+    if init is None or not (Path(init) / "model.json").is_file():
+        return None
+    return (json.loads((Path(init) / "model.json").read_text()).get("lineage") or {}).get("mlflow_run_id")
 
 
 def water_objective(p: PretrainStageConfig, variant: str) -> dict:
@@ -284,7 +304,8 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
         "train": {"max_steps": f.steps, "eval_every": f.eval_every, "log_every": max(f.eval_every // 2, 1),
                   "seed": seed, "out_dir": str(run_dir), "device": "cpu"},
         "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": cfg.experiment,
-                     "run_name": f"{setting}/{model}_{variant}_n{budget}_s{seed}", "tags": tags},
+                     "run_name": f"{setting}/{model}_{variant}_n{budget}_s{seed}", "tags": tags,
+                     "parent_run_id": pretraining_run_id(init)},
     }
     return FinetuneJob(setting, model, variant, budget, seed, config, str(run_dir))
 
