@@ -1,0 +1,137 @@
+"""Every stage in MLflow (issue 15 item 4), against a real `mlflow server`: a 2-rank DeepSpeed pretraining is
+one MLflow run (rank 0: params, per-step metrics, the export as artifacts); a finetune from its export is
+tagged `source_run_id` with a markdown link in its description; the printed UI command lands on the runs
+table; a headless Chromium (when installed) screenshots the runs table and the finetune run's page."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.tracking import server_is_up
+from pretrain.tracking_links import runs_table_url, ui_command
+
+REPO = Path(__file__).resolve().parents[2]
+PRETRAIN_TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
+FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"
+SCREENSHOTS_ENV = "MASKPOT_SCREENSHOT_DIR"   # keep the screenshots there (to look at them)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow_lineage")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = (root / "server.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+                             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    deadline = time.monotonic() + 180
+    while not server_is_up(uri, timeout=2.0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def water_shards(tmp_path_factory):
+    from data_shards.build import build_shards
+    from data_shards.tip3p import tip3p_frames, write_extxyz
+
+    root = tmp_path_factory.mktemp("lineage_shards")
+    frames = tip3p_frames(n_molecules=8, n_frames=24, seed=4, steps_between_frames=10, equilibration_steps=50)
+    xyz = write_extxyz(frames, root / "water.extxyz")
+    build_shards([str(xyz)], root / "shards", shard_size=4, split_fractions=(0.5, 0.25, 0.25), use_ray=False,
+                 progress=False)
+    return root / "shards"
+
+
+def _maskpot(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("TQDM_DISABLE", None)
+    return subprocess.run([sys.executable, "-m", "maskpot.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env=env, timeout=900, check=False)
+
+
+def _quiet(r: subprocess.CompletedProcess) -> None:
+    """Non-TTY output: progress as plain lines (no carriage-return redraws), few warnings (item 6)."""
+    text = r.stdout + r.stderr
+    assert "\r" not in text
+    warnings = [line for line in text.splitlines() if "Warning" in line or "WARNING" in line]
+    assert len(warnings) <= 3, warnings
+
+
+def _screenshot(url: str, path: Path) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1600,1000", "--virtual-time-budget=20000", f"--screenshot={path}", url],
+                   capture_output=True, timeout=180, check=True)
+
+
+@pytest.mark.slow
+def test_pretraining_is_a_run_and_finetuning_links_to_it(server, water_shards, tmp_path):
+    from mlflow import MlflowClient
+
+    pre = tmp_path / "pretrain"
+    r = _maskpot("pretrain", "--config", str(PRETRAIN_TINY), "--nproc", "2", "--override",
+                 f"data.manifest_dir={water_shards}", f"train.out_dir={pre}", "train.max_steps=6", "train.val_every=3",
+                 "tracking.enabled=true", f"tracking.uri={server}", "tracking.experiment=lineage")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _quiet(r)
+    client = MlflowClient(tracking_uri=server)
+    experiment = client.get_experiment_by_name("lineage")
+    (run,) = client.search_runs([experiment.experiment_id])      # rank 0 only: one run, not two
+    assert run.info.status == "FINISHED" and run.data.tags["maskpot.stage"] == "pretrain"
+    assert run.data.params["model.name"] == "egnn" and run.data.params["world_size"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/model.json", "model/model.safetensors"} <= artifacts
+    lineage = json.loads((pre / "export" / "model.json").read_text())["lineage"]
+    assert lineage["mlflow_run_id"] == run.info.run_id
+    assert ui_command(server, experiment.experiment_id) in r.stdout   # printed, landing on the runs table
+
+    fin = tmp_path / "finetune"
+    r = _maskpot("finetune", "--config", str(FINETUNE_TINY), "--init", str(pre / "export"), "--override",
+                 f"data.manifest_dir={water_shards}", f"train.out_dir={fin}", "train.max_steps=4",
+                 "train.eval_every=2", f"tracking.uri={server}", "tracking.experiment=lineage",
+                 f"tracking.parent_run_id={run.info.run_id}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    _quiet(r)
+    assert r.stdout.startswith("finetune: best step") and "| test       |" in r.stdout and "{" not in r.stdout
+    assert f"#/experiments/{experiment.experiment_id}/runs" in r.stdout
+    (child,) = [x for x in client.search_runs([experiment.experiment_id]) if x.info.run_id != run.info.run_id]
+    tags = child.data.tags
+    assert tags["source_run_id"] == run.info.run_id and tags["mlflow.parentRunId"] == run.info.run_id
+    assert f"(#/experiments/{experiment.experiment_id}/runs/{run.info.run_id})" in tags["mlflow.note.content"]
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("chromium not installed (apt-get install chromium): browser screenshots not taken")
+    shots = Path(os.environ.get(SCREENSHOTS_ENV, tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    table, lineage_png = shots / "runs_table.png", shots / "finetune_run.png"
+    _screenshot(runs_table_url(server, experiment.experiment_id), table)
+    _screenshot(f"{server}/#/experiments/{experiment.experiment_id}/runs/{child.info.run_id}", lineage_png)
+    for png in (table, lineage_png):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000, png
