@@ -40,6 +40,9 @@ from urllib.parse import urlparse
 from pretrain.registry import register_version
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# mlflow 3 writes "🏃 View run … / 🧪 View experiment …" to stdout at every run end on an http store; the
+# commands print one line that opens the runs table instead (tracking_links.ui_command)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 log = logging.getLogger("maskpot.tracking")
 
