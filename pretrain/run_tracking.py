@@ -36,6 +36,7 @@ def start(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, manife
     if rank != 0 or not cfg.tracking.enabled:
         return None
     tracker = Tracker(cfg.tracking, out_dir)
+    tracker.run_name = cfg.tracking.run_name or f"pretrain {cfg.model.name} {cfg.objective.kind} ({out_dir.name})"
     run_file = out_dir / RUN_FILE
     if run_file.is_file():
         tracker.resume_run_id = json.loads(run_file.read_text()).get("run_id")
