@@ -7,69 +7,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from pretrain.tracking import server_is_up
 from pretrain.tracking_links import runs_table_url, ui_command
+from tests.helpers.paths import FINETUNE_TINY, PRETRAIN_TINY, REPO
 
-REPO = Path(__file__).resolve().parents[2]
-PRETRAIN_TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"
 SCREENSHOTS_ENV = "MASKPOT_SCREENSHOT_DIR"   # keep the screenshots there (to look at them)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow_lineage")
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = (root / "server.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
-                             f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-    deadline = time.monotonic() + 180
-    while not server_is_up(uri, timeout=2.0):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    try:
-        yield uri
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def water_shards(tmp_path_factory):
-    from data_shards.build import build_shards
-    from data_shards.tip3p import tip3p_frames, write_extxyz
-
-    root = tmp_path_factory.mktemp("lineage_shards")
-    frames = tip3p_frames(n_molecules=8, n_frames=24, seed=4, steps_between_frames=10, equilibration_steps=50)
-    xyz = write_extxyz(frames, root / "water.extxyz")
-    build_shards([str(xyz)], root / "shards", shard_size=4, split_fractions=(0.5, 0.25, 0.25), use_ray=False,
-                 progress=False)
-    return root / "shards"
 
 
 def _maskpot(*args: str) -> subprocess.CompletedProcess:
@@ -95,7 +42,8 @@ def _screenshot(url: str, path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_pretraining_is_a_run_and_finetuning_links_to_it(server, water_shards, tmp_path):
+def test_pretraining_is_a_run_and_finetuning_links_to_it(mlflow_server, water_shards, tmp_path):
+    server = mlflow_server
     from mlflow import MlflowClient
 
     pre = tmp_path / "pretrain"

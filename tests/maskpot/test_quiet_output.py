@@ -6,11 +6,9 @@ import io
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from data_shards.progress import LineProgress, progress
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO, TINY_EXPORT
 
 
 def _run(*args: str, interval: str = "0.5") -> str:
@@ -59,7 +57,7 @@ def test_generate_build_evaluate_md_print_lines_not_redraws(tmp_path):
     xyz = next((tmp_path / "gen").glob("*.extxyz"))
     text = _run("shards", "build", str(xyz), "--out", str(tmp_path / "shards"), "--serial", "--shard-size", "3")
     _assert_quiet(text, "shards")
-    export = REPO / "tests" / "assets" / "egnn_tiny_export"
+    export = TINY_EXPORT
     text = _run("evaluate", str(export), str(xyz), "--out", str(tmp_path / "eval"))
     _assert_quiet(text, "evaluate")
     text = _run("md", str(export), str(xyz), "--steps", "40", "--temperature", "300", "--every", "10",
