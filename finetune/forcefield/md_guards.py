@@ -83,7 +83,7 @@ class MDGuards:
 
 
 def add_arguments(p) -> None:
-    g = p.add_argument_group("safety checks (at every --every step; warn at 75%% of a limit, stop past it)")
+    g = p.add_argument_group("safety checks (at every --every step; warn at 75% of a limit, stop past it)")
     g.add_argument("--max-temperature", type=float, default=None, metavar="K",
                    help="stop when the temperature passes this, in K (default: 2 × --temperature, at least 600 K)")
     g.add_argument("--min-distance", type=float, default=DEFAULT_MIN_DISTANCE, metavar="Å",

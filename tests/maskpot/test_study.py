@@ -231,10 +231,15 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     exports = sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json"))
     assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
     with sqlite3.connect(out / "mlflow.db") as db:
-        runs = db.execute("select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id "
-                          "where e.name = ? and r.status = 'FINISHED'", (cfg.experiment,)).fetchone()[0]
+        finished = "select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id " \
+                   "join tags t on t.run_uuid = r.run_uuid where e.name = ? and r.status = 'FINISHED' and t.key = ?"
+        runs = db.execute(finished, (cfg.experiment, "study.setting")).fetchone()[0]
+        pretrainings = db.execute(finished + " and t.value = 'pretrain'", (cfg.experiment, "study.stage")).fetchone()[0]
+        nested = db.execute("select count(*) from tags where key = 'mlflow.parentRunId'").fetchone()[0]
         variants = {v for (v,) in db.execute("select value from tags where key = 'study.variant'")}
     assert runs == expected and variants == {"scratch", "denoise", "mask", "hmask"}
+    assert pretrainings == 3 and nested == expected - len(cfg.seeds) * (len(cfg.dft_water.budgets) + 1
+                                                                       + len(cfg.ethanol.budgets)), nested
     stamps = {p: p.stat().st_mtime_ns for p in results}
     again = maskpot(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
