@@ -119,6 +119,10 @@ def _inspect(args) -> int:
               f"std {_fmt(st['energy_per_atom_std'], ' eV')}")
         per_z = ", ".join(f"Z={z}: {v:.4f}" for z, v in st["force_rms_per_element"].items())
         print(f"  force RMS {_fmt(st['force_rms'], ' eV/Å')}" + (f" ({per_z})" if per_z else ""))
+    for name, d in (m.get("datasets") or {}).items():
+        e0 = ", ".join(f"{_symbol(z)} {v:.4f}" for z, v in sorted(d["e0"].items(), key=lambda i: int(i[0]))) or "n/a"
+        print(f"  data set {name}: {d['samples']} samples, E0 [eV] ({d['e0_source']}) {e0}; energy per atom after "
+              f"E0 mean {_fmt(d['energy_per_atom_mean'], ' eV')}, std {_fmt(d['energy_per_atom_std'], ' eV')}")
     sr = m.get("structure")
     if sr:
         hist = ", ".join(f"{n}: {c}" for n, c in sr["natoms_histogram"].items())
