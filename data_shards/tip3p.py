@@ -25,9 +25,9 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io.extxyz import write_xyz
 from openmm import app, unit
-from data_shards.progress import progress as progress_bar
 
 from data_shards.frame import Frame
+from data_shards.progress import progress as progress_bar
 
 AVOGADRO = 6.02214076e23          # 1/mol, exact (SI 2019)
 ELEMENTARY_CHARGE = 1.602176634e-19  # C, exact (SI 2019)
@@ -167,7 +167,8 @@ def iter_tip3p_frames(cfg: TIP3PConfig, progress: bool = True) -> Iterator[Frame
     cell = np.eye(3) * cfg.box_angstrom
     source = Path(cfg.file_name).stem
     disable = not progress or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")
-    with progress_bar(total=cfg.n_frames, desc=f"TIP3P {cfg.n_molecules} H2O", unit="frame", disable=disable) as bar:
+    with progress_bar(total=cfg.n_frames, desc=f"TIP3P {cfg.n_molecules} H2O", unit="frame",
+                      disable=disable) as bar:
         for index in range(cfg.n_frames):
             integrator.step(cfg.steps_between_frames)
             energy, forces, positions = evaluate(context)

@@ -68,7 +68,8 @@ def result_table(results: dict, results_path: Path) -> str:
     lines.append(f"export: {results['export_dir']}   all figures: {results_path}")
     tracking = results.get("tracking") or {}
     if tracking.get("run_id"):
-        lines.append(f"MLflow run {tracking['run_id']}: {ui_command(tracking['tracking_uri'], tracking['experiment_id'])}")
+        command = ui_command(tracking["tracking_uri"], tracking["experiment_id"])
+        lines.append(f"MLflow run {tracking['run_id']}: {command}")
     elif tracking.get("pending_file"):
         lines.append(f"MLflow store unreachable: the run is buffered in {tracking['pending_file']}")
     return "\n".join(lines)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from data_shards.progress import progress
 
 from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
@@ -35,6 +34,7 @@ from data_shards.manifest import (
     load_manifest,
     rereference_transform,
 )
+from data_shards.progress import progress
 from data_shards.stream import ShardStream
 from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A

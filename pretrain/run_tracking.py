@@ -80,5 +80,6 @@ def finish(tracker: Tracker | None, out_dir: Path, preempted: bool) -> dict | No
             tracker.log_artifact(out_dir / name, artifact_path)
     result = tracker.finish("KILLED" if preempted else "FINISHED")
     if result["complete"]:
-        print(f"MLflow pretraining run {result['run_id']}; runs table: {ui_command(tracker.uri, result['experiment_id'])}")
+        command = ui_command(tracker.uri, result["experiment_id"])
+        print(f"MLflow pretraining run {result['run_id']}; runs table: {command}")
     return result

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from data_shards.progress import progress
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
+from data_shards.progress import progress
 from pretrain import checkpoint as ckpt
 from pretrain import mixture, stages
 from pretrain import run_tracking

@@ -3,7 +3,8 @@
 DATA is anything the readers understand (extxyz file, DeePMD system folder or root, …) or a shard folder
 with manifest.json (one split, `--split`). Writes OUT/metrics.json, OUT/metrics.md and parity plots, and
 prints the table; OUT/predictions.extxyz holds every structure with the reference labels and the model's
-(`maskpot_energy`, `maskpot_forces`, per-atom `maskpot_force_error`; finetune.forcefield.predictions). Units: energies per atom in meV/atom, forces in meV/Å (see finetune.forcefield.metrics).
+(`maskpot_energy`, `maskpot_forces`, per-atom `maskpot_force_error`; finetune.forcefield.predictions).
+Units: energies per atom in meV/atom, forces in meV/Å (see finetune.forcefield.metrics).
 """
 from __future__ import annotations
 
@@ -30,9 +31,8 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
-    from data_shards.progress import progress
-
     from data_shards.graph import collate, sample_to_data
+    from data_shards.progress import progress
     from data_shards.readers import count_frames, iter_frames
 
     total = count_frames(path, fmt)

@@ -64,7 +64,7 @@ def write_predictions(structures: list[dict], arrays: dict, path: str | Path) ->
     if len(structures) != len(e_ref):
         raise RuntimeError(f"recorded {len(structures)} structures but the metrics have {len(e_ref)}")
     frames, start = [], 0
-    for s, er, ep in zip(structures, e_ref, e_pred):
+    for s, er, ep in zip(structures, e_ref, e_pred, strict=True):
         n = len(s["species"])
         atoms = Atoms(numbers=s["species"], positions=s["pos"], cell=s["cell"], pbc=s["pbc"])
         fr, fp = f_ref[start:start + n], f_pred[start:start + n]

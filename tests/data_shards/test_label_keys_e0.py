@@ -46,8 +46,8 @@ def _mace_file(path, shared_data, n=40, stress=False):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], capture_output=True, text=True, check=False,
-                          cwd=REPO_ROOT, timeout=300)
+    return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], capture_output=True, text=True,
+                          check=False, cwd=REPO_ROOT, timeout=300)
 
 
 @pytest.mark.needs_shared_data

@@ -48,7 +48,7 @@ def test_evaluate_writes_predictions_extxyz_matching_the_metrics(water, tmp_path
     pred = read(out / "predictions.extxyz", ":")
     assert len(pred) == len(frames)
     e_err, f_err = [], []
-    for atoms, frame in zip(pred, frames):
+    for atoms, frame in zip(pred, frames, strict=True):
         np.testing.assert_allclose(atoms.positions, frame.positions, atol=1e-5)
         assert atoms.get_potential_energy() == pytest.approx(frame.energy, abs=1e-6)   # reference kept
         np.testing.assert_allclose(atoms.get_forces(), frame.forces, atol=1e-5)
