@@ -213,7 +213,10 @@ def test_statistics_from_merged_partials_match_direct_numpy():
     assert finalize_stats(_partial(frames))["e0"] == pytest.approx(stats["e0"], abs=1e-8)
 
 
-def test_collinear_water_counts_flag_rank_deficiency(caplog):
+def test_collinear_water_counts_flag_rank_deficiency(caplog, monkeypatch):
+    from data_shards import progress
+
+    monkeypatch.setattr(progress, "_warned", set())   # the warning is given once per process
     rng = np.random.default_rng(8)
     frames = [Frame(np.array([8, 1, 1] * n), rng.normal(size=(3 * n, 3)), np.zeros((3, 3)), np.zeros(3, bool),
                     -14.2 * n + rng.normal(0, 0.01), None, "mem", i) for i, n in enumerate(rng.integers(2, 9, 30))]
