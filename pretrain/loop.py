@@ -23,9 +23,9 @@ from pretrain.engine import (
     to_model_precision,
 )
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
-from pretrain.stages import init_lineage
 from pretrain.models import build_model
 from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
+from pretrain.stages import init_lineage
 
 MAX_CONSECUTIVE_NONFINITE = 50
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way

@@ -27,8 +27,7 @@ import torch.distributed as dist
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from data_shards.progress import progress
 from pretrain import checkpoint as ckpt
-from pretrain import mixture, stages
-from pretrain import run_tracking
+from pretrain import mixture, run_tracking, stages
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
 from pretrain.export import normalisation_from_stats
