@@ -60,14 +60,12 @@ def _rendezvous(timeout_s: float) -> tuple[int, int]:
 
 
 def check_all_reduce(rank: int, world_size: int) -> None:
-    import torch
-    import torch.distributed as dist
+    from pretrain import distributed as D
 
-    t = torch.tensor([rank + 1.0], dtype=torch.float64)
-    dist.all_reduce(t)
+    total = D.all_reduce_scalar(rank + 1.0)
     expected = world_size * (world_size + 1) / 2
-    if t.item() != expected:
-        raise RuntimeError(f"all-reduce of rank+1 gave {t.item()}, expected {expected}: the collective is broken")
+    if total != expected:
+        raise RuntimeError(f"all-reduce of rank+1 gave {total}, expected {expected}: the collective is broken")
 
 
 def objective_loss(cfg, out: dict, batch):
@@ -125,12 +123,11 @@ def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> 
 def gather_rows(atoms: float, seconds: float, loss: float, ok: bool) -> list[dict]:
     """Every rank's (host, atoms, seconds, loss, ok) via all_gather of fixed-size tensors (no pickle)."""
     import torch
-    import torch.distributed as dist
+
+    from pretrain import distributed as D
 
     host = socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
-    mine = torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64)
-    rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
+    rows = D.all_gather_rows(torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64))
     return [{"rank": r, "host": bytes(int(b) for b in t[4:]).rstrip(b"\0").decode(errors="replace"),
              "atoms": t[0].item(), "seconds": t[1].item(), "loss": t[2].item(), "ok": bool(t[3].item())}
             for r, t in enumerate(rows)]
@@ -165,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         _fail(rank_env, str(e))
         return EXIT_FAILED
     rank, world_size = _rendezvous(args.timeout)
-    import torch.distributed as dist
+    from pretrain import distributed as D
 
     error = None
     try:
@@ -182,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight FAILED on rank(s) {failed}" if failed else
               f"preflight ok: {world_size} rank(s), all-reduce and forward/backward of {cfg.model.name} "
               f"on {cfg.data.manifest_dir}", flush=True)
-    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts otherwise)
-    dist.destroy_process_group()
+    D.destroy()  # a barrier first: no rank tears the group down while another still uses it
     return EXIT_FAILED if failed else 0
 
 

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as D
 from pretrain import mixture, stages
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
@@ -137,6 +137,5 @@ def main(argv: list[str] | None = None) -> int:
         write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema)
     bar.close()
     metrics.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    D.destroy()
     return 0
