@@ -223,10 +223,10 @@ class Best:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train, keep the best model, test it, export it, track it; returns the content of results.json."""
+    device = resolve_device(cfg.train.device)  # CUDA asked for without CUDA: refused before reading anything
     inputs = check_inputs(cfg)
     if cfg.train.resolved_threads():
         torch.set_num_threads(cfg.train.resolved_threads())
-    device = resolve_device(cfg.train.device)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
     preempt = ckpt.PreemptionFlag()
-    rank, world_size = init_distributed()
+    try:
+        rank, world_size = init_distributed(cfg.train.device)
+    except D.LaunchError as err:  # a setup that cannot work: one line, before any work
+        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
     sets = mixture.load_sets(cfg)
