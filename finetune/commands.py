@@ -16,6 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its architecture replaces the config's model section")
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="e.g. train.max_steps=50 data.train_frames=30 tracking.uri=http://127.0.0.1:5000")
+    p.add_argument("--resume", default="auto", choices=["auto", "never"],
+                   help="auto (default): continue from OUT_DIR/checkpoint when there is one (written on "
+                        "SIGUSR1/SIGTERM and every train.checkpoint_every steps); never: start over")
 
 
 def add_command(subparsers) -> None:
@@ -43,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("mlflow", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = run_finetune(load_finetune_config(args))
+    results = run_finetune(load_finetune_config(args), args.resume)
+    if "preempted" in results:  # checkpointed on a signal: exit 0, a requeued job continues (--resume auto)
+        print(json.dumps(results))
+        return 0
     summary = {"best_step": results["best_step"], "best_val": results["best_val"], "test": results["test"],
                "export_dir": results["export_dir"], "mlflow": results["tracking"]}
     print(json.dumps(summary, indent=2, default=float))
