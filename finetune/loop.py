@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -312,6 +313,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
 
     bar = tqdm(total=t.max_steps, desc="finetune", unit="step")
     start = RS.restore(checkpoint, L, device) if checkpoint is not None else 0
+    step_sleep = float(os.environ.get(RS.STEP_SLEEP_ENV) or 0)
     if checkpoint is None:
         validate(0)
     bar.update(start)
@@ -361,6 +363,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
             model.train()
         elif step % t.log_every == 0:
             tracker.flush()
+        time.sleep(step_sleep)
         stop = preempt.signal
         if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
             where = RS.save_checkpoint(out_dir, cfg, *RS.capture(step, L, device))

@@ -29,6 +29,7 @@ from finetune.forcefield import metrics as M
 CHECKPOINT_DIR, STATE_FILE, TENSORS_FILE = "checkpoint", "state.json", "tensors.safetensors"
 FORMAT_VERSION = 1
 RESUME_MODES = ("auto", "never")
+STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
 
 
 class EndlessBatches:
