@@ -99,7 +99,8 @@ def pretrain_check(shards: Path, out: Path, precision: str, zero: int, nproc: in
               "train.linear_probe=true", "optim.decay_steps=10"]
     started = time.perf_counter()
     full = maskpot("pretrain", *common, f"train.out_dir={run}", "--resume", "never")
-    result = {"precision": precision, "zero_stage": zero, "ranks": nproc, "backend": "nccl" if device == "cuda" else "gloo",
+    result = {"precision": precision, "zero_stage": zero, "ranks": nproc,
+              "backend": "nccl" if device == "cuda" else "gloo",
               "seconds": round(time.perf_counter() - started, 1)}
     if full.returncode != 0:
         return {**result, "ok": False, "error": (full.stdout + full.stderr)[-1500:]}
@@ -199,7 +200,8 @@ def main() -> int:
     out = Path(args.out).resolve()
     shutil.rmtree(out, ignore_errors=True)
     report: dict = {"gpu": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
-                    "torch": torch.__version__, "cuda": torch.version.cuda, "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+                    "torch": torch.__version__, "cuda": torch.version.cuda,
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
     started = time.perf_counter()
     shards = build_shards(out / "data")
     nproc = min(2, torch.cuda.device_count())

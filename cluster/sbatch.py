@@ -110,7 +110,8 @@ def _run_step(cfg: ClusterConfig, stage: str, command: str) -> list[str]:
              'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
              'echo "finished with status $rc at $(date -Is)"']
     if s.signal_before_walltime is not None and stage in CHECKPOINTS_ON_USR1:
-        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; scontrol requeue "$SLURM_JOB_ID"'
+        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; '
+                 'scontrol requeue "$SLURM_JOB_ID"'
                  if s.requeue else 'echo "checkpoint written; no requeue configured (slurm.requeue)"')
         lines.append(f'if [ "$WALLTIME" = 1 ] && [ "$rc" = 0 ]; then {after}; fi')
     return lines + ["exit $rc", ""]

@@ -36,7 +36,8 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
         raise LaunchError(f"device {name!r} is not one of {list(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
         raise LaunchError("device 'cuda' was asked for but torch sees no CUDA device "
-                          f"(torch {torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                          f"(torch {torch.__version__}, "
+                          f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
                           "use device 'cpu' or 'auto'")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")

@@ -271,7 +271,7 @@ def test_walltime_warning_checkpoints_requeues_and_resumes(slurm, two_node_shard
     assert (pre_out / "export" / "model.safetensors").is_file()
 
 
-def test_walltime_warning_checkpoints_and_requeues_a_finetune_that_resumes(slurm, water_shards, tmp_path):
+def test_walltime_warning_checkpoints_and_requeues_a_finetune_that_resumes(slurm, two_node_shards, tmp_path):
     """The finetune job on a real SLURM: USR1 to the batch shell (as `--signal=B:USR1@N` sends it) →
     forwarded to `python -m finetune` → checkpoint, exit 0 → `scontrol requeue` → the requeued job resumes
     at the checkpoint (`--resume auto`), finishes, and its MLflow run is the one the first start opened."""
@@ -286,7 +286,7 @@ def test_walltime_warning_checkpoints_and_requeues_a_finetune_that_resumes(slurm
                                "export MASKPOT_TEST_STEP_SLEEP_S=1"]},  # slow steps: the signal lands mid-run
            "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO), "preflight": False,
                       "finetune_config": "configs/finetune/tiny.yaml",
-                      "finetune_overrides": [f"data.manifest_dir={water_shards}", f"train.out_dir={ft_out}",
+                      "finetune_overrides": [f"data.manifest_dir={two_node_shards}", f"train.out_dir={ft_out}",
                                              "train.max_steps=12", "train.eval_every=4", "train.log_every=1",
                                              "train.checkpoint_every=2"]}}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))

@@ -16,7 +16,7 @@ import finetune.loop as loop
 from data_shards.config_io import load_config
 from finetune.config import FinetuneConfig
 from finetune.resume import CHECKPOINT_DIR
-from test_finetune import TINY, water_shards  # noqa: F401 - fixture
+from tests.helpers.paths import FINETUNE_TINY as TINY
 
 STEPS = 12
 
@@ -80,7 +80,7 @@ def same_outcome(full: dict, resumed: dict, full_dir: Path, resumed_dir: Path) -
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_resume_is_exact(water_shards, tmp_path, monkeypatch):  # noqa: F811
+def test_sigusr1_checkpoints_and_resume_is_exact(water_shards, tmp_path, monkeypatch):
     full = loop.run_finetune(config(water_shards, tmp_path / "full"))
     out = tmp_path / "split"
     interrupt_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGUSR1))
@@ -101,7 +101,7 @@ def test_sigusr1_checkpoints_and_resume_is_exact(water_shards, tmp_path, monkeyp
 
 
 @pytest.mark.slow
-def test_a_crash_resumes_from_the_last_periodic_checkpoint(water_shards, tmp_path, monkeypatch):  # noqa: F811
+def test_a_crash_resumes_from_the_last_periodic_checkpoint(water_shards, tmp_path, monkeypatch):
     full = loop.run_finetune(config(water_shards, tmp_path / "full", checkpoint_every=4))
     out = tmp_path / "crash"
 
@@ -116,7 +116,7 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(water_shards, tmp_pat
     same_outcome(full, resumed, tmp_path / "full", out)   # steps 5-6 ran twice; their latest values agree
 
 
-def test_a_checkpoint_of_another_config_is_refused(water_shards, tmp_path, monkeypatch):  # noqa: F811
+def test_a_checkpoint_of_another_config_is_refused(water_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
     interrupt_at(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGUSR1))
     assert loop.run_finetune(config(water_shards, out, max_steps=4))["step"] == 2

@@ -6,16 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_pretrain import TINY, tiny_shards  # noqa: F401 - fixture
+from tests.helpers.paths import FINETUNE_TINY, REPO
+from tests.helpers.paths import PRETRAIN_TINY as TINY
+from tests.helpers.paths import TINY_EXPORT as EXPORT
 
-REPO = Path(__file__).resolve().parents[2]
-FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"
-EXPORT = REPO / "tests" / "assets" / "egnn_tiny_export"
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusals of a CPU-only machine")
 
 
@@ -35,7 +33,7 @@ def one_line(out: subprocess.CompletedProcess, *expected: str) -> None:
     ("train.device=cuda", {}, ["device 'cuda' was asked for but torch sees no CUDA device"]),
     ("train.device=auto", {"MASKPOT_DIST_BACKEND": "nccl"}, ["backend 'nccl' needs CUDA", "MASKPOT_DIST_BACKEND"]),
 ])
-def test_pretrain_and_preflight_refuse_before_launching(tiny_shards, tmp_path, override, env, expected):  # noqa: F811
+def test_pretrain_and_preflight_refuse_before_launching(tiny_shards, tmp_path, override, env, expected):
     out_dir = tmp_path / "run"
     common = ["--config", str(TINY), "--nproc", "2", "--override", f"data.manifest_dir={tiny_shards}",
               f"train.out_dir={out_dir}", override]
@@ -44,7 +42,7 @@ def test_pretrain_and_preflight_refuse_before_launching(tiny_shards, tmp_path, o
     assert not out_dir.exists()
 
 
-def test_a_rank_with_an_unresolvable_master_addr_stops_before_any_work(tiny_shards, tmp_path):  # noqa: F811
+def test_a_rank_with_an_unresolvable_master_addr_stops_before_any_work(tiny_shards, tmp_path):
     out_dir = tmp_path / "run"
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-node.invalid",
            "MASTER_PORT": "29411", "DS_ACCELERATOR": "cpu"}
