@@ -9,7 +9,8 @@ Checks, in order (each result lands in one JSON file; any failure is recorded an
   1. NCCL DeepSpeed pretraining through `maskpot pretrain` (torchrun, train.device=cuda; min(2, GPUs) ranks,
      so 1 rank on a 1-GPU machine: NCCL refuses two ranks on one GPU) for fp32 and bf16 × ZeRO 1 and 2: 6
      steps with validation and the linear probe, a checkpoint at step 3, and an exact resume: a copy of the
-     run cut back to its step-3 checkpoint resumes to step 6 with bit-identical losses;
+     run cut back to its step-3 checkpoint resumes to step 6 with the same losses (bitwise equality recorded;
+     GPU atomics allow last-bit differences, see RESUME_TOLERANCE);
   2. finetuning on CUDA (`maskpot finetune train.device=cuda`, from the fp32 ZeRO-1 export);
   3. the ASE calculator on CUDA against the CPU calculator (float64, same structure);
   4. training-step throughput (atoms/s) of EGNN, GNS and ForceNet at paper size, batch 16 (64-water
@@ -38,6 +39,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PRETRAIN_TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"
 ENGINES = [("fp32", 1), ("fp32", 2), ("bf16", 1), ("bf16", 2)]
+# CUDA scatter-adds (atomics) make two runs differ in the last bits even from one checkpoint: the check records
+# bitwise equality and passes a resume whose losses agree to this relative tolerance (a wrong data position or
+# LR schedule is off by far more). On CPU resumes are bit-identical (tests/maskpot/test_gpu_check.py).
+RESUME_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
 
 def require_cuda() -> None:
@@ -119,9 +124,12 @@ def pretrain_check(shards: Path, out: Path, precision: str, zero: int, nproc: in
         return {**result, "ok": False, "error": "resume: " + (resumed.stdout + resumed.stderr)[-1500:]}
     again = losses(cut)
     exact = all(again.get(s) == expected.get(s) for s in range(4, 7))
-    return {**result, "ok": exact and sorted(expected) == list(range(1, 7)), "losses": expected,
-            "resumed_losses": {s: again.get(s) for s in range(4, 7)}, "exact_resume": exact,
-            "export": str(run / "export")}
+    if sorted(expected) != list(range(1, 7)) or sorted(again) != list(range(1, 7)):
+        return {**result, "ok": False, "error": f"steps logged: {sorted(expected)} and resumed {sorted(again)}"}
+    rel = max(abs(again[s] - expected[s]) / max(abs(expected[s]), 1e-12) for s in range(4, 7))
+    return {**result, "ok": exact or rel <= RESUME_TOLERANCE[precision], "losses": expected,
+            "resumed_losses": {s: again[s] for s in range(4, 7)}, "exact_resume": exact,
+            "max_rel_diff": rel, "export": str(run / "export")}
 
 
 def finetune_check(shards: Path, out: Path, init: Path | None, device: str = "cuda") -> dict:
