@@ -43,7 +43,6 @@ from finetune.forcefield import metrics as M
 from finetune.forcefield import plots
 from finetune.init_checkpoint import load_init, read_init_meta, weights_file
 from finetune.tracking import Tracker
-from pretrain.checkpoint import PreemptionFlag
 from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
 from pretrain.models import build_model
@@ -252,7 +251,8 @@ def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
         tracker.start(params, {**tracking_tags(cfg, inputs), **{str(k): v for k, v in cfg.tracking.tags.items()}})
         tracker.log_artifact(config_path)
     try:
-        results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir, checkpoint)
+        with RS.preemption_signals() as preempt:
+            results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir, checkpoint, preempt)
         results["energy_offset_refit"] = refit
     except BaseException:
         tracker.finish("FAILED")
@@ -269,9 +269,8 @@ def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
 
 
 def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device, tracker: Tracker,
-                    out_dir: Path, checkpoint: RS.Checkpoint | None = None) -> dict:
+                    out_dir: Path, checkpoint: RS.Checkpoint | None, preempt) -> dict:
     t = cfg.train
-    preempt = PreemptionFlag()
     train_stream = make_stream(cfg, cfg.data.train_split, arch["cutoff"], training=True)
     val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
     optimizer = torch.optim.AdamW(A.optimizer_groups(model, cfg.optim, cfg.adapt), lr=cfg.optim.lr)

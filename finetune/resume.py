@@ -16,6 +16,10 @@ import ast
 import json
 import random
 import shutil
+import signal
+import threading
+import types
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +29,28 @@ from safetensors.torch import load_file, save_file
 
 from data_shards.config_io import config_hash
 from finetune.forcefield import metrics as M
+from pretrain.checkpoint import PREEMPT_SIGNALS, PreemptionFlag
 
 CHECKPOINT_DIR, STATE_FILE, TENSORS_FILE = "checkpoint", "state.json", "tensors.safetensors"
 FORMAT_VERSION = 1
 RESUME_MODES = ("auto", "never")
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
+
+
+@contextmanager
+def preemption_signals():
+    """SIGUSR1/SIGTERM only set a flag (`.signal`) while the loop runs; the previous handlers come back after.
+
+    Off the main thread (signals cannot be caught there) the flag simply never rises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield types.SimpleNamespace(signal=None)
+        return
+    saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
+    try:
+        yield PreemptionFlag()
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
 
 
 class EndlessBatches:

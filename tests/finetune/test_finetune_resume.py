@@ -118,8 +118,10 @@ def test_a_crash_resumes_from_the_last_periodic_checkpoint(water_shards, tmp_pat
 
 def test_a_checkpoint_of_another_config_is_refused(water_shards, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    before = signal.getsignal(signal.SIGTERM)
     interrupt_at(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGUSR1))
     assert loop.run_finetune(config(water_shards, out, max_steps=4))["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before   # the caller's handlers are back once the loop ends
     with pytest.raises(ValueError, match="refusing to resume from .*another finetune config.*--resume never"):
         loop.run_finetune(config(water_shards, out, max_steps=4, eval_every=2))
     fresh = loop.run_finetune(config(water_shards, out, max_steps=4, eval_every=2), resume="never")
