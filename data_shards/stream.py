@@ -276,19 +276,21 @@ class ShardStream:
     (http(s) prefix, folder, or a template such as `pipe:cat /data/{name}`). `max_atoms` also closes a batch
     before its atom total would exceed the budget. `verify` ("off" | "skip" | "fatal") checks each shard's
     sha256 before its samples are used. `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
-    `equal_batches` ends every rank's epoch at the same batch count (data_shards.equal_batches).
+    `equal_batches` ends every rank's epoch at the same batch count (data_shards.equal_batches): in lockstep
+    through `agree` (a collective "true on every rank?", e.g. pretrain.distributed.agree) when given.
     """
 
     def __init__(self, manifest_dir, split: str, batch_size: int, cutoff: float, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0,
                  transform: Transform | None = None, dtype: torch.dtype = torch.float32,
                  limit: int | None = None, drop_last: bool = False, max_atoms: int | None = None,
-                 verify: str = "off", base_url: str | None = None, equal_batches: bool = False):
+                 verify: str = "off", base_url: str | None = None, equal_batches: bool = False,
+                 agree: Callable[[bool], bool] | None = None):
         self.cfg = StreamConfig(split, batch_size, cutoff, rank, world_size, num_workers, shuffle_buffer, seed,
                                 limit, drop_last, max_atoms, verify, equal_batches)
         self.manifest = load_stream_manifest(manifest_dir, base_url)
         self.work = plan_work(self.manifest, split, limit)
-        self.transform, self.dtype, self.epoch = transform, dtype, 0
+        self.transform, self.dtype, self.epoch, self.agree = transform, dtype, 0, agree
         self._fresh_layout = Layout(world_size, num_workers)
         self._layout, self._offsets = self._fresh_layout, {}   # layout of this epoch, samples skipped per slot
         self._consumed: dict[int, int] = {}                      # handed out per slot by the current iteration
@@ -387,16 +389,16 @@ class ShardStream:
                                        collate_fn=_pass_through, persistent_workers=False))
         if not self.cfg.equal_batches or self.cfg.world_size == 1:
             return self._count(pairs)
-        if equal_batches.process_group_ready():
-            return self._count(equal_batches.lockstep(pairs))
+        if self.agree is not None:
+            return self._count(equal_batches.lockstep(pairs, self.agree))
         return self._count(equal_batches.at_most(pairs, self._remaining_batches(), self.batch_counts_exact))
 
     def _remaining_batches(self) -> list[int]:
         """Without a process group: every rank's batches left in this epoch, the same on all ranks (they all
         stopped at the same count); a resumed epoch has handed out ceil(offset / batch) per slot already."""
         if self._layout.n_slots != self.cfg.n_slots:
-            raise ValueError("equal_batches across a change of world size or workers needs a torch.distributed "
-                             "process group (lockstep): launch with torchrun")
+            raise ValueError("equal_batches across a change of world size or workers needs the lockstep: "
+                             "launch with torchrun and pass agree=pretrain.distributed.agree")
         size = self._graphs_per_batch()
         done = sum(math.ceil(self._offsets.get(s, 0) / size) for s in self._rank_slots())
         return [max(0, n - done) for n in (min(self.batches_per_rank()),)]

@@ -44,8 +44,6 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from pretrain.config import PretrainConfig
 
     if args.nproc < 1:
@@ -60,6 +58,17 @@ def run(args: argparse.Namespace) -> int:
     mixture.check_objective_per_set(cfg, mixture.load_sets(cfg), check_objective_fits_data)
     stages.check_init(cfg)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not torch.cuda.is_available():
+    device = check_local_launch(cfg.train.device, args.nproc)
+    if device.type == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
     return subprocess.run(launch_command(args), env=env).returncode
+
+
+def check_local_launch(device_name: str, nproc: int):
+    """LaunchError (exit 2) before torchrun starts when `nproc` local ranks on `device_name` cannot work."""
+    from pretrain import distributed as D  # imports torch: kept out of the console script's start-up
+
+    device = D.resolve_device(device_name, local_rank=0)
+    D.check_launch(device, D.choose_backend(device), env=dict(os.environ, LOCAL_WORLD_SIZE=str(nproc),
+                                                              MASTER_ADDR="127.0.0.1"))
+    return device

@@ -8,7 +8,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_shards import keys as K
 from data_shards.config_io import (
@@ -17,6 +16,7 @@ from data_shards.config_io import (
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as D
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     WeightEMA,
@@ -97,15 +97,10 @@ def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, see
 
 def agreed_signal(signum: int | None) -> int:
     """The (highest) preemption signal any rank received, 0 if none: every rank gets the same answer."""
-    t = torch.tensor([float(signum or 0)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(D.all_reduce_scalar(float(signum or 0), "max"))
 
 
-def all_ranks(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+all_ranks = D.agree  # true on every rank iff true on all
 
 
 class LockstepBatches:
@@ -162,9 +157,8 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
     """(finite on every rank, mean over ranks) with one all-reduce."""
     value = loss.detach().float().cpu()
     finite = bool(torch.isfinite(value))
-    t = torch.tensor([1.0 if finite else 0.0, value.item() if finite else 0.0], dtype=torch.float64)
-    dist.all_reduce(t)
-    world = dist.get_world_size()
+    t = D.all_reduce(torch.tensor([1.0 if finite else 0.0, value.item() if finite else 0.0], dtype=torch.float64))
+    world = D.world_size()
     return t[0].item() == world, t[1].item() / world
 
 
@@ -217,7 +211,7 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
             if not all_ranks(batch is not None):
                 break
             total += torch.tensor([pretext_loss(cfg, engine, batch).detach().item(), 1.0], dtype=torch.float64)
-        dist.all_reduce(total)
+        total = D.all_reduce(total)
         result = {"val_loss": total[0].item() / max(total[1].item(), 1.0)}
         if probe is not None:
             result.update(probe(engine))
@@ -252,7 +246,7 @@ class MetricsLog:
     def __init__(self, path: Path, rank: int, cfg: PretrainConfig):
         self.file = path.open("a") if rank == 0 else None
         self.every = cfg.train.log_every
-        self.structures_per_step = (cfg.data.batch_size * dist.get_world_size()
+        self.structures_per_step = (cfg.data.batch_size * D.world_size()
                                     * cfg.deepspeed.gradient_accumulation_steps)
         self.losses: list[float] = []
         self.seconds = 0.0

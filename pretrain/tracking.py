@@ -252,6 +252,26 @@ class Tracker:
             log.warning("could not register model %r from run %s: %s: %s", name, self.run_id, type(e).__name__, e)
             return None
 
+    # --- checkpoints (finetune.resume) ---------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """JSON state to continue this run after a restart: its ids and the journal entries not yet sent."""
+        self.flush()
+        j = self.journal
+        return {"run_id": self.run_id, "experiment_id": self.experiment_id,
+                "journal": {"params": j.params, "tags": j.tags, "entries": j.entries[j.sent:], "sent": 0,
+                            "header_sent": j.header_sent}}
+
+    def restore(self, snapshot: dict) -> None:
+        """Continue the run of `snapshot` (the same MLflow run id); sends what it had not sent yet."""
+        self.run_id, self.experiment_id = snapshot["run_id"], snapshot["experiment_id"]
+        self.journal = Journal(**snapshot["journal"])
+        if not self.enabled:
+            return
+        if not server_is_up(self.uri):
+            self._go_offline(f"no MLflow server answers at {self.uri}/health")
+            return
+        self._send()
+
     # --- sending -----------------------------------------------------------------------------------
     def _go_offline(self, reason: str) -> None:
         if not self.offline:
@@ -272,7 +292,13 @@ class Tracker:
             self._go_offline(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
 
     def _ensure_run(self) -> None:
-        if self.run_id is not None:
+        if self.run_id is not None and self.client is not None:
+            return
+        if self.run_id is not None:   # restored from a finetune checkpoint (restore): continue that run
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.update_run(self.run_id, status="RUNNING")
             return
         if self.resume_run_id:   # a restarted job continues its run (pretraining after preemption)
             from mlflow import MlflowClient

@@ -18,15 +18,16 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from data_shards.progress import progress
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as D
 from pretrain import mixture, run_tracking, stages
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
@@ -64,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
     preempt = ckpt.PreemptionFlag()
-    rank, world_size = init_distributed()
+    try:
+        rank, world_size = init_distributed(cfg.train.device)
+    except D.LaunchError as err:  # a setup that cannot work: one line, before any work
+        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
     sets = mixture.load_sets(cfg)
@@ -142,6 +147,5 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     metrics.close()
     run_tracking.finish(tracker, out_dir, preempted)
-    dist.barrier()
-    dist.destroy_process_group()
+    D.destroy()
     return 0

@@ -31,15 +31,25 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class CalculatorConfig:
     dtype: str = "float64"      # model and positions precision; float64 for energy-conserving MD
     skin: float = 0.0           # Å; 0 rebuilds the neighbour list at every call
-    device: str = "cpu"
+    device: str = "cpu"         # cpu | cuda | cuda:N | auto (cuda when available)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"calculator dtype {self.dtype!r} is not valid; valid: {sorted(DTYPES)}")
         if not self.skin >= 0:
             raise ValueError(f"calculator skin must be >= 0 Å, got {self.skin!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"calculator device {self.device!r} is not valid; valid: 'cpu', 'cuda', 'cuda:N'")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' → a torch device; ValueError (one line) for CUDA without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device {name!r} is not valid; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
 
 
 class PerAtomEnergyProbe:
@@ -90,7 +100,7 @@ class MaskpotCalculator(Calculator):
             if not self.cutoff > 0:
                 raise ValueError("a model object without config.cutoff needs cutoff=… (Å)")
         self.dtype = DTYPES[self.config.dtype]
-        self.device = torch.device(self.config.device)
+        self.device = resolve_device(self.config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.probe = PerAtomEnergyProbe(self.model)
         if not self.probe.available:

@@ -82,22 +82,22 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 
 
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
-                   device: str = "cpu") -> dict:
+                   device: str = "auto") -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
-    import torch
-
     from finetune.forcefield import metrics as M
     from finetune.forcefield import plots
     from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions
+    from finetune.forcefield.calculator import resolve_device
     from pretrain.export import load_export
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    where = resolve_device(device)  # CUDA asked for without CUDA: one line, before any work
     model, meta = load_export(model_dir)
-    model.to(device)
+    model.to(where)
     batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]))
     recorder = Recorder(model)
-    figures = M.evaluate(recorder, batches, device=torch.device(device))
+    figures = M.evaluate(recorder, batches, device=where)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = write_predictions(recorder.structures, figures[M.ARRAYS], out_dir / PREDICTIONS)
@@ -125,7 +125,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--split", default="test", help="split of a shard folder (default: test)")
     p.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: ./evaluation)")
     p.add_argument("--batch-size", type=int, default=8, help="structures per forward pass (default: 8)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available; default) | cpu | cuda | cuda:N")
     p.set_defaults(func=run)
 
 

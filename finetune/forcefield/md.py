@@ -212,7 +212,7 @@ def add_command(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin, Å (default 0.5)")
     p.add_argument("--dtype", default="float64", help="float64 (default) or float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when available; default) | cpu | cuda | cuda:N")
     p.add_argument("--rdf", action="store_true", help="also compute and plot the O–O g(r) of the trajectory")
     p.add_argument("--rdf-rmax", type=float, default=None, help="Å (default: 6 Å or half the box)")
     md_guards.add_arguments(p)
@@ -220,8 +220,9 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.forcefield.calculator import MaskpotCalculator
+    from finetune.forcefield.calculator import MaskpotCalculator, resolve_device
 
+    resolve_device(args.device)  # CUDA asked for without CUDA: one line, before any work
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
                    args.seed, args.skin, args.dtype)
     atoms = load_structure(args.structure, args.format, args.frame)

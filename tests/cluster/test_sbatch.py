@@ -84,7 +84,8 @@ def test_bad_slurm_sections_are_clear_errors(tmp_path, section, message):
 def test_unknown_keys_list_the_valid_ones(tmp_path):
     with pytest.raises(ClusterConfigError, match=r"launch: unknown key\(s\) \['runs_dir'\].*'run_dir'"):
         load_cluster_config(_write(tmp_path, {"launch": {"runs_dir": "x"}}))
-    with pytest.raises(ClusterConfigError, match=r"unknown key\(s\) \['sbatch'\].*\['launch', 'ray', 'slurm'\]"):
+    with pytest.raises(ClusterConfigError,
+                       match=r"unknown key\(s\) \['sbatch'\].*\['launch', 'ray', 'slurm', 'stages'\]"):
         load_cluster_config(_write(tmp_path, {"sbatch": {}}))
 
 
