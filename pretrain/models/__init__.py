@@ -5,11 +5,13 @@ from torch import nn
 
 from data_shards.config_io import from_dict
 from pretrain.models.egnn import EGNN, EGNNConfig
+from pretrain.models.egnn_paper import PaperEGNN, PaperEGNNConfig
 from pretrain.models.forcenet import ForceNet, ForceNetConfig
 from pretrain.models.gns import GNS, GNSConfig
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "egnn": (EGNNConfig, EGNN),
+    "egnn_paper": (PaperEGNNConfig, PaperEGNN),
     "gns": (GNSConfig, GNS),
     "forcenet": (ForceNetConfig, ForceNet),
 }
