@@ -17,18 +17,18 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
+sys.path.insert(0, str(REPO / "tests"))
 
-import ase  # noqa: E402
-import ase.io  # noqa: E402
-from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
-from ase.neighborlist import neighbor_list  # noqa: E402
-from tests.helpers.water_systems import water_box  # noqa: E402
+import ase
+import ase.io
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.neighborlist import neighbor_list
+from water_systems import water_box
 
-from data_shards import keys as K  # noqa: E402
-from data_shards import readers  # noqa: E402
-from data_shards.build import build_shards  # noqa: E402
-from data_shards.stream import ShardStream  # noqa: E402
+from data_shards import keys as K
+from data_shards import readers
+from data_shards.build import build_shards
+from data_shards.stream import ShardStream
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data"
 TARGET_RATIO = 5.0   # TARGETS.md: streaming ≥ 5× ase.io.read + per-frame neighbour list

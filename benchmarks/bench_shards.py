@@ -27,9 +27,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from data_shards import keys as K  # noqa: E402
+from data_shards import keys as K
 
 SHARED_ETHANOL = REPO.parent / "shared" / "data" / "ethanol_rmd17" / "train.xyz"
 TARGET_SPEEDUP = 1.8

@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "HARNESS_RESULT "
@@ -74,9 +74,9 @@ def versions() -> dict:
     out["torch"] = getattr(torch, "__version__", None) if torch else _child_torch_version()
     try:
         sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
+                             timeout=10, check=False).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         out["maskpot_git_sha"] = sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         out["maskpot_git_sha"] = None
@@ -86,7 +86,7 @@ def versions() -> dict:
 def _child_torch_version() -> str | None:
     # torch not imported by this process (subprocess arms only): ask a child rather than pay the import here
     done = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, check=False)
     return done.stdout.strip() or None
 
 
@@ -185,11 +185,11 @@ def compare(title: str, arms: dict, baseline: str, metrics: dict[str, str], roun
 
 def _ratios(samples: dict, baseline: str, metrics: dict[str, str]) -> list[dict]:
     out = []
-    for name in samples:
+    for name, rows in samples.items():
         if name == baseline:
             continue
         for metric, kind in metrics.items():
-            pairs = [(a["metrics"][metric], b["metrics"][metric]) for a, b in zip(samples[name], samples[baseline])]
+            pairs = [(a["metrics"][metric], b["metrics"][metric]) for a, b in zip(rows, samples[baseline])]
             paired = [_ratio(kind, arm, base) for arm, base in pairs]
             out.append({"arm": name, "baseline": baseline, "metric": metric, "kind": kind,
                         "arm_values": [a for a, _ in pairs], "baseline_values": [b for _, b in pairs],

@@ -14,8 +14,9 @@ Two implementations of the same function, selected by `implementation`:
 - "reference": the straightforward per-edge form — the per-edge concatenation [h_i, h_j, d²] through
   nn.Linear(2H+1, H), torch's SiLU, every activation kept by autograd;
 - "fast": W₁[h_i, h_j, d²] = (W_a h)_i + (W_b h)_j + w d² (the big matmul per node, not per edge), a fused
-  SiLU whose backward stays one kernel under double backward, and (`recompute: true`) per-layer
-  recomputation of the edge activations in both backward passes (`pretrain.models.recompute`).
+  SiLU whose backward stays one kernel under double backward, and (`recompute: true`, training only, where
+  forces are differentiated again) per-layer recomputation of the edge activations in both backward passes
+  (`pretrain.models.recompute`) instead of keeping them for the whole step.
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ class PaperEGNN(ReferenceEnergyModel):
         for layer in self.layers:
             if not fast:
                 h, vectors = layer.forward_reference(h, vectors, src, dst, inv_degree)
-            elif self.config.recompute and torch.is_grad_enabled():
+            elif self.config.recompute and create_graph:   # training: activations kept for double backward
                 h, vectors = recompute_twice(layer.forward_fast, h, vectors, src, dst, inv_degree)
             else:
                 h, vectors = layer.forward_fast(h, vectors, src, dst, inv_degree)

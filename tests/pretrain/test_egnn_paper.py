@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -10,18 +11,18 @@ import torch
 TESTS = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(TESTS), str(TESTS / "helpers")]
 
-from model_mixin import ModelTestMixin  # noqa: E402
-from water_systems import make_sample, to_batch, water_box, water_dimer  # noqa: E402
+from model_mixin import ModelTestMixin
+from water_systems import make_sample, to_batch, water_box, water_dimer
 
-from data_shards import keys as K  # noqa: E402
-from pretrain.models import build_model  # noqa: E402
-from pretrain.models.egnn_paper import PaperEGNNConfig  # noqa: E402
+from data_shards import keys as K
+from pretrain.models import build_model
+from pretrain.models.egnn_paper import PaperEGNNConfig
 
 SMALL = {"hidden": 16, "layers": 3, "coord_init_gain": 1.0}   # large coordinate updates: exercise them
 
 
 class PaperBattery(ModelTestMixin):
-    params: dict = {}
+    params: ClassVar[dict] = {}
 
     def build(self):
         return build_model("egnn_paper", {**SMALL, "detach_norm": False, **self.params})
@@ -36,15 +37,15 @@ class PaperBattery(ModelTestMixin):
 
 
 class TestPaperEGNNFast(PaperBattery):
-    params = {"implementation": "fast", "recompute": False}
+    params: ClassVar[dict] = {"implementation": "fast", "recompute": False}
 
 
 class TestPaperEGNNFastRecompute(PaperBattery):
-    params = {"implementation": "fast", "recompute": True}
+    params: ClassVar[dict] = {"implementation": "fast", "recompute": True}
 
 
 class TestPaperEGNNReference(PaperBattery):
-    params = {"implementation": "reference"}
+    params: ClassVar[dict] = {"implementation": "reference"}
 
 
 def loop_energy(model, sample: dict, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,7 +96,7 @@ def loop_forces(model, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("detach_norm", [True, False])
 def test_matches_per_edge_loops_in_float64(implementation, detach_norm):
     torch.manual_seed(0)
-    params = {**SMALL, "implementation": implementation, "detach_norm": detach_norm}
+    params: ClassVar[dict] = {**SMALL, "implementation": implementation, "detach_norm": detach_norm}
     model = build_model("egnn_paper", params).double().eval()
     for sample in (water_dimer(), water_box(8, seed=2)):
         expected_e, expected_f = loop_forces(model, sample)
