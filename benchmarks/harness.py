@@ -172,6 +172,8 @@ def compare(title: str, arms: dict, baseline: str, metrics: dict[str, str], roun
                 raise RuntimeError(f"arm {name!r} returned no {missing}; it returned {sorted(result)}")
             samples[name].append({"run_id": run_id, "round": k, "time": time.time(), "metrics": result})
             order.append(name)
+            shown = ", ".join(f"{m} {_fmt(result[m])}" for m in metrics)
+            printer(f"   round {k} {name}: {shown} (load {load_average()[0]})")
     record.update(samples=samples, order=order, load_average_end=load_average(), finished=time.time(),
                   versions=versions())
     record["ratios"] = _ratios(samples, baseline, metrics)
