@@ -174,15 +174,21 @@ def compare(title: str, arms: dict, baseline: str, metrics: dict[str, str], roun
             order.append(name)
             shown = ", ".join(f"{m} {_fmt(result[m])}" for m in metrics)
             printer(f"   round {k} {name}: {shown} (load {load_average()[0]})")
+            if json_path is not None:   # a run cut short still leaves its samples (complete: false)
+                _write(json_path, {**record, "samples": samples, "order": order, "complete": False})
     record.update(samples=samples, order=order, load_average_end=load_average(), finished=time.time(),
-                  versions=versions())
+                  versions=versions(), complete=True)
     record["ratios"] = _ratios(samples, baseline, metrics)
     _print(record, printer)
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(record, indent=1, default=str) + "\n")
+        _write(json_path, record)
         printer(f"   JSON: {json_path}")
     return record
+
+
+def _write(path: str | Path, record: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(record, indent=1, default=str) + "\n")
 
 
 def _ratios(samples: dict, baseline: str, metrics: dict[str, str]) -> list[dict]:
