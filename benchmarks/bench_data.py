@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import ase
 import ase.io
@@ -29,7 +29,6 @@ import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.neighborlist import neighbor_list
 from harness import RATE, compare
-from water_systems import make_sample, to_batch, water_box
 
 from data_shards import keys as K
 from data_shards import readers
@@ -37,6 +36,7 @@ from data_shards.build import build_shards
 from data_shards.stream import ShardStream
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss
+from tests.helpers.water_systems import make_sample, to_batch, water_box
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data"
 

@@ -45,7 +45,8 @@ PAPER_SIZE = {"hidden": 128, "layers": 5, "cutoff": 3.5}
 
 def load_frames(count: int):
     import numpy as np
-    from water_systems import make_sample, water_box
+
+    from tests.helpers.water_systems import make_sample, water_box
 
     if (SHARED_WATER / "type.raw").is_file():
         species = np.array([8, 1])[np.loadtxt(SHARED_WATER / "type.raw", dtype=np.int64)]
@@ -60,15 +61,13 @@ def load_frames(count: int):
 def child(arm: str, mode: str, batch_size: int, steps: int, threads: int) -> None:
     # imported here: the parent process only launches children and should not pay for torch
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    sys.path.insert(0, str(REPO / "tests"))
     from harness import median_time
-    from water_systems import to_batch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from data_shards import keys as K
     from pretrain.models import build_model
     from pretrain.objectives import energy_force_loss
+    from tests.helpers.water_systems import to_batch
 
     torch.set_num_threads(threads)
     name, params, dtype_name = ARMS[arm]

@@ -35,16 +35,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks"), str(REPO)]
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
 
 from harness import RATE, SIZE, TIME, Command, compare, emit, median_time
-from water_systems import to_batch, water_box
 
 from data_shards import keys as K
 from pretrain.engine import MODEL_INPUT_FLOATS
 from pretrain.models import build_model
 from pretrain.objectives import cosine_mask_loss
 from pretrain.transforms import WaterMasking
+from tests.helpers.water_systems import to_batch, water_box
 
 PAPER_MODELS = {
     "egnn": {"hidden": 128, "layers": 5, "cutoff": 3.5},

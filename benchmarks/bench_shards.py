@@ -31,7 +31,7 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 import numpy as np
 from harness import RATE, SIZE, Command, compare, emit
@@ -105,7 +105,7 @@ def build_child(inputs: list[str], out: str, cpus: int, shard_size: int) -> dict
 
 
 def sharding(tmp: Path, frames: int, rounds: int, out: Path) -> Path:
-    from water_systems import water_box
+    from tests.helpers.water_systems import water_box
 
     water = write_deepmd(tmp / "water64", [water_box(64, seed=s) for s in range(8)], frames, seed=1)
     molecule, label = small_molecule_input(tmp, 1000)
@@ -178,7 +178,7 @@ def rss_child(mode: str, src: str, out: str) -> dict:
 
 
 def peak_rss(tmp: Path, sizes: list[int], rounds: int, out: Path) -> None:
-    from water_systems import water_box
+    from tests.helpers.water_systems import water_box
 
     boxes = [water_box(8, seed=s) for s in range(16)]
     sources = {n: write_deepmd(tmp / f"rss_{n}", boxes, n, seed=n) for n in sizes}

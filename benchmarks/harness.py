@@ -5,8 +5,8 @@
 
 An arm is either an in-process callable returning a dict of metrics (the harness adds `wall_s`, the call's
 own wall time), or a `Command` (argv) run in a fresh process per round, whose stdout carries one line
-`HARNESS_RESULT {json}` (written by `emit`); the harness adds `peak_rss_mb` of that child alone
-(`os.wait4` rusage, not the cumulative RUSAGE_CHILDREN) and `wall_s` of the whole process.
+`HARNESS_RESULT {json}` (written by `emit`, which adds `peak_rss_mb`, the child's own VmHWM); the harness adds `wall_s` of the whole
+process and the child's `os.wait4` rusage maxrss (not the cumulative RUSAGE_CHILDREN).
 
 Rounds run the arms in the same order, A B A B … (≥ 3 rounds, after `warmup` unrecorded rounds). Each
 round gives one *paired* ratio arm/baseline per metric (TIME metrics: baseline/arm, a speed-up; RATE and SIZE
@@ -47,8 +47,23 @@ class Command:
 
 
 def emit(metrics: dict) -> None:
-    """Child side of a `Command` arm: hand the metrics back to the harness."""
+    """Child side of a `Command` arm: hand the metrics back to the harness, with this process's peak RSS."""
+    hwm = own_peak_rss_mb()
+    if hwm is not None:
+        metrics = {"peak_rss_mb": hwm, **metrics}
     print(RESULT_PREFIX + json.dumps(metrics), flush=True)
+
+
+def own_peak_rss_mb() -> float | None:
+    """VmHWM of this process's own address space. Not ru_maxrss: after fork + exec that also counts the
+    parent's pages the child held before exec (a large parent would inflate every child's figure)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
 
 
 def load_average() -> list[float]:
@@ -117,7 +132,8 @@ def run_command(command: Command) -> dict:
     if not lines:
         raise RuntimeError(f"benchmark arm printed no {RESULT_PREFIX.strip()} line: {command.argv}\n{stdout[-2000:]}")
     metrics = json.loads(lines[-1][len(RESULT_PREFIX):])
-    metrics.setdefault("peak_rss_mb", usage.ru_maxrss / 1024.0)   # Linux: ru_maxrss in KiB
+    metrics["rusage_maxrss_mb"] = usage.ru_maxrss / 1024.0   # Linux: KiB; includes pre-exec pages of the fork
+    metrics.setdefault("peak_rss_mb", metrics["rusage_maxrss_mb"])   # children that do not call emit()
     metrics.setdefault("wall_s", wall)
     return metrics
 

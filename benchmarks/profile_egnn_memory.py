@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 
 BENCH = Path(__file__).resolve().parent
-sys.path[:0] = [str(BENCH.parent), str(BENCH), str(BENCH.parent / "tests")]
+sys.path[:0] = [str(BENCH.parent), str(BENCH)]
 
 from bench_egnn import ARMS, PAPER_SIZE, load_frames
-from water_systems import to_batch
 
 from data_shards import keys as K
 from pretrain.models import build_model
+from tests.helpers.water_systems import to_batch
 
 
 def profile(arm: str, batch) -> dict[str, float]:

@@ -1,22 +1,16 @@
 """The paper's EGNN (`egnn_paper`): the model battery, and both implementations against straight per-edge loops."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import ClassVar
 
 import pytest
 import torch
 
-TESTS = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(TESTS), str(TESTS / "helpers")]
-
-from model_mixin import ModelTestMixin
-from water_systems import make_sample, to_batch, water_box, water_dimer
-
 from data_shards import keys as K
 from pretrain.models import build_model
 from pretrain.models.egnn_paper import PaperEGNNConfig
+from tests.helpers.model_mixin import ModelTestMixin
+from tests.helpers.water_systems import make_sample, to_batch, water_box, water_dimer
 
 SMALL = {"hidden": 16, "layers": 3, "coord_init_gain": 1.0}   # large coordinate updates: exercise them
 
