@@ -7,11 +7,16 @@ from data_shards.config_io import from_dict
 from pretrain.models.egnn import EGNN, EGNNConfig
 from pretrain.models.forcenet import ForceNet, ForceNetConfig
 from pretrain.models.gns import GNS, GNSConfig
+from pretrain.models.mace import (  # mace-torch itself is imported on first use
+    MACE,
+    MACEConfig,
+)
 
 MODELS: dict[str, tuple[type, type[nn.Module]]] = {
     "egnn": (EGNNConfig, EGNN),
     "gns": (GNSConfig, GNS),
     "forcenet": (ForceNetConfig, ForceNet),
+    "mace": (MACEConfig, MACE),
 }
 
 
