@@ -53,9 +53,10 @@ def mace_modules():
     """
     previous = os.environ.get(_WEIGHTS_ONLY_ENV)
     try:
-        with safe_globals([slice]):
-            from e3nn import o3
-        with contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
+            with safe_globals([slice]):
+                from e3nn import o3
             import mace.modules as mace_modules
     except ImportError:
         return None
@@ -126,14 +127,6 @@ class MACEConfig:
     def cutoff(self) -> float:
         """The loader's graph radius (every maskpot model exposes `config.cutoff`)."""
         return float(self.r_max)
-
-
-def check_r_max(r_max: float, nearest_neighbour: float, where: str) -> None:
-    """An r_max below the data's nearest-neighbour distance leaves every atom without an edge."""
-    if r_max <= nearest_neighbour:
-        raise ValueError(f"model.params.r_max {r_max} Å is not larger than the nearest-neighbour distance "
-                         f"{nearest_neighbour:.3f} Å of {where}: no atom would have a neighbour; use "
-                         f"r_max > {nearest_neighbour:.3f} Å (mace_run_train's default is 5.0)")
 
 
 class MACE(ReferenceEnergyModel):
