@@ -115,3 +115,25 @@ def test_md_cli_npt_prints_density(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"density {density_g_cm3(atoms):.4f} → " in printed and "g/cm³ (mean over the second half" in printed
     assert len(read_log(out.with_suffix(".log"))) == 3
+
+
+def test_evaluate_reports_stress_rmse_when_labels_carry_stress():
+    from data_shards.graph import collate, sample_to_data
+    from finetune.forcefield import metrics as M
+    from pretrain.export import load_export
+    from pretrain.models.strain import energy_forces_stress
+
+    model, _ = load_export(TINY_EXPORT)
+    model = model.double()
+    datas = []
+    for seed in (2, 3):
+        sample = water_box(8, seed=seed, labelled=True)
+        data = sample_to_data(sample, 3.5, torch.float64)
+        predicted = energy_forces_stress(model, collate([data]))[K.PRED_STRESS]
+        data[K.STRESS] = predicted + 0.002          # every component off by 2 meV/Å³
+        datas.append(data)
+    result = M.evaluate(model, [collate(datas)])
+    assert result[M.STRESS_RMSE] == pytest.approx(2.0, rel=1e-6)
+    assert result[M.ARRAYS]["stress_pred"].shape == (2, 3, 3)
+    unlabelled = M.evaluate(model, [collate([sample_to_data(water_box(8, seed=2, labelled=True), 3.5)])])
+    assert M.STRESS_RMSE not in unlabelled
