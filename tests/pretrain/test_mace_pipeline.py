@@ -101,7 +101,7 @@ def test_two_rank_pretraining_export_finetune_calculator_md(water_shards, tmp_pa
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert any("probe_energy_rmse_mev_per_atom" in r for r in rows)   # the linear probe hooks MACE's readout
-    model, meta = load_export(out / "export")
+    _, meta = load_export(out / "export")
     assert meta["model"] == "mace" and meta["params"]["r_max"] == SMALL["r_max"]
 
     from data_shards.config_io import from_dict, merge
@@ -119,7 +119,7 @@ def test_two_rank_pretraining_export_finetune_calculator_md(water_shards, tmp_pa
 
     from data_shards.readers import read_frames
 
-    frame = read_frames(sorted((water_shards.parent / "data").glob("*xyz"))[0])[0]
+    frame = read_frames(min((water_shards.parent / "data").glob("*xyz")))[0]
     atoms = Atoms(numbers=frame.species, positions=frame.positions, cell=frame.cell, pbc=True)
     atoms.calc = MaskpotCalculator(export)
     np.testing.assert_allclose(atoms.get_stress(), calculate_numerical_stress(atoms, eps=1e-5), rtol=1e-4,
