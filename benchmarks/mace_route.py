@@ -45,6 +45,9 @@ def run(*args: str) -> float:
 
 
 def pretrain(out: Path, arch: str, budget_s: float) -> dict:
+    done = out / f"pretrain_{arch}.json"
+    if done.exists():   # a rerun keeps a finished pretraining
+        return json.loads(done.read_text())
     base = yaml.safe_load((REPO / "configs" / "pretrain" / "tiny.yaml").read_text())
     base["data"].update(manifest_dir=str(out / "shards"), batch_size=2)
     base["model"] = {"name": arch, "params": ARCHS[arch]}
@@ -67,16 +70,21 @@ def pretrain(out: Path, arch: str, budget_s: float) -> dict:
     metrics = [json.loads(x) for x in (out / f"pretrain_{arch}" / "metrics.jsonl").read_text().splitlines()]
     steps = max(m["step"] for m in metrics)
     val = [m["val_loss"] for m in metrics if "val_loss" in m]
-    return {"seconds": seconds, "steps": steps, "best_val_loss": min(val) if val else None}
+    result = {"seconds": seconds, "steps": steps, "best_val_loss": min(val) if val else None}
+    done.write_text(json.dumps(result))
+    return result
 
 
 def finetune(out: Path, arch: str, steps: int, tag: str) -> dict:
+    """Validation on a few batches only (it would otherwise dominate a short run); test on all of data_3.
+    The calibration run validates only at its first and last step."""
     base = yaml.safe_load((REPO / "configs" / "finetune" / "tiny.yaml").read_text())
-    base["data"].update(manifest_dir=str(out / "shards"), batch_size=4)
+    base["data"].update(manifest_dir=str(out / "shards"), batch_size=4, val_batches=1 if tag == "calib" else 4)
     base["init"] = str(out / f"pretrain_{arch}" / "export")
     base["optim"].update(lr=2e-3, min_lr=1e-5, warmup_steps=min(30, steps // 4))
     base["loss"].update(energy_weight=1.0, force_weight=10.0)
-    base["train"].update(max_steps=steps, eval_every=max(steps // 4, 1), log_every=max(steps // 10, 1),
+    base["train"].update(max_steps=steps, eval_every=steps if tag == "calib" else max(steps // 2, 1),
+                         log_every=max(steps // 10, 1),
                          out_dir=str(out / f"finetune_{arch}_{tag}"))
     base["tracking"]["enabled"] = False
     config = out / f"finetune_{arch}_{tag}.yaml"
@@ -106,7 +114,7 @@ def main() -> int:
     p.add_argument("--pretrain-s", type=float, default=300.0)
     p.add_argument("--finetune-s", type=float, default=420.0)
     p.add_argument("--calibrate-steps", type=int, default=6)
-    p.add_argument("--npt-steps", type=int, default=300)
+    p.add_argument("--npt-steps", type=int, default=200)
     args = p.parse_args()
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

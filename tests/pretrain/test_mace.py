@@ -92,3 +92,15 @@ def test_bf16_forward_runs():
     out = model(batch, compute_forces=True)
     assert out[K.PRED_FORCES].dtype == batch[K.POSITIONS].dtype and torch.isfinite(out[K.PRED_FORCES]).all()
     assert np.isfinite(float(out[K.PRED_ENERGY][0]))
+
+
+def test_shipped_mace_config_loads():
+    from pathlib import Path
+
+    from data_shards.config_io import load_config
+    from pretrain.config import PretrainConfig
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "pretrain" / "mace_water.yaml"
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.model.name == "mace" and cfg.model.cutoff == 5.0
+    assert cfg.model.arch_params()["num_channels"] == 32
