@@ -10,7 +10,7 @@ from water_systems import to_batch, water_box
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
 from pretrain.models import MODELS, build_model
-from pretrain.models.mace import check_r_max, mace_modules
+from pretrain.models.mace import mace_modules
 
 pytestmark = pytest.mark.skipif(mace_modules() is None,
                                 reason="mace-torch is not installed (pip install 'maskpot[mace]')")
@@ -76,13 +76,6 @@ def test_element_outside_the_one_hot_is_named():
     model = build_model("mace", {**SMALL, "elements": [1]})
     with pytest.raises(ValueError, match=r"elements Z=\[8\].*model.params.elements \[1\]"):
         model(to_batch([water_box(8, seed=2)], 3.5))
-
-
-def test_r_max_below_nearest_neighbour_is_a_one_line_error():
-    check_r_max(1.2, 0.95, "the train split")
-    with pytest.raises(ValueError, match=r"model.params.r_max 0.9 Å is not larger than the nearest-neighbour "
-                                         r"distance 0.950 Å of the train split.*use r_max > 0.950"):
-        check_r_max(0.9, 0.95, "the train split")
 
 
 def test_bf16_forward_runs():
