@@ -9,7 +9,6 @@ from ase import Atoms
 from ase.calculators.calculator import PropertyNotImplementedError
 from ase.calculators.fd import calculate_numerical_stress
 from ase.io import read, write
-from water_systems import water_box
 
 from data_shards import keys as K
 from finetune.forcefield.calculator import MaskpotCalculator
@@ -17,6 +16,7 @@ from finetune.forcefield.md import MDConfig, density_g_cm3, read_log, run_md
 from maskpot.cli import main
 from pretrain.models import build_model
 from pretrain.models.mace import mace_modules
+from tests.helpers.water_systems import water_box
 
 TINY_EXPORT = Path(__file__).resolve().parents[1] / "assets" / "egnn_tiny_export"
 MACE = {"num_channels": 8, "max_L": 1, "correlation": 2, "num_interactions": 2, "max_ell": 2, "r_max": 3.5,

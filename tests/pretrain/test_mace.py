@@ -4,13 +4,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from model_mixin import ModelTestMixin
-from water_systems import to_batch, water_box
 
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
 from pretrain.models import MODELS, build_model
 from pretrain.models.mace import mace_modules
+from tests.helpers.model_mixin import ModelTestMixin
+from tests.helpers.water_systems import to_batch, water_box
 
 pytestmark = pytest.mark.skipif(mace_modules() is None,
                                 reason="mace-torch is not installed (pip install 'maskpot[mace]')")

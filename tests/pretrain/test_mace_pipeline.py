@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from model_mixin import build_water_shards
 
 from data_shards import keys as K
 from data_shards.config_io import from_dict
@@ -23,11 +22,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 SMALL = {"num_channels": 8, "max_L": 1, "correlation": 2, "num_interactions": 2, "max_ell": 2, "r_max": 3.5,
          "radial_MLP": [16], "MLP_irreps": "8x0e", "avg_num_neighbors": 10.0, "elements": [1, 8]}
-
-
-@pytest.fixture(scope="module")
-def water_shards(tmp_path_factory) -> Path:
-    return build_water_shards(tmp_path_factory.mktemp("mace_water"))
 
 
 class Engine:

@@ -3,12 +3,12 @@ MACE, in a triclinic cell too; force-centric models and cell-less structures are
 import numpy as np
 import pytest
 import torch
-from water_systems import to_batch, water_box
 
 from data_shards import keys as K
 from pretrain.models import build_model
 from pretrain.models.mace import mace_modules
 from pretrain.models.strain import energy_forces_stress
+from tests.helpers.water_systems import to_batch, water_box
 
 EGNN = ("egnn", {"hidden": 16, "layers": 2, "cutoff": 3.5, "coord_init_gain": 1.0})
 MACE = ("mace", {"num_channels": 8, "max_L": 1, "correlation": 2, "num_interactions": 2, "max_ell": 2,
