@@ -1,4 +1,5 @@
-"""Masked-pretraining training-step throughput of EGNN, GNS and ForceNet at paper size, fp32 and bf16.
+"""Masked-pretraining training-step throughput of EGNN, GNS and ForceNet at paper size, and MACE-small
+(mace-torch, when installed), fp32 and bf16.
 
 A step = water masking (ratio 0.5, done once, outside the timing) → forward with forces (EGNN: −∂E/∂x with
 create_graph, i.e. double backward) → per-atom cosine loss → backward → AdamW step, on `--batch` frames of
@@ -42,6 +43,7 @@ from harness import RATE, SIZE, TIME, Command, compare, emit, median_time
 from data_shards import keys as K
 from pretrain.engine import MODEL_INPUT_FLOATS
 from pretrain.models import build_model
+from pretrain.models.mace import mace_modules
 from pretrain.objectives import cosine_mask_loss
 from pretrain.transforms import WaterMasking
 from tests.helpers.water_systems import to_batch, water_box
@@ -51,11 +53,15 @@ PAPER_MODELS = {
     "gns": {"latent": 128, "steps": 10, "mlp_layers": 2, "cutoff": 3.4},
     "forcenet": {"hidden": 128, "blocks": 5, "cutoff": 3.4},
 }
+if mace_modules() is not None:  # MACE-small (32x0e, max_L 0, r_max 5 Å, correlation 3, 2 interactions)
+    PAPER_MODELS["mace"] = {"num_channels": 32, "max_L": 0, "correlation": 3, "num_interactions": 2,
+                            "r_max": 5.0, "avg_num_neighbors": 50.0, "elements": [1, 8]}
 BOX_64_WATERS = 12.4447  # Å, 64 waters at ~1 g/cm³ (the RPBE boxes' size)
 
 
 def masked_batch(model_name: str, frames: int):
-    cutoff = PAPER_MODELS[model_name]["cutoff"]
+    params = PAPER_MODELS[model_name]
+    cutoff = params.get("cutoff", params.get("r_max"))
     masking = WaterMasking(ratio=0.5, seed=0)
     samples = [masking(water_box(64, seed=i, box_length=BOX_64_WATERS), 0) for i in range(frames)]
     return to_batch(samples, cutoff=cutoff, dtype=torch.float32)

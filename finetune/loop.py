@@ -50,6 +50,7 @@ from finetune.init_checkpoint import load_init, read_init_meta, weights_file
 from finetune.tracking import Tracker, lineage_tags
 from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
+from pretrain.loop import check_cutoff_fits_data
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss
 
@@ -241,6 +242,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model, arch = make_model(cfg, inputs)
+    check_cutoff_fits_data(arch["model"], arch["cutoff"], cfg.data.manifest_dir, cfg.data.train_split)
     model.to(device)
     refit = (E.refit_energy_offset(model, make_stream(cfg, cfg.data.train_split, arch["cutoff"], False,
                                                       limit=cfg.data.train_frames), device)

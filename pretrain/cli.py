@@ -51,11 +51,14 @@ def run(args: argparse.Namespace) -> int:
     overrides = [*args.override, *([f"train.init={args.init}"] if args.init else [])]
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(overrides))
     from pretrain import mixture, stages
-    from pretrain.loop import check_objective_fits_data
+    from pretrain.loop import check_cutoff_fits_data, check_objective_fits_data
 
-    # a missing or broken shard set, incompatible sets, an objective a set cannot serve, or an --init export
-    # of another architecture: fails before any rank starts
-    mixture.check_objective_per_set(cfg, mixture.load_sets(cfg), check_objective_fits_data)
+    # a missing or broken shard set, incompatible sets, an objective a set cannot serve, a graph radius that
+    # leaves atoms without neighbours, or an --init export of another architecture: fails before any rank starts
+    sets = mixture.load_sets(cfg)
+    mixture.check_objective_per_set(cfg, sets, check_objective_fits_data)
+    for shard_set in sets:
+        check_cutoff_fits_data(cfg.model.name, cfg.model.cutoff, shard_set.manifest_dir, cfg.data.train_split)
     stages.check_init(cfg)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     device = check_local_launch(cfg.train.device, args.nproc)

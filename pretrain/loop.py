@@ -61,6 +61,30 @@ def check_objective_fits_data(cfg: PretrainConfig, manifest: dict) -> None:
 
 
 HYDROGEN, OXYGEN = 1, 8
+CUTOFF_OPTIONS = {"mace": "r_max"}  # the name of the graph radius in model.params, when not "cutoff"
+NEIGHBOUR_PROBE_RADIUS = 8.0  # Å, radius of the graph used to find the data's nearest-neighbour distance
+
+
+def nearest_neighbour_distance(manifest_dir: str, split: str, frames: int = 4) -> float | None:
+    """Shortest interatomic distance (Å, periodic images included) in the first `frames` structures of
+    `split`; None when the split is empty or no pair is closer than NEIGHBOUR_PROBE_RADIUS."""
+    stream = ShardStream(manifest_dir, split, frames, NEIGHBOUR_PROBE_RADIUS, limit=frames)
+    batch = next(iter(stream), None)
+    if batch is None or batch[K.EDGE_INDEX].shape[1] == 0:
+        return None
+    src, dst = batch[K.EDGE_INDEX]
+    pos = batch[K.POSITIONS].double()
+    return float((pos[dst] - pos[src] + batch[K.SHIFT_VECTORS].double()).norm(dim=-1).min())
+
+
+def check_cutoff_fits_data(model_name: str, cutoff: float, manifest_dir: str, split: str) -> None:
+    """A graph radius at or below the data's nearest-neighbour distance gives no atom a neighbour."""
+    nearest = nearest_neighbour_distance(manifest_dir, split)
+    if nearest is not None and cutoff <= nearest:
+        option = f"model.params.{CUTOFF_OPTIONS.get(model_name, 'cutoff')}"
+        raise ValueError(f"{option} {cutoff} Å is not larger than the nearest-neighbour distance {nearest:.3f} Å "
+                         f"of split {split!r} in {manifest_dir}: no atom would have a neighbour; use "
+                         f"{option} > {nearest:.3f} Å")
 
 
 def quiet_libraries(rank: int) -> None:

@@ -20,10 +20,19 @@ from pretrain.engine import to_model_precision
 RIDGE = 1e-6  # relative to the mean feature variance; keeps the solve defined with few frames
 
 
+def feature_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose first input is the per-atom features: `model.feature_module()` or the energy head."""
+    return model.feature_module() if hasattr(model, "feature_module") else model.energy_head
+
+
+def feature_width(model: torch.nn.Module) -> int:
+    return int(getattr(model, "feature_width", 0)) or model.energy_head[0].in_features
+
+
 def _pooled_features(engine, batch, elements: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, F + len(elements)) float64 features and (B,) per-atom energies of one labelled batch."""
     captured = []
-    hook = engine.module.energy_head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    hook = feature_module(engine.module).register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     try:
         with torch.no_grad():
             engine(to_model_precision(batch, engine), compute_forces=False)
@@ -81,7 +90,7 @@ def make_probe(stream, batches: int, elements: list[int]):
             x, y = _pooled_features(engine, batch, elements)
             xs.append(x)
             ys.append(y)
-        width = engine.module.energy_head[0].in_features + len(elements)
+        width = feature_width(engine.module) + len(elements)
         x = torch.cat(xs) if xs else torch.zeros(0, width, dtype=torch.float64)
         y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.float64)
         return ridge_probe(x[0::2], y[0::2], x[1::2], y[1::2])

@@ -37,6 +37,7 @@ from pretrain.loop import (
     LockstepBatches,
     MetricsLog,
     agreed_signal,
+    check_cutoff_fits_data,
     check_objective_fits_data,
     keep_if_best,
     make_stream,
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     sets = mixture.load_sets(cfg)
     manifest = sets[0].manifest
     mixture.check_objective_per_set(cfg, sets, check_objective_fits_data)
+    for shard_set in sets:
+        check_cutoff_fits_data(cfg.model.name, cfg.model.cutoff, shard_set.manifest_dir, cfg.data.train_split)
     stages.check_init(cfg)
     manifest_hash = mixture.sets_sha256(sets)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,10 @@ class Recorder(torch.nn.Module):
         self.stress_kwargs = {"compute_stress": True} if "compute_stress" in params else {}
         self.structures: list[dict] = []
 
+    @property
+    def force_centric(self) -> bool:   # the strain-derivative stress refuses force-centric models through this
+        return bool(getattr(self.model, "force_centric", False))
+
     def forward(self, batch, compute_forces: bool = True) -> dict:
         out = self.model(batch, compute_forces=compute_forces, **self.stress_kwargs)
         ptr = torch.cumsum(batch[K.NATOMS], 0).cpu().tolist()

@@ -201,5 +201,5 @@ def test_rdf_of_an_ideal_gas_is_one_and_of_a_lattice_is_a_spike():
 def test_md_user_errors_exit_2(tmp_path, capsys):
     assert main(["md", str(TINY_EXPORT), str(tmp_path / "none.extxyz"), "--steps", "5", "--temperature", "300"]) == 2
     assert "no such file" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="'npt'.*langevin"):
-        MDConfig(5, ensemble="npt")
+    with pytest.raises(ValueError, match="'nph'.*langevin"):
+        MDConfig(5, ensemble="nph")

@@ -30,7 +30,7 @@ def test_tiny_config_loads_with_model_cutoff():
     ({"objective": {"mask_ratio": 0.0}}, ["mask_ratio", "(0, 1]"]),
     ({"objective": {"kind": "jigsaw"}}, ["jigsaw", "mask+denoise"]),
     ({"model": {"params": {"hiden": 8}}}, ["hiden", "hidden"]),
-    ({"model": {"name": "mace"}}, ["mace", "egnn"]),
+    ({"model": {"name": "schnet"}}, ["schnet", "egnn", "mace"]),
     ({"data": {"batch_size": 0}}, ["batch_size"]),
 ])
 def test_bad_config_fails_naming_the_key_and_options(sections, expected):
