@@ -13,5 +13,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except (ValueError, FileNotFoundError, NotADirectoryError, CorruptCheckpoint) as e:
-        print(f"pretrain rank {os.environ.get('RANK', 0)}: error: {e}", file=sys.stderr)
+        print(f"pretrain rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

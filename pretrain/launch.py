@@ -35,9 +35,9 @@ def free_port(host: str = LOOPBACK) -> int:
 def loopback_interface() -> str | None:
     """The loopback interface's name (Linux `lo`), for GLOO_SOCKET_IFNAME; None where it cannot be told."""
     for _, name in socket.if_nameindex():
-        if name.startswith("lo") and Path(f"/sys/class/net/{name}/flags").is_file():
-            if int(Path(f"/sys/class/net/{name}/flags").read_text(), 16) & 0x8:  # IFF_LOOPBACK
-                return name
+        flags = Path(f"/sys/class/net/{name}/flags")
+        if flags.is_file() and int(flags.read_text(), 16) & 0x8:  # IFF_LOOPBACK
+            return name
     return None
 
 

@@ -50,7 +50,7 @@ def maskpot(*argv: str, timeout: float = 600, **env) -> subprocess.CompletedProc
     """The `maskpot` console script in a subprocess (this tree first on the path)."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", **env)
     return subprocess.run([sys.executable, "-m", "maskpot.cli", *argv], env=full_env, capture_output=True,
-                          text=True, timeout=timeout, cwd=REPO)
+                          text=True, timeout=timeout, cwd=REPO, check=False)
 
 
 def pretrain_argv(shards: Path, out_dir: Path, *overrides: str, resume: str = "auto") -> list[str]:

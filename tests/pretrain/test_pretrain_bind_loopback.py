@@ -8,7 +8,6 @@ import socket
 
 import psutil
 import pytest
-
 from robust_runs import build_tiny_shards, start_pretrain, wait_for
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from robust_runs import build_tiny_shards, maskpot, pretrain_argv
 
 
