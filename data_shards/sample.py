@@ -71,6 +71,8 @@ def encode_frame(frame: Frame, dataset: str = "") -> dict:
     }
     if dataset:
         meta[K.DATASET] = str(dataset)
+    if frame.info.get("origin") is not None:  # positions are stored relative to it (frame.recentre)
+        meta["origin"] = frame.info["origin"]
     return {
         "__key__": sample_key(species, positions, cell),
         "npz": _npz_bytes(arrays),
