@@ -16,6 +16,7 @@ CLOSEST_PAIR_SEARCH = 1.0  # Å; neighbour-search radius of closest_pair (a chea
 # away atom) or with a cell vector longer than that cannot keep its distances to 1e-4 Å in float32 (and
 # vesin's cell list dies with SIGFPE from ~1e6 Å): it is refused before any native call.
 ORIGIN_FREE = 100.0
+LABEL_KEYS_FOUND = "label_keys_found"  # Frame.info entry a reader sets when a label is missing: keys it saw
 MAX_EXTENT = 1000.0
 
 
@@ -154,15 +155,17 @@ class Frame:
             (a, b), distance = close
             raise bad("positions", f"atoms {a} and {b} are {distance:.3g} Å apart "
                                    f"(< {MIN_PAIR_DISTANCE} Å: overlapping or duplicated atoms)")
+        found = self.info.get(LABEL_KEYS_FOUND)
+        found = f" (keys in this frame: {', '.join(found) or 'none'})" if found is not None else ""
         if require_labels and self.energy is None:
-            raise bad("energy", "missing")
+            raise bad("energy", "missing" + found)
         if self.energy is not None and not np.isfinite(self.energy):
             raise bad("energy", f"not finite ({self.energy})")
         if self.forces is None and n == 1 and not self.pbc.any() and self.energy is not None:
             # an isolated atom (E0 reference files such as isolated_atoms.xyz): zero force by symmetry
             return dataclasses.replace(self, forces=np.zeros((1, 3), dtype=np.float64))._validate_rest(require_labels)
         if require_labels and self.forces is None:
-            raise bad("forces", "missing")
+            raise bad("forces", "missing" + found)
         if self.forces is not None:
             if self.forces.shape != (n, 3):
                 raise bad("forces", f"shape {self.forces.shape}, expected ({n}, 3)")

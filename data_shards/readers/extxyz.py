@@ -19,7 +19,7 @@ import numpy as np
 from ase.io.extxyz import read_xyz
 
 from data_shards import keys as K
-from data_shards.frame import Frame, FrameError, stress_matrix
+from data_shards.frame import LABEL_KEYS_FOUND, Frame, FrameError, stress_matrix
 
 SUFFIXES = (".extxyz", ".xyz")
 DEFAULT_ENERGY_KEY = K.ENERGY
@@ -179,6 +179,10 @@ def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str,
             return FrameError(source, index, K.STRESS, f"value under key '{stress_key}': {e}")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in atoms.info.items()
             if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key, stress_key)}
+    if energy is None or forces is None:  # say which keys were there (e.g. REF_energy)
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        info[LABEL_KEYS_FOUND] = sorted((set(atoms.info) | set(atoms.arrays) | set(results))
+                                        - {"numbers", "positions"})
     return Frame(
         species=np.asarray(atoms.numbers, dtype=np.int64),
         positions=np.asarray(atoms.positions, dtype=np.float64),
