@@ -68,3 +68,67 @@ def read_samples(shard_dir: Path) -> list[dict]:
                 members.setdefault(key, {"__key__": key})[ext] = tf.extractfile(m).read()
         samples += [decode_sample(s) for s in members.values()]
     return samples
+
+
+def build_water_shards(root: Path, n_train: int = 6, n_val: int = 4, n_test: int = 4) -> Path:
+    """train/val/test shards of small labelled water frames (in-process, no Ray)."""
+    from data_shards.build import build_shards
+
+    root.mkdir(parents=True, exist_ok=True)
+    inputs = []
+    for split, n, seed in (("train", n_train, 11), ("val", n_val, 12), ("test", n_test, 13)):
+        inputs.append(f"{split}={write_extxyz(root / f'{split}.xyz', water_frames(n, seed=seed))}")
+    out = root / "shards"
+    build_shards(inputs, str(out), shard_size=100, use_ray=False, progress=False)
+    return out
+
+
+def rewrite_member(tar_path: Path, change, manifest_too: bool = True) -> str:
+    """Rewrite a shard with `change(name, data) -> (name, data)` applied to its members (first change wins);
+    the manifest's sha256 and size follow (as a careless rebuild would), so only the samples can tell."""
+    import hashlib
+    import io
+    import json
+    import tarfile
+
+    members, changed = [], None
+    with tarfile.open(tar_path) as tf:
+        for m in tf.getmembers():
+            name, data = m.name, tf.extractfile(m).read()
+            if changed is None:
+                new_name, new_data = change(name, data)
+                if (new_name, new_data) != (name, data):
+                    changed, name, data = name, new_name, new_data
+            members.append((name, data))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    tar_path.write_bytes(buf.getvalue())
+    if manifest_too:
+        manifest_path = tar_path.parent / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        for shard in manifest["shards"]:
+            if shard["name"] == tar_path.name:
+                shard["sha256"], shard["bytes"] = hashlib.sha256(buf.getvalue()).hexdigest(), len(buf.getvalue())
+        manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    assert changed is not None, "nothing changed"
+    return changed
+
+
+def flip_energy_digit(name: str, data: bytes):
+    """The first json member with its energy's last-but-one digit changed."""
+    import json
+    import re
+
+    if not name.endswith(".json"):
+        return name, data
+    text = data.decode()
+    energy = str(json.loads(text)["energy"])
+    match = re.search(re.escape(energy), text)
+    k = match.start() + len(energy) - 2
+    digit = text[k]
+    assert digit.isdigit()
+    return name, (text[:k] + str((int(digit) + 1) % 10) + text[k + 1:]).encode()
