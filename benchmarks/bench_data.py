@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,6 +29,9 @@ from tests.helpers.water_systems import water_box  # noqa: E402
 from data_shards import keys as K  # noqa: E402
 from data_shards import readers  # noqa: E402
 from data_shards.build import build_shards  # noqa: E402
+from data_shards.integrity import sample_problem  # noqa: E402
+from data_shards.manifest import file_sha256  # noqa: E402
+from data_shards.reshard import read_shard_samples  # noqa: E402
 from data_shards.stream import ShardStream  # noqa: E402
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data"
@@ -63,10 +67,11 @@ def time_ase(xyz: Path, cutoff: float) -> tuple[float, int]:
     return time.perf_counter() - t0, edges
 
 
-def time_stream(shard_dir: Path, batch: int, cutoff: float, workers: int) -> tuple[float, int, int]:
+def time_stream(shard_dir: Path, batch: int, cutoff: float, workers: int,
+                integrity: str = "fatal") -> tuple[float, int, int]:
     t0 = time.perf_counter()
     frames = edges = 0
-    for b in ShardStream(shard_dir, "train", batch, cutoff, num_workers=workers):
+    for b in ShardStream(shard_dir, "train", batch, cutoff, num_workers=workers, integrity_policy=integrity):
         frames += b.num_graphs
         edges += b.edge_index.shape[1]
     return time.perf_counter() - t0, frames, edges
@@ -97,6 +102,29 @@ def main() -> None:
             print(f"ShardStream, {workers} workers:      {rate:8.1f} frames/s = {rate * n_atoms:9.0f} atoms/s, "
                   f"{rate / (len(atoms) / base_s):5.1f}× baseline (target ≥ {TARGET_RATIO:.0f}×; "
                   f"incl. worker start-up)")
+        integrity_cost(shard_dir, args)
+
+
+def integrity_cost(shard_dir: Path, args) -> None:
+    """Per-sample checksum cost: the same stream with integrity fatal (default) vs off, arms alternated,
+    median of --repeat × 2 runs each (0 workers: the check runs on the timed thread)."""
+    times = {"fatal": [], "off": []}
+    for _ in range(max(args.repeat, 3) * 2):
+        for arm in ("off", "fatal"):
+            times[arm].append(time_stream(shard_dir, args.batch, args.cutoff, 0, integrity=arm)[0])
+    off, fatal = statistics.median(times["off"]), statistics.median(times["fatal"])
+    print(f"integrity checks (per-sample sha256), 0 workers: median {fatal:.3f} s vs {off:.3f} s off over "
+          f"{len(times['off'])} alternated runs: {100 * (fatal / off - 1):+.1f}% time "
+          f"(limit +10%)")
+    raw = [s for tar in sorted(shard_dir.glob("shard-*.tar")) for s in read_shard_samples(tar, file_sha256(tar))]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        for sample in raw:
+            sample_problem(sample)
+    check = (time.perf_counter() - t0) / (5 * len(raw))
+    per_sample = off / len(raw)
+    print(f"  the check alone: {check * 1e6:.0f} µs per sample = {100 * check / per_sample:.1f}% of the "
+          f"{per_sample * 1e3:.2f} ms a sample takes to stream")
 
 
 if __name__ == "__main__":

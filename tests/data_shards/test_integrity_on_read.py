@@ -6,8 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from robust_inputs import REPO, build_water_shards, flip_energy_digit, maskpot, one_line_error, rewrite_member
+from robust_inputs import (
+    REPO,
+    build_water_shards,
+    flip_energy_digit,
+    maskpot,
+    one_line_error,
+    rewrite_member,
+)
 
 EXPORT = REPO / "tests" / "assets" / "egnn_tiny_export"
 FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"
