@@ -130,3 +130,19 @@ def test_truncated_or_bit_flipped_shard_is_one_line_while_streaming(shards, tmp_
     tar.write_bytes(bytes(data[: len(data) // 2 + 100]))
     line = one_line_error(maskpot("evaluate", str(EXPORT), str(shards), "--out", str(tmp_path / "ev2")))
     assert tar.name in line and ("unreadable shard" in line or "checksum" in line)
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "x;touch PWNED;.tar", "/abs/shard.tar", "sub/shard.tar"])
+def test_manifest_shard_names_cannot_escape_or_inject(shards, tmp_path, name):
+    """Further class found: a manifest's shard names become paths, URLs and `pipe:` shell commands."""
+    manifest_path = shards / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"][0]["name"] = name
+    manifest_path.write_text(json.dumps(manifest))
+    line = one_line_error(maskpot("evaluate", str(EXPORT), str(shards), "--out", str(tmp_path / "ev")))
+    assert "is not a plain file name" in line
+    from data_shards.stream import ShardStream
+
+    with pytest.raises(ValueError, match="not a plain file name"):
+        ShardStream(shards, "test", 2, 3.5, base_url=f"pipe:cat {shards}/{{name}}")
+    assert not (tmp_path / "PWNED").exists() and not (REPO / "PWNED").exists()
