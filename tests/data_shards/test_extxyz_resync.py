@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from robust_inputs import maskpot, read_samples, water_frames, write_extxyz
+from tests.helpers.bad_inputs import maskpot, read_samples, water_frames, write_extxyz
 
 
 def frame_texts(tmp_path, n: int) -> list[list[str]]:

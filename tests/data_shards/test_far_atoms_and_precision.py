@@ -8,7 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
-from robust_inputs import REPO, maskpot, read_samples, water_frames, write_extxyz
+
+from tests.helpers.bad_inputs import (
+    REPO,
+    maskpot,
+    read_samples,
+    water_frames,
+    write_extxyz,
+)
 
 
 def test_far_atom_is_quarantined_and_good_frames_kept(tmp_path):

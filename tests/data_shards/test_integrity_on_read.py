@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from robust_inputs import (
+
+from tests.helpers.bad_inputs import (
     REPO,
     build_water_shards,
     flip_energy_digit,

@@ -13,7 +13,8 @@ import sqlite3
 
 import numpy as np
 import pytest
-from robust_inputs import (
+
+from tests.helpers.bad_inputs import (
     REPO,
     build_water_shards,
     maskpot,

@@ -6,14 +6,12 @@ from __future__ import annotations
 import builtins
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data_shards"))
-from robust_inputs import REPO, build_water_shards, maskpot, one_line_error  # noqa: E402
+from tests.helpers.bad_inputs import REPO, build_water_shards, maskpot, one_line_error
 
 EXPORT = REPO / "tests" / "assets" / "egnn_tiny_export"
 FINETUNE_TINY = REPO / "configs" / "finetune" / "tiny.yaml"

@@ -8,7 +8,8 @@ import socket
 
 import psutil
 import pytest
-from robust_runs import build_tiny_shards, start_pretrain, wait_for
+
+from tests.helpers.pretrain_processes import build_tiny_shards, start_pretrain, wait_for
 
 
 def listening(pid: int) -> list[tuple[int, str, int]]:

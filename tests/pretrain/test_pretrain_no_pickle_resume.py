@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from robust_runs import build_tiny_shards, maskpot, pretrain_argv
+
+from tests.helpers.pretrain_processes import build_tiny_shards, maskpot, pretrain_argv
 
 
 class Payload:

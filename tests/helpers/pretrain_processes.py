@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
+
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
 
 

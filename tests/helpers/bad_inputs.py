@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers.paths import REPO
 
 
 def water_frames(n: int, seed: int = 0, periodic: bool = True, offset: float = 0.0):
