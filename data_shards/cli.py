@@ -238,7 +238,8 @@ def _add_shards(subparsers) -> None:
                                            "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
     i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
     i.set_defaults(func=_inspect)
-    v = actions.add_parser("verify", help="re-hash every shard against the manifest and decode every sample (checksums); exit 1 on a problem")
+    v = actions.add_parser("verify", help="re-hash every shard against the manifest and decode every sample "
+                                          "(checksums); exit 1 on a problem")
     v.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
     v.set_defaults(func=_verify)
 

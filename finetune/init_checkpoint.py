@@ -91,8 +91,9 @@ def _read_model_states(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [x for x in str(e).splitlines() if "GLOBAL" in x or "Unsupported" in x]
-        raise ValueError(f"{path}: refused to load: not plain weights ({(lines or ['pickled objects'])[0].strip()[:160]});"
-                         f" nothing in it was executed. Finetune from the run's export (RUN/export)") from None
+        what = (lines or ["pickled objects"])[0].strip()[:160]
+        raise ValueError(f"{path}: refused to load: not plain weights ({what}); nothing in it was executed. "
+                         f"Finetune from the run's export (RUN/export)") from None
     except (RuntimeError, OSError, EOFError) as e:
         raise ValueError(f"{path}: unreadable DeepSpeed checkpoint file (truncated or corrupt: "
                          f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None

@@ -12,7 +12,8 @@ from data_shards.config_io import load_config, parse_dotted_overrides
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="masked (or denoising) pretraining with DeepSpeed, one process per rank",
-        description="Validates the config, then runs N ranks of `python -m pretrain` (pretrain.launch, rendezvous on 127.0.0.1). "
+        description="Validates the config, then runs N ranks of `python -m pretrain` (pretrain.launch, rendezvous "
+                    "on 127.0.0.1). "
                     "Output: OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/, OUT_DIR/export/ (model for finetuning).",
     )
     p.add_argument("--config", required=True, help="pretraining YAML (see configs/pretrain/tiny.yaml)")

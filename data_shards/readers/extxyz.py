@@ -84,7 +84,8 @@ def _next_frame(lines: _Lines) -> tuple[bytes, list[bytes]] | str | None:
         return None
     if not _is_header(header):
         skipped = _skip_to_header(lines)
-        return f"natoms line {header[:60]!r} is not a non-negative integer ({skipped + 1} lines up to the next frame skipped)"
+        return (f"natoms line {header[:60]!r} is not a non-negative integer "
+                f"({skipped + 1} lines up to the next frame skipped)")
     natoms = int(header)
     body = list(itertools.islice(lines, natoms + 1))
     atom_lines = body[1:]
