@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -33,6 +34,9 @@ from harness import RATE, compare
 from data_shards import keys as K
 from data_shards import readers
 from data_shards.build import build_shards
+from data_shards.integrity import sample_problem
+from data_shards.manifest import file_sha256
+from data_shards.reshard import read_shard_samples
 from data_shards.stream import ShardStream
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss
@@ -70,10 +74,10 @@ def time_ase(xyz: Path, cutoff: float, frames: int) -> dict:
     return {"frames_per_s": frames / (time.perf_counter() - t0), "edges": edges}
 
 
-def time_stream(shard_dir: Path, batch: int, cutoff: float, workers: int) -> dict:
+def time_stream(shard_dir: Path, batch: int, cutoff: float, workers: int, integrity: str = "fatal") -> dict:
     t0 = time.perf_counter()
     frames = edges = 0
-    for b in ShardStream(shard_dir, "train", batch, cutoff, num_workers=workers):
+    for b in ShardStream(shard_dir, "train", batch, cutoff, num_workers=workers, integrity_policy=integrity):
         frames += b.num_graphs
         edges += b.edge_index.shape[1]
     return {"frames_per_s": frames / (time.perf_counter() - t0), "edges": edges, "frames": frames}
@@ -113,6 +117,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-ase", action="store_true")
     p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--skip-integrity", action="store_true", help="skip the integrity-on-read cost comparison")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
     atoms, origin = source_atoms(args.frames)
@@ -138,6 +143,25 @@ def main() -> None:
                                                                                 args.threads), **stream},
                     "model_step", {"frames_per_s": RATE}, rounds=args.rounds, warmup=1,
                     json_path=out / "data_loader_vs_model.json", notes=notes)
+        if not args.skip_integrity:
+            integrity_cost(shard_dir, args, out, notes)
+
+
+def integrity_cost(shard_dir: Path, args, out: Path, notes: dict) -> None:
+    """Per-sample checksum cost: the same stream (0 workers: the check runs on the timed thread) with the
+    integrity policy `fatal` (the default) against `off`, through the harness (alternated, medians)."""
+    compare("integrity on read: ShardStream with per-sample checksums (fatal) vs without (off), 0 workers",
+            {"integrity_off": lambda: time_stream(shard_dir, args.batch, args.cutoff, 0, integrity="off"),
+             "integrity_fatal": lambda: time_stream(shard_dir, args.batch, args.cutoff, 0, integrity="fatal")},
+            "integrity_off", {"frames_per_s": RATE}, rounds=max(args.rounds, 3),
+            json_path=out / "data_integrity_cost.json", notes=notes)
+    raw = [s for tar in sorted(shard_dir.glob("shard-*.tar")) for s in read_shard_samples(tar, file_sha256(tar))]
+    t0 = time.perf_counter()
+    for _ in range(5):
+        for sample in raw:
+            sample_problem(sample)
+    check = (time.perf_counter() - t0) / (5 * len(raw))
+    print(f"  the check alone: {check * 1e6:.0f} µs per sample")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,8 @@ def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
     `split_by` "input" gives every input without a split= prefix a whole split (`assign_groups`)."""
     specs, chunks = _input_specs(cfg), []
     for spec in specs:
+        if spec.frames == 0:
+            raise InputError(f"{spec.path}: no frames in this {spec.fmt} input (empty or blank?)")
         chunks += _split_chunks(spec, cfg, len(chunks))
     return specs, chunks
 
@@ -298,6 +300,17 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
     }
 
 
+def nothing_written(totals: dict, quarantine: list[dict], where: Path) -> str:
+    """One line: why a build wrote no sample (the commonest quarantine reasons, with their counts)."""
+    reasons: dict[str, int] = {}
+    for rec in quarantine:
+        reasons[f"{rec['field']}: {rec['reason']}"] = reasons.get(f"{rec['field']}: {rec['reason']}", 0) + 1
+    common = "; ".join(f"{n}× {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    return (f"no sample written: all {totals['frames_read']} frames read were quarantined "
+            f"({totals['quarantined']}) or duplicates ({totals['duplicates']}); {common or 'no reason recorded'} "
+            f"(details: {where})")
+
+
 def _remove_stale(out_dir: Path, keep: set[str], keep_sidecars: set[str]) -> None:
     """Shards (and sidecars) of an earlier build into the same folder that this build did not write, and
     dead tmp files."""
@@ -374,6 +387,10 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     tmp = out / f".{QUARANTINE_NAME}.tmp-{os.getpid()}"
     tmp.write_text(quarantine)
     os.replace(tmp, out / QUARANTINE_NAME)
+    if manifest["totals"]["samples_written"] == 0:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no usable shard set: nothing downstream may read
+        raise InputError(nothing_written(manifest["totals"], [rec for r in ordered for rec in r.quarantine],
+                                         out / QUARANTINE_NAME))
     write_json_atomic(out / MANIFEST_NAME, manifest)
     t = manifest["totals"]
     log.info("built %d shards from %d frames in %.1f s (%.0f frames/s); %d quarantined, %d duplicates",

@@ -17,9 +17,9 @@ from data_shards.manifest import (
     SPLITS,
     dataset_entries,
     load_manifest,
-    verify_shards,
 )
 from data_shards.units import UNITS
+from data_shards.verify import verify_all
 
 EXIT_USER_ERROR = 2
 
@@ -132,14 +132,15 @@ def _inspect(args) -> int:
 
 
 def _verify(args) -> int:
-    problems = verify_shards(args.dir)
+    problems, samples = verify_all(args.dir)
     for line in problems:
         print(line)
     n = len(load_manifest(args.dir, check_files=False)["shards"])
     if problems:
         print(f"{len(problems)} problem(s) in {n} shards")
         return 1
-    print(f"all {n} shards match the manifest (sha256 and size)")
+    print(f"all {n} shards match the manifest (sha256 and size); all {samples} samples decode and match "
+          f"their checksums")
     return 0
 
 
@@ -237,7 +238,8 @@ def _add_shards(subparsers) -> None:
                                            "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
     i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
     i.set_defaults(func=_inspect)
-    v = actions.add_parser("verify", help="re-hash every shard (sha256) against the manifest; exit 1 on mismatch")
+    v = actions.add_parser("verify", help="re-hash every shard against the manifest and decode every sample "
+                                          "(checksums); exit 1 on a problem")
     v.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
     v.set_defaults(func=_verify)
 

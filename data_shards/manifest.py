@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +35,7 @@ MANIFEST_DIR = "manifest_dir"  # added by load_manifest (absolute folder); never
 RANK_RTOL = 1e-10  # singular values of XᵀX below this fraction of the largest count as zero
 
 log = logging.getLogger(__name__)
+SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.tar$")
 
 
 class ManifestError(ValueError):
@@ -63,6 +65,12 @@ def parse_manifest(text: str | bytes, where: str) -> dict:
     for section in ("shards", "splits", "totals"):
         if section not in manifest:
             raise ManifestError(f"{where}: missing section {section!r}")
+    for shard in manifest["shards"]:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SAFE_SHARD_NAME.match(name) or ".." in name:
+            # names become paths, URLs and `pipe:` commands: `../x.tar` or `x;rm -rf ~.tar` must never get there
+            raise ManifestError(f"{where}: shard name {name!r} is not a plain file name (letters, digits, ._-, "
+                                f"ending in .tar)")
     return manifest
 
 

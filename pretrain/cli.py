@@ -12,7 +12,8 @@ from data_shards.config_io import load_config, parse_dotted_overrides
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="masked (or denoising) pretraining with DeepSpeed, one process per rank",
-        description="Validates the config, then runs `torchrun --standalone --nproc_per_node N -m pretrain`. "
+        description="Validates the config, then runs N ranks of `python -m pretrain` (pretrain.launch, rendezvous "
+                    "on 127.0.0.1). "
                     "Output: OUT_DIR/metrics.jsonl, OUT_DIR/checkpoints/, OUT_DIR/export/ (model for finetuning).",
     )
     p.add_argument("--config", required=True, help="pretraining YAML (see configs/pretrain/tiny.yaml)")
@@ -30,10 +31,9 @@ def add_command(subparsers) -> None:
 
 
 def launch_command(args: argparse.Namespace) -> list[str]:
-    # torchrun forwards only TERM/INT/HUP/QUIT by default; USR1 is SLURM's usual before-walltime signal,
-    # on which every rank checkpoints and exits 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "--signals-to-handle", "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    # pretrain.launch, not torchrun: torchrun's rendezvous store listens on every interface; ours on
+    # 127.0.0.1 only. It forwards TERM/INT/HUP/QUIT and USR1 (SLURM's before-walltime signal) to the ranks.
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc", str(args.nproc), "--",
            "-m", "pretrain", "--config", str(args.config), "--resume", args.resume]
     overrides = [*args.override, *([f"train.init={args.init}"] if getattr(args, "init", None) else [])]
     if overrides:

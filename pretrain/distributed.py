@@ -83,6 +83,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+HOSTED_STORE_ENV = "MASKPOT_HOSTED_STORE"  # "addr:port" of the store this process tree's rank 0 hosts
+_STORES: dict[str, tuple] = {}  # rank 0's TCPStore servers (with their sockets), alive as long as the process
+
+
+def bind_store() -> None:
+    """Rank 0 hosts the rendezvous store on MASTER_ADDR only (torch's own store listens on every interface).
+
+    Skipped under torchrun (TORCHELASTIC_USE_AGENT_STORE set by its agent, which hosts the store).
+    Afterwards every rank, rank 0 included, connects to the store as a client.
+    """
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if agent_store and HOSTED_STORE_ENV not in os.environ:
+        return
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    key = f"{addr}:{port}"
+    if os.environ["RANK"] == "0" and key not in _STORES:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(sockaddr)
+        sock.listen(128)
+        _STORES[key] = (sock, dist.TCPStore(addr, port, is_master=True, wait_for_workers=False,
+                                            master_listen_fd=sock.fileno()))
+    os.environ.update({HOSTED_STORE_ENV: key, "TORCHELASTIC_USE_AGENT_STORE": "True"})
+
+
 def init_process_group(device: str = "auto") -> tuple[int, int, torch.device]:
     """Join (or, run alone, create) the process group through DeepSpeed; returns (rank, world_size, device).
 
@@ -99,6 +125,7 @@ def init_process_group(device: str = "auto") -> tuple[int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         torch.cuda.set_device(where)
+    bind_store()
     # deepspeed is imported here, after DS_ACCELERATOR is set: it picks its accelerator once, on import.
     import deepspeed
     import deepspeed.ops

@@ -82,7 +82,9 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Path | None = None):
     """deepspeed.initialize with a torch AdamW (DeepSpeed's own Adam would JIT-compile) and LR schedule."""
-    import deepspeed
+    import deepspeed  # deepspeed (and checkpoint_engine, which imports it) take seconds to import
+
+    from pretrain import checkpoint_engine
 
     ds_config = deepspeed_config(cfg)
     if run_dir is not None and D.rank() == 0:
@@ -91,6 +93,7 @@ def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Pat
     optimizer, scheduler = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    checkpoint_engine.install(engine)  # loads with weights_only=True: nothing on disk is unpickled
     return engine
 
 

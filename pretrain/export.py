@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
@@ -53,6 +54,17 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
+def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """safetensors tensors of `path`; a missing, truncated or foreign file is a one-line ValueError."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (an export holds {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        return load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or another format: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+
+
 def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from model.json and load its weights, strictly: every key must match."""
     from pretrain.models import build_model
@@ -60,7 +72,7 @@ def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch
     directory = Path(directory)
     meta = read_meta(directory)
     model = build_model(meta["model"], meta["params"])
-    weights = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    weights = read_weights(directory / WEIGHTS_FILE, map_location)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:

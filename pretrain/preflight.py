@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "preflight", help="check a pretraining setup on N local ranks: rendezvous, all-reduce, forward/backward",
-        description="Runs `torchrun --standalone --nproc_per_node N -m pretrain.preflight`; prints per-rank "
+        description="Runs N ranks of `python -m pretrain.preflight` (pretrain.launch, rendezvous on 127.0.0.1); "
+                    "prints per-rank "
                     "throughput and exits non-zero on any failure. On SLURM the pretrain job runs it first.")
     p.add_argument("--config", required=True, help="pretraining YAML")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
@@ -215,8 +216,8 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if check_local_launch(cfg.train.device, args.nproc).type == "cpu":
         env["DS_ACCELERATOR"] = "cpu"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "pretrain.preflight", "--config", str(args.config), "--timeout", str(args.timeout)]
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc", str(args.nproc), "--", "-m", "pretrain.preflight",
+           "--config", str(args.config), "--timeout", str(args.timeout)]
     if args.override:
         cmd += ["--override", *args.override]
     return subprocess.run(cmd, env=env).returncode

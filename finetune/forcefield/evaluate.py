@@ -50,14 +50,14 @@ def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iter
         yield collate(pending)
 
 
-def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float):
+def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float, integrity: str | None = None):
     data = Path(data)
     if (data / MANIFEST).is_file():
         from data_shards.stream import ShardStream
 
         if split not in SPLITS:
             raise ValueError(f"--split {split!r} is not valid; valid: {list(SPLITS)}")
-        stream = ShardStream(data, split, batch_size, cutoff)
+        stream = ShardStream(data, split, batch_size, cutoff, integrity_policy=integrity)
         if not stream.manifest["splits"].get(split, {}).get("samples"):
             raise ValueError(f"{data / MANIFEST}: split {split!r} is empty")
         return stream
@@ -82,7 +82,7 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 
 
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
-                   device: str = "auto") -> dict:
+                   device: str = "auto", integrity: str | None = None) -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
     from finetune.forcefield import metrics as M
     from finetune.forcefield import plots
@@ -95,7 +95,7 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     where = resolve_device(device)  # CUDA asked for without CUDA: one line, before any work
     model, meta = load_export(model_dir)
     model.to(where)
-    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]))
+    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]), integrity)
     recorder = Recorder(model)
     figures = M.evaluate(recorder, batches, device=where)
     out_dir = Path(out_dir)
@@ -106,6 +106,8 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     summary = {**M.without_arrays(figures), "model": str(model_dir), "data": str(data),
                "split": split if (Path(data) / MANIFEST).is_file() else None,
                "plots": [p.name for p in plot_paths], "predictions": predictions.name}
+    if hasattr(batches, "integrity_skipped"):  # shards: samples left out for a bad checksum (integrity=skip)
+        summary["integrity"] = {"policy": batches.cfg.integrity, "skipped": batches.integrity_skipped}
     (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / METRICS_MD).write_text(markdown_table(figures, str(model_dir), str(data)))
     return summary
@@ -126,11 +128,17 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: ./evaluation)")
     p.add_argument("--batch-size", type=int, default=8, help="structures per forward pass (default: 8)")
     p.add_argument("--device", default="auto", help="auto (cuda when available; default) | cpu | cuda | cuda:N")
+    p.add_argument("--integrity", choices=["fatal", "skip", "off"], default=None,
+                   help="shards: a sample failing its checksum stops the run (fatal, default; or $MASKPOT_INTEGRITY), "
+                        "is left out and counted (skip), or is not checked (off)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device)
+    summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device,
+                             args.integrity)
     print((Path(args.out) / METRICS_MD).read_text(), end="")
+    if summary.get("integrity", {}).get("skipped"):
+        print(f"integrity: {summary['integrity']['skipped']} sample(s) failed their checksum and were left out")
     print(f"written: {Path(args.out) / METRICS_JSON}, {', '.join(summary['plots'])}, {summary['predictions']}")
     return 0
