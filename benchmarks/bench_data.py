@@ -23,12 +23,12 @@ import ase  # noqa: E402
 import ase.io  # noqa: E402
 from ase.calculators.singlepoint import SinglePointCalculator  # noqa: E402
 from ase.neighborlist import neighbor_list  # noqa: E402
-from tests.helpers.water_systems import water_box  # noqa: E402
 
 from data_shards import keys as K  # noqa: E402
 from data_shards import readers  # noqa: E402
 from data_shards.build import build_shards  # noqa: E402
 from data_shards.stream import ShardStream  # noqa: E402
+from tests.helpers.water_systems import water_box  # noqa: E402
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data"
 TARGET_RATIO = 5.0   # TARGETS.md: streaming ≥ 5× ase.io.read + per-frame neighbour list

@@ -25,12 +25,11 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
-from tests.helpers.water_systems import make_sample, to_batch, water_box  # noqa: E402
-
 from data_shards import keys as K  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.models.egnn import SiLU  # noqa: E402
 from pretrain.objectives import energy_force_loss  # noqa: E402
+from tests.helpers.water_systems import make_sample, to_batch, water_box  # noqa: E402
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data" / "data_0"
 REFERENCE_TRAIN_ATOMS_PER_S = 637    # TARGETS.md, the paper's EGNN code on this machine

@@ -37,13 +37,12 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
 
-from tests.helpers.water_systems import to_batch, water_box  # noqa: E402
-
 from data_shards import keys as K  # noqa: E402
 from pretrain.engine import MODEL_INPUT_FLOATS  # noqa: E402
 from pretrain.models import build_model  # noqa: E402
 from pretrain.objectives import cosine_mask_loss  # noqa: E402
 from pretrain.transforms import WaterMasking  # noqa: E402
+from tests.helpers.water_systems import to_batch, water_box  # noqa: E402
 
 PAPER_MODELS = {
     "egnn": {"hidden": 128, "layers": 5, "cutoff": 3.5},

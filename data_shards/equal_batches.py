@@ -19,6 +19,7 @@ import itertools
 from typing import Iterator, TypeVar
 
 import torch
+import torch.distributed as dist
 
 T = TypeVar("T")
 
@@ -29,8 +30,6 @@ def process_group_ready() -> bool:
 
 def lockstep(batches: Iterator[T]) -> Iterator[T]:
     """Yield while every rank of the process group has a batch (one MIN all-reduce per batch)."""
-    import torch.distributed as dist
-
     flag = torch.zeros(1)
     for batch in itertools.chain(batches, [None]):
         flag.fill_(0.0 if batch is None else 1.0)

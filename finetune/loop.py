@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -422,8 +423,6 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
 
 def system_metrics(started: float, step: int) -> dict:
     """Cheap process figures logged with each validation (MLflow `system/*`)."""
-    import resource
-
     elapsed = max(time.perf_counter() - started, 1e-9)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"system/peak_rss_mb": peak_kib / 1024.0, "system/steps_per_s": step / elapsed}

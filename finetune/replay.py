@@ -29,6 +29,7 @@ from data_shards.stream import ShardStream
 from finetune.config import FinetuneConfig
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import normalisation_from_stats
+from pretrain.loop import make_transform
 from pretrain.objectives import cosine_mask_loss, denoise_loss
 
 log = logging.getLogger("finetune.replay")
@@ -59,8 +60,6 @@ def resolve_objective(cfg: FinetuneConfig, init_meta: dict | None) -> tuple[Obje
 
 
 def _transform(objective: ObjectiveConfig, seed: int):
-    from pretrain.loop import make_transform
-
     return make_transform(types.SimpleNamespace(objective=objective), seed)
 
 

@@ -13,9 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
 from data_shards import keys as K
 from pretrain.config import PretrainConfig
+from pretrain.export import fp32_state_dict
 
 STEPS_PER_PRINT_NEVER = 10**9
 
@@ -58,8 +61,8 @@ def init_distributed() -> tuple[int, int]:
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
+    import deepspeed  # startup: deepspeed (+11 s over torch); finetune imports this module without it
+    import deepspeed.ops  # startup: deepspeed (+11 s over torch); finetune imports this module without it
 
     # Otherwise the first initialize JIT-compiles a shared-memory allreduce (about 1-2 minutes on CPU).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -101,7 +104,7 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Path | None = None):
     """deepspeed.initialize with a torch AdamW (DeepSpeed's own Adam would JIT-compile) and LR schedule."""
-    import deepspeed
+    import deepspeed  # startup: deepspeed (+11 s over torch); finetune imports this module without it
 
     ds_config = deepspeed_config(cfg)
     if run_dir is not None and torch.distributed.get_rank() == 0:
@@ -147,14 +150,14 @@ class WeightEMA:
         self.reset(engine)
 
     def reset(self, engine) -> None:
-        from pretrain.export import fp32_state_dict
-
         names = {name for name, _ in engine.module.named_parameters()}
         self.shadow = {k: v.clone() for k, v in fp32_state_dict(engine).items() if k in names}
 
     @torch.no_grad()
     def update(self, engine) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,  # startup: deepspeed (+11 s over torch); finetune imports this module without it
+        )
 
         for name, param in engine.module.named_parameters():
             master = safe_get_full_fp32_param(param)
@@ -163,19 +166,13 @@ class WeightEMA:
 
     def state_dict(self, engine) -> dict[str, torch.Tensor]:
         """The model state with averaged parameters (buffers from the engine)."""
-        from pretrain.export import fp32_state_dict
-
         return {**fp32_state_dict(engine), **{k: v.clone() for k, v in self.shadow.items()}}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
                   metadata={"decay": str(self.decay)})
 
     def load(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow):
             raise ValueError(f"{path}: EMA parameters {sorted(set(loaded) ^ set(self.shadow))} do not match the model")
@@ -195,3 +192,9 @@ class WeightEMA:
             with torch.no_grad():
                 for k, p in params.items():
                     p.copy_(saved[k])
+
+
+def all_ranks(flag: bool) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())

@@ -17,14 +17,17 @@ from data_shards.config_io import (
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
+from pretrain import transforms as T
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     WeightEMA,
+    all_ranks,
     to_model_precision,
 )
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
 from pretrain.models import build_model
 from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
+from pretrain.probe import make_probe
 from pretrain.stages import init_lineage
 
 MAX_CONSECUTIVE_NONFINITE = 50
@@ -66,13 +69,13 @@ HYDROGEN, OXYGEN = 1, 8
 def quiet_libraries(rank: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     quiet_warnings()
-    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils import (
+        logger as ds_logger,  # startup: deepspeed (+11 s over torch); finetune imports this module without it
+    )
     ds_logger.setLevel(logging.WARNING)
 
 
 def make_transform(cfg: PretrainConfig, seed: int):
-    from pretrain import transforms as T
-
     o = cfg.objective
     if o.kind == "mask":
         return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
@@ -100,12 +103,6 @@ def agreed_signal(signum: int | None) -> int:
     t = torch.tensor([float(signum or 0)])
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
-
-
-def all_ranks(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
 
 
 class LockstepBatches:
@@ -199,8 +196,6 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
     stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
     probe = None
     if cfg.train.linear_probe and manifest.get("labelled"):
-        from pretrain.probe import make_probe
-
         probe = make_probe(make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1, pretext=False),
                            cfg.train.val_batches, sorted(int(z) for z in manifest.get("elements", {})))
 

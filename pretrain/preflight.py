@@ -22,6 +22,11 @@ import sys
 import threading
 import time
 
+from data_shards import keys as K
+from data_shards.config_io import load_config, parse_dotted_overrides
+from data_shards.manifest import load_manifest
+from pretrain.config import PretrainConfig
+
 EXIT_FAILED, EXIT_RENDEZVOUS_TIMEOUT = 1, 3
 HOST_BYTES = 64
 
@@ -40,7 +45,7 @@ def _fail(rank: str | int, message: str) -> None:
 
 
 def _rendezvous(timeout_s: float) -> tuple[int, int]:
-    from pretrain.engine import init_distributed
+    from pretrain.engine import init_distributed  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')} MASTER_PORT={os.environ.get('MASTER_PORT', '?')} "
              f"(RANK={os.environ.get('RANK', '?')} of WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')})")
@@ -60,8 +65,8 @@ def _rendezvous(timeout_s: float) -> tuple[int, int]:
 
 
 def check_all_reduce(rank: int, world_size: int) -> None:
-    import torch
-    import torch.distributed as dist
+    import torch  # startup: torch (+7 s) off the maskpot CLI start
+    import torch.distributed as dist  # startup: torch (+7 s) off the maskpot CLI start
 
     t = torch.tensor([rank + 1.0], dtype=torch.float64)
     dist.all_reduce(t)
@@ -72,8 +77,10 @@ def check_all_reduce(rank: int, world_size: int) -> None:
 
 def objective_loss(cfg, out: dict, batch):
     """The configured pretext loss on a model output (as in training), else a plain force magnitude."""
-    from data_shards import keys as K
-    from pretrain.objectives import cosine_mask_loss, denoise_loss
+    from pretrain.objectives import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
+        cosine_mask_loss,
+        denoise_loss,
+    )
 
     pred = out[K.PRED_FORCES].float()
     loss = pred.new_zeros(())
@@ -87,11 +94,13 @@ def objective_loss(cfg, out: dict, batch):
 
 def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> tuple[float, float, float]:
     """(atoms, seconds, last loss) of `n_batches` forward/backward passes on this rank's shard share."""
-    import torch
+    import torch  # startup: torch (+7 s) off the maskpot CLI start
 
-    from pretrain.export import normalisation_from_stats
-    from pretrain.loop import make_stream
-    from pretrain.models import build_model
+    from pretrain.export import (
+        normalisation_from_stats,  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    )
+    from pretrain.loop import make_stream  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from pretrain.models import build_model  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
@@ -124,8 +133,8 @@ def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> 
 
 def gather_rows(atoms: float, seconds: float, loss: float, ok: bool) -> list[dict]:
     """Every rank's (host, atoms, seconds, loss, ok) via all_gather of fixed-size tensors (no pickle)."""
-    import torch
-    import torch.distributed as dist
+    import torch  # startup: torch (+7 s) off the maskpot CLI start
+    import torch.distributed as dist  # startup: torch (+7 s) off the maskpot CLI start
 
     host = socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
     mine = torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64)
@@ -155,17 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank_env = os.environ.get("RANK", "0")
     try:
-        from data_shards.config_io import load_config, parse_dotted_overrides
-        from data_shards.manifest import load_manifest
-        from pretrain.config import PretrainConfig
-
         cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
         manifest = load_manifest(cfg.data.manifest_dir)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(rank_env, str(e))
         return EXIT_FAILED
     rank, world_size = _rendezvous(args.timeout)
-    import torch.distributed as dist
+    import torch.distributed as dist  # startup: torch (+7 s) off the maskpot CLI start
 
     error = None
     try:
@@ -200,10 +205,6 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_shards.config_io import load_config, parse_dotted_overrides
-    from data_shards.manifest import load_manifest
-    from pretrain.config import PretrainConfig
-
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards import keys as K
-from pretrain.engine import to_model_precision
+from pretrain.engine import all_ranks, to_model_precision
 
 RIDGE = 1e-6  # relative to the mean feature variance; keeps the solve defined with few frames
 
@@ -81,8 +81,6 @@ def make_probe(stream, batches: int, elements: list[int]):
     """A callable engine → probe figures over `batches` batches per rank of `stream` (labelled, untransformed)."""
 
     def probe(engine) -> dict[str, float]:
-        from pretrain.loop import all_ranks
-
         stream.set_epoch(0)
         iterator = iter(stream)
         xs, ys = [], []

@@ -23,6 +23,7 @@ from ase.calculators.calculator import (
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
+from pretrain.export import load_export
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -78,8 +79,6 @@ class MaskpotCalculator(Calculator):
         super().__init__(**kwargs)
         self.config = CalculatorConfig(dtype, float(skin), device)
         if isinstance(model, (str, Path)):
-            from pretrain.export import load_export
-
             model, meta = load_export(model)
             self.meta, self.cutoff = meta, float(meta["cutoff"])
         else:

@@ -15,6 +15,7 @@ from typing import Iterator
 
 from data_shards import keys as K
 from data_shards.frame import Frame, FrameError
+from data_shards.progress import progress
 
 # torch, the graph code and plotting are imported where used: `maskpot --help` stays fast
 
@@ -31,9 +32,14 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
-    from data_shards.graph import collate, sample_to_data
-    from data_shards.progress import progress
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.graph import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
+        collate,
+        sample_to_data,
+    )
+    from data_shards.readers import (  # startup: ase (+2.5 s) off the maskpot CLI start
+        count_frames,
+        iter_frames,
+    )
 
     total = count_frames(path, fmt)
     if total == 0:
@@ -53,7 +59,7 @@ def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iter
 def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float):
     data = Path(data)
     if (data / MANIFEST).is_file():
-        from data_shards.stream import ShardStream
+        from data_shards.stream import ShardStream  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         if split not in SPLITS:
             raise ValueError(f"--split {split!r} is not valid; valid: {list(SPLITS)}")
@@ -65,7 +71,7 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
-    from finetune.forcefield import metrics as M
+    from finetune.forcefield import metrics as M  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]),
@@ -84,12 +90,16 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
                    device: str = "cpu") -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
-    import torch
+    import torch  # startup: torch (+7 s) off the maskpot CLI start
 
-    from finetune.forcefield import metrics as M
-    from finetune.forcefield import plots
-    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions
-    from pretrain.export import load_export
+    from finetune.forcefield import metrics as M  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from finetune.forcefield import plots  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from finetune.forcefield.predictions import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
+        PREDICTIONS,
+        Recorder,
+        write_predictions,
+    )
+    from pretrain.export import load_export  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_shards.progress import progress
 from finetune.forcefield import md_guards
 from finetune.forcefield.md_guards import MDGuards, MDUnstable
 
@@ -60,9 +61,12 @@ class MDConfig:
 
 def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     """Frame `index` of anything the readers understand (extxyz, DeePMD, …) as ASE Atoms."""
-    from ase import Atoms
+    from ase import Atoms  # startup: ase (+2.5 s) off the maskpot CLI start
 
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.readers import (  # startup: ase (+2.5 s) off the maskpot CLI start
+        count_frames,
+        iter_frames,
+    )
 
     total = count_frames(path, fmt)
     if not 0 <= index < total:
@@ -79,13 +83,15 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
     """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures.
     `guards` (default: MDGuards() with its default limits) raise MDUnstable when the run goes wrong."""
     guards = MDGuards() if guards is None else guards
-    from ase import units
-    from ase.io import write
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import Stationary, thermalize_momenta
-    from ase.md.verlet import VelocityVerlet
+    from ase import units  # startup: ase (+2.5 s) off the maskpot CLI start
+    from ase.io import write  # startup: ase (+2.5 s) off the maskpot CLI start
+    from ase.md.langevin import Langevin  # startup: ase (+2.5 s) off the maskpot CLI start
+    from ase.md.velocitydistribution import (  # startup: ase (+2.5 s) off the maskpot CLI start
+        Stationary,
+        thermalize_momenta,
+    )
+    from ase.md.verlet import VelocityVerlet  # startup: ase (+2.5 s) off the maskpot CLI start
 
-    from data_shards.progress import progress
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -146,8 +152,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
     Returns (bin centres in Å, g). r_max must not exceed half the smallest perpendicular box width.
     """
-    from ase.geometry import get_distances
-    from ase.io import read
+    from ase.geometry import get_distances  # startup: ase (+2.5 s) off the maskpot CLI start
+    from ase.io import read  # startup: ase (+2.5 s) off the maskpot CLI start
 
     frames = read(trajectory, index=":") if isinstance(trajectory, (str, Path)) else list(trajectory)
     if not frames:
@@ -178,8 +184,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
 
 def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # startup: matplotlib (+2 s) only when plotting
+    from matplotlib.figure import Figure  # startup: matplotlib (+2 s) only when plotting
 
     path = Path(path)
     fig = Figure(figsize=(5, 4))
@@ -220,7 +226,9 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.forcefield.calculator import MaskpotCalculator
+    from finetune.forcefield.calculator import (
+        MaskpotCalculator,  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    )
 
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
                    args.seed, args.skin, args.dtype)

@@ -15,6 +15,15 @@ import yaml
 
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
+from maskpot.study.stages import (
+    Timings,
+    finetune_config,
+    pretrain_one,
+    run_finetunes,
+    stage_corpus,
+    stage_dft_shards,
+    water_objective,
+)
 
 
 def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
@@ -29,8 +38,6 @@ def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
 
 def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path) -> list:
     """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
-    from maskpot.study.stages import finetune_config, pretrain_one, water_objective
-
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
     on_dft = a.pretrain_data == "dft_train"
@@ -86,13 +93,6 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
 
 
 def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
-    from maskpot.study.stages import (
-        Timings,
-        run_finetunes,
-        stage_corpus,
-        stage_dft_shards,
-    )
-
     if not cfg.dft_water.enabled:
         raise ValueError("ablations run on DFT water: dft_water.enabled must be true")
     out.mkdir(parents=True, exist_ok=True)

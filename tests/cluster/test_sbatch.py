@@ -13,7 +13,7 @@ import yaml
 
 from cluster.config import ClusterConfig, ClusterConfigError, LaunchConfig, SlurmConfig, load_cluster_config
 from cluster.sbatch import render, render_pipeline
-from cluster.submit import load_jobs, record_jobs, refuse_inside_job, submit, SubmittedJob
+from cluster.submit import SubmittedJob, load_jobs, record_jobs, refuse_inside_job, submit
 from tests.helpers.paths import REPO
 
 EXAMPLE = REPO / "configs" / "cluster" / "gpu.yaml"

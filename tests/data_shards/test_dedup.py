@@ -10,11 +10,10 @@ import pytest
 
 from data_shards import keys as K
 from data_shards.build import SIDECAR_SUFFIX, build_shards
-from data_shards.stream import ShardStream
-from tests.helpers.water_systems import water_atoms
-
-from tests.helpers.shards import assert_manifest_matches_disk, tar_samples
 from data_shards.manifest import shard_paths
+from data_shards.stream import ShardStream
+from tests.helpers.shards import assert_manifest_matches_disk, tar_samples
+from tests.helpers.water_systems import water_atoms
 
 
 def _write(path: Path, atoms) -> str:

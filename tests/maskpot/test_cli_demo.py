@@ -9,7 +9,6 @@ import pytest
 from tests.helpers.paths import REPO
 
 
-
 def maskpot(*args, cwd=None, timeout=600):
     env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu")
     return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], cwd=cwd or REPO, env=env,

@@ -9,10 +9,10 @@ import torch
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
 from finetune.forcefield import metrics as M
-from tests.helpers.model_mixin import ModelTestMixin, build_water_shards, quick_finetune
 from pretrain.models import MODELS, build_model
 from pretrain.models.egnn import cosine_envelope
 from pretrain.models.forcenet import ForceNet, ForceNetConfig, spherical_harmonics
+from tests.helpers.model_mixin import ModelTestMixin, build_water_shards, quick_finetune
 from tests.helpers.water_systems import to_batch, water_box, water_dimer
 
 SMALL = {"hidden": 16, "blocks": 3, "decoder_hidden": 16, "num_radial": 8}

@@ -7,10 +7,10 @@ import torch
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
 from finetune.forcefield import metrics as M
-from tests.helpers.model_mixin import ModelTestMixin, build_water_shards, quick_finetune
 from pretrain.models import MODELS, build_model
 from pretrain.models.egnn import cosine_envelope
 from pretrain.models.gns import GNS, GNSConfig
+from tests.helpers.model_mixin import ModelTestMixin, build_water_shards, quick_finetune
 from tests.helpers.water_systems import make_sample, to_batch, water_box, water_dimer
 
 SMALL = {"latent": 16, "steps": 3}
