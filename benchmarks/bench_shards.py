@@ -160,7 +160,8 @@ else:
     n = sum(b.num_graphs for b in ShardStream(out, "train", 32, 3.5, num_workers=2, shuffle_buffer=256))
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({{"n": n, "s": time.perf_counter() - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "worker_rss_mb": children / 1024}}))
+                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "worker_rss_mb": children / 1024}}))
 """
 
 

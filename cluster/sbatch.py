@@ -40,7 +40,8 @@ def job_name(cfg: ClusterConfig, stage: str) -> str:
 def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
             nodes: int | None = None, ntasks_per_node: int | None = None) -> list[str]:
     s = cfg.slurm
-    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}", "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
+    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}",
+             "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
              f"#SBATCH --job-name={job_name(cfg, stage)}", f"#SBATCH --nodes={nodes or s.nodes}",
              f"#SBATCH --ntasks-per-node={ntasks_per_node or s.ntasks_per_node}"]
     if gpus_per_node:
@@ -84,7 +85,8 @@ def _usr1_forwarding_trap(cfg: ClusterConfig) -> list[str]:
     """Set before any srun, so an early walltime warning cannot kill the batch shell (USR1's default)."""
     if cfg.slurm.signal_before_walltime is None:
         return []
-    return ["", "# walltime warning (USR1 to this shell): forwarded to the training step, which checkpoints and exits 0",
+    return ["",
+            "# walltime warning (USR1 to this shell): forwarded to the training step, which checkpoints and exits 0",
             "WALLTIME=0 STEP=",
             f"on_walltime() {{ echo \"walltime in {cfg.slurm.signal_before_walltime} s ($(date -Is)): checkpointing\"; "
             'WALLTIME=1; if [ -n "$STEP" ]; then kill -USR1 "$STEP" 2>/dev/null || true; fi; }',
@@ -100,7 +102,8 @@ def _run_step(cfg: ClusterConfig, command: str, checkpoints_on_usr1: bool = Fals
     s = cfg.slurm
     lines = []
     if s.signal_before_walltime is not None and checkpoints_on_usr1:
-        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; scontrol requeue "$SLURM_JOB_ID"'
+        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; '
+                 'scontrol requeue "$SLURM_JOB_ID"'
                  if s.requeue else 'echo "checkpoint written; no requeue configured (slurm.requeue)"')
         lines += ["", f"{command} &", "STEP=$!",
                   "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
@@ -146,7 +149,8 @@ def render_pretrain(cfg: ClusterConfig) -> str:
         lines += ["", "# preflight on every rank: rendezvous, all-reduce, forward/backward on real batches, atoms/s",
                   f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain.preflight '
                   f'--config {_q(config)}{overrides}']
-    cmd = f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}{overrides}'
+    cmd = (f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain '
+           f'--config {_q(config)}{overrides}')
     return "\n".join(lines + _run_step(cfg, cmd, checkpoints_on_usr1=True))
 
 

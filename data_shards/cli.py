@@ -1,4 +1,5 @@
-"""`generate tip3p`, `shards build|reshard|inspect|verify` and `data fetch|list` sub-commands (also `python -m data_shards …`).
+"""`generate tip3p`, `shards build|reshard|inspect|verify` and `data fetch|list` sub-commands
+(also `python -m data_shards …`).
 
 Handlers are `func(args) -> int`. User errors are ValueError subclasses; the top-level CLI prints them
 as one line without a traceback.

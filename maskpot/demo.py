@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                for name, init in (("scratch", None), ("pretrained", export))}
     labels = f"DFT water ({args.dft_water})" if args.dft_water else "TIP3P water (seed 1 trajectory)"
     print_table(results, scale, labels, time.perf_counter() - t0, out)
-    (out / f"demo_results_{labelled.name.removeprefix('labelled_')}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    results_file = out / f"demo_results_{labelled.name.removeprefix('labelled_')}.json"
+    results_file.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
 

@@ -179,8 +179,8 @@ PLANTED = {
     "upward-relative": ("pretrain/models/egnn.py", "from ...finetune import loop\n", "upward: finetune sits above"),
     "cluster-imports-a-layer": ("cluster/ranks.py", "import data_shards.keys\n", "cluster stands apart"),
     "layer-imports-cluster": ("finetune/config.py", "from cluster import ranks\n", "only maskpot may import"),
-    "function-level": ("pretrain/objectives.py",
-                       "def _planted():\n    from data_shards import keys\n    return keys\n", "without a '# startup:'"),
+    "function-level": ("pretrain/objectives.py", "def _planted():\n    from data_shards import keys\n    return keys\n",
+                       "without a '# startup:'"),
     "cycle": ("data_shards/frame.py", "from data_shards import units\n", "import cycle"),
 }
 

@@ -65,7 +65,7 @@ def _blocks(path: Path, start: int, stop: int | None, keep: bool) -> Iterator[tu
 def count_frames(path: Path) -> int:
     """Frames in the file, counting a trailing broken frame as one (it is yielded as a FrameError)."""
     n = 0
-    for n, _ in enumerate(_blocks(Path(path), 0, None, keep=False), start=1):
+    for n, _ in enumerate(_blocks(Path(path), 0, None, keep=False), start=1):  # noqa: B007 - n: the count after the loop
         pass
     return n
 

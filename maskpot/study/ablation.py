@@ -3,7 +3,8 @@
 Each ablation (`ablations:` in the study YAML, maskpot.study.config.AblationConfig) re-runs some variants
 on DFT water with a changed pretraining and/or finetuning, at its own budgets and seeds. What it needs from
 the main study (corpus, DFT shards, unchanged pretrainings, unchanged scratch runs) is run or reused; its
-own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models), next to the main runs, so that the report (maskpot.study.report) can set
+own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models),
+next to the main runs, so that the report (maskpot.study.report) can set
 each beside its baseline: scratch@NAME when the finetune budget changed, else the main scratch runs.
 """
 from __future__ import annotations
@@ -102,5 +103,5 @@ def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
     shards = stage_dft_shards(cfg, out)
     for name in names:
-        jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))
-        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))
+        jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))  # noqa: B023 - run at once
+        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))  # noqa: B023 - run at once
