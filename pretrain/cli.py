@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    overrides = [*args.override, *([f"train.init={args.init}"] if args.init else [])]
+    overrides = [*args.override, *([f"train.init={args.init}"] if getattr(args, "init", None) else [])]
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(overrides))
     from pretrain import stages  # startup: imports torch (+7 s); kept off the maskpot CLI start
     from pretrain.loop import check_objective_fits_data  # startup: imports torch (+7 s); kept off the maskpot CLI start
