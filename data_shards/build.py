@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from data_shards.progress import progress as progress_bar
-
 from data_shards import dedup, readers
 from data_shards.chunk import (
     SHARD_NAME,
@@ -53,6 +51,7 @@ from data_shards.manifest import (
     load_manifest,
     write_json_atomic,
 )
+from data_shards.progress import progress as progress_bar
 from data_shards.readers.deepmd import find_systems
 from data_shards.splits import assign_groups, shuffled_positions, split_ranges
 from data_shards.units import check_units_name

@@ -4,7 +4,8 @@ Labels are looked up under `energy_key` / `forces_key` / `stress_key` in the fra
 moves the standard names there, in its calculator results (so the defaults find what ASE finds; a MACE file
 with `REF_energy`/`REF_forces` needs `energy_key="REF_energy"`, `forces_key="REF_forces"`). Stress may be
 given as 9 numbers or 6 (Voigt xx yy zz yz xz xy), eV/Å³. `label_fields(path)` lists what a file holds.
-A frame whose text cannot be parsed (bad natoms line, truncated atom block, unknown element symbol, malformed columns) is yielded as a FrameError; after a bad
+A frame whose text cannot be parsed (bad natoms line, truncated atom block, unknown element symbol, malformed
+columns) is yielded as a FrameError; after a bad
 natoms line the frame boundaries are lost, so that error is the last item and counts as one frame.
 """
 from __future__ import annotations
@@ -84,7 +85,7 @@ def label_fields(path, frames: int = 20) -> list[str]:
     """Names of the per-frame (info) and per-atom (arrays) fields and calculator results in the first
     `frames` parseable frames: what a user can pass as --energy-key / --forces-key / --stress-key."""
     found: set[str] = set()
-    for index, block in _blocks(Path(path), 0, frames, keep=True):
+    for _index, block in _blocks(Path(path), 0, frames, keep=True):
         if not isinstance(block, bytes):
             break
         try:
