@@ -3,7 +3,8 @@ model's cost per frame.
 
     .venv/bin/python benchmarks/bench_corpus.py [--trajectories 4] [--frames 10] [--molecules 32] [--repeats 3]
 
-Through benchmarks/harness.py: arms alternate (1, 2, 1, 2, ...) in one run, ratios paired per round; Ray is started before the clock (its start-up is not counted)
+Through benchmarks/harness.py: arms alternate (1, 2, 1, 2, ...) in one run, ratios paired per round; Ray is
+started before the clock (its start-up is not counted)
 and restarted for each arm with that many CPUs; every arm generates the same trajectories into a fresh
 folder. Reported: the median frames/s per arm, their ratio, and the median ms per frame (production +
 minimisation + equilibration, divided by the frames) per model over all arms. Timings on a shared

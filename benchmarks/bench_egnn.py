@@ -159,7 +159,8 @@ def main(argv=None) -> None:
             m = [row["metrics"] for row in rows]
             fraction = statistics.median(r["achieved_gflops"] / r["matmul_gflops"] for r in m)
             print(f"   {arm:>22s}: {statistics.median(r['atoms_per_s'] for r in m):8.0f} atoms/s, "
-                  f"{m[0]['flops'] / 1e9:7.1f} GFLOP/step, achieved {statistics.median(r['achieved_gflops'] for r in m):6.1f}"
+                  f"{m[0]['flops'] / 1e9:7.1f} GFLOP/step, achieved "
+                  f"{statistics.median(r['achieved_gflops'] for r in m):6.1f}"
                   f" GFLOP/s = {fraction:.2f} of a plain matmul in the same process "
                   f"({statistics.median(r['matmul_gflops'] for r in m):6.1f} GFLOP/s); forces vs fp64: "
                   f"{m[0]['force_dev_vs_fp64_mev']:.3g} meV/Å RMS, of model forces {m[0]['model_force_rms_mev']:.3g} "

@@ -5,7 +5,8 @@
 
 An arm is either an in-process callable returning a dict of metrics (the harness adds `wall_s`, the call's
 own wall time), or a `Command` (argv) run in a fresh process per round, whose stdout carries one line
-`HARNESS_RESULT {json}` (written by `emit`, which adds `peak_rss_mb`, the child's own VmHWM); the harness adds `wall_s` of the whole
+`HARNESS_RESULT {json}` (written by `emit`, which adds `peak_rss_mb`, the child's own VmHWM); the harness
+adds `wall_s` of the whole
 process and the child's `os.wait4` rusage maxrss (not the cumulative RUSAGE_CHILDREN).
 
 Rounds run the arms in the same order, A B A B … (≥ 3 rounds, after `warmup` unrecorded rounds). Each

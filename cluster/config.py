@@ -105,7 +105,8 @@ class RayClusterConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.worker_args, list) or not all(isinstance(a, str) for a in self.worker_args):
             raise ValueError(f"ray.worker_args must be a list of strings, got {self.worker_args!r}")
-        if isinstance(self.head_port, bool) or not isinstance(self.head_port, int) or not 1024 <= self.head_port <= 65535:
+        port = self.head_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
             raise ValueError(f"ray.head_port must be an integer in 1024..65535, got {self.head_port!r}")
         _check_positive("ray.num_cpus", self.num_cpus, allow_none=True)
         _check_positive("ray.object_store_memory", self.object_store_memory, allow_none=True)
@@ -116,7 +117,8 @@ class RayClusterConfig:
 class LaunchConfig:
     run_dir: str = "runs/cluster"          # sbatch scripts, logs and jobs.json go here
     python: str = "python"                 # the interpreter of the environment with maskpot installed
-    workdir: str | None = None             # cd here first (the repo, for relative config paths); None: run_dir's cwd at submit
+    workdir: str | None = None             # cd here first (the repo, for relative config paths);
+                                           # None: run_dir's cwd at submit
     preflight: bool = True                 # check inputs at submit time and imports on every node before the work
     pretrain_config: str | None = None
     pretrain_overrides: list[str] = field(default_factory=list)

@@ -40,7 +40,8 @@ def job_name(cfg: ClusterConfig, stage: str) -> str:
 
 def _header(cfg: ClusterConfig, stage: str, purpose: str) -> list[str]:
     s = stage_slurm(cfg, stage)
-    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}", "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
+    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}",
+             "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
              f"#SBATCH --job-name={job_name(cfg, stage)}", f"#SBATCH --nodes={s.nodes}",
              f"#SBATCH --ntasks-per-node={s.ntasks_per_node}"]
     if s.gpus_per_node:
@@ -141,7 +142,8 @@ def render_pretrain(cfg: ClusterConfig) -> str:
         lines += ["", "# preflight on every rank: rendezvous, all-reduce, forward/backward on real batches, atoms/s",
                   f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain.preflight '
                   f'--config {_q(config)}{overrides}']
-    cmd = f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}{overrides}'
+    cmd = (f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain '
+           f'--config {_q(config)}{overrides}')
     return "\n".join(lines + _run_step(cfg, "pretrain", cmd))
 
 

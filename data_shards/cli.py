@@ -1,4 +1,5 @@
-"""`generate tip3p`, `shards build|reshard|inspect|verify` and `data fetch|list` sub-commands (also `python -m data_shards …`).
+"""`generate tip3p`, `shards build|reshard|inspect|verify` and `data fetch|list` sub-commands
+(also `python -m data_shards …`).
 
 Handlers are `func(args) -> int`. User errors are ValueError subclasses; the top-level CLI prints them
 as one line without a traceback.
@@ -10,6 +11,7 @@ import logging
 import sys
 
 from data_shards.corpus.cli import add_command as add_corpus_command
+from data_shards.fetch import add_command as add_data
 from data_shards.keys import CHEMICAL_SYMBOLS
 from data_shards.manifest import (
     MANIFEST_DIR,
@@ -43,7 +45,7 @@ def _setup_logging() -> None:
 
 
 def _generate_tip3p(args) -> int:
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     _setup_logging()
     path = generate_tip3p(args.out, n_molecules=args.molecules, n_frames=args.frames, seed=args.seed,
@@ -53,7 +55,7 @@ def _generate_tip3p(args) -> int:
 
 
 def _build(args) -> int:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     _setup_logging()
     manifest = build_shards(args.inputs, args.out, shard_size=args.shard_size,
@@ -81,7 +83,7 @@ def _symbol(z: str) -> str:
 
 
 def _reshard(args) -> int:
-    from data_shards.reshard import reshard
+    from data_shards.reshard import reshard  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     _setup_logging()
     m = reshard(args.src, args.dst, num_shards=args.num_shards, max_shard_bytes=args.max_shard_bytes)
@@ -246,8 +248,6 @@ def _add_shards(subparsers) -> None:
 
 def add_commands(subparsers) -> None:
     """Register `generate`, `shards` and `data` on the top-level parser's subparsers."""
-    from data_shards.fetch import add_command as add_data
-
     _add_generate(subparsers)
     _add_shards(subparsers)
     add_data(subparsers, _positive_int)

@@ -67,7 +67,7 @@ class FrameError(ValueError):
 
 def closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, below: float):
     """((i, j), distance) of the closest pair nearer than `below` Å (periodic images included), or None."""
-    import vesin
+    import vesin  # startup: vesin (+9 s: it loads torch) only for the closest-pair check; readers stay light
 
     box = np.asarray(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
     # search at ≥ 1 Å: vesin's cell list has (box / cutoff)³ cells, 17 ms per 12 Å box at 0.1 Å, 0.1 ms at 1 Å

@@ -16,6 +16,9 @@ import json
 import logging
 import os
 import re
+import shlex
+import subprocess
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,12 +302,9 @@ def open_location(location: str):
     """A readable binary stream over a local file, an http(s) URL or the stdout of `pipe:COMMAND`."""
     location = str(location)
     if location.startswith(REMOTE_PREFIXES):
-        import urllib.request
 
         return urllib.request.urlopen(location, timeout=60)
     if location.startswith(PIPE_PREFIX):
-        import shlex
-        import subprocess
 
         proc = subprocess.Popen(shlex.split(location[len(PIPE_PREFIX):]), stdout=subprocess.PIPE)
         return _PipeStream(proc, location)

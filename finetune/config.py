@@ -135,7 +135,8 @@ class TrainConfig:
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                  f"train.early_stopping_patience must be >= 1 or null (off), got {self.early_stopping_patience}")
         _require(self.threads is None or self.threads >= 0,
-                 f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), got {self.threads}")
+                 f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), "
+                 f"got {self.threads}")
         _require(self.select in SELECT_METRICS, f"train.select {self.select!r} is not one of {list(SELECT_METRICS)}")
 
     def resolved_threads(self) -> int:

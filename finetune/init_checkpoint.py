@@ -28,6 +28,7 @@ from pretrain.checkpoint import (
     tag_problem,
 )
 from pretrain.export import META_FILE, WEIGHTS_FILE, load_export, read_meta
+from pretrain.models import build_model
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -60,7 +61,6 @@ def load_init(init: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model with the init weights, export-style meta)."""
     if not _is_checkpoint(init):
         return load_export(init)
-    from pretrain.models import build_model
 
     tag = checkpoint_tag(init)
     record = json.loads((tag / STATE_FILE).read_text())

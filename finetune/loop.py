@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import time
 from collections.abc import Callable
@@ -449,7 +450,6 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
 
 def system_metrics(started: float, step: int) -> dict:
     """Cheap process figures logged with each validation (MLflow `system/*`)."""
-    import resource
 
     elapsed = max(time.perf_counter() - started, 1e-9)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

@@ -30,6 +30,7 @@ from finetune.config import FinetuneConfig
 from finetune.resume import EndlessBatches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import normalisation_from_stats
+from pretrain.loop import make_transform
 from pretrain.objectives import cosine_mask_loss, denoise_loss
 
 log = logging.getLogger("finetune.replay")
@@ -60,8 +61,6 @@ def resolve_objective(cfg: FinetuneConfig, init_meta: dict | None) -> tuple[Obje
 
 
 def _transform(objective: ObjectiveConfig, seed: int):
-    from pretrain.loop import make_transform
-
     return make_transform(types.SimpleNamespace(objective=objective), seed)
 
 

@@ -10,6 +10,7 @@ reported and the previous complete tag is tried (`load_newest_loadable`).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -143,8 +144,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import ast
-
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     random.setstate(ast.literal_eval(state["python"]))
     n = state["numpy"]

@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 from data_shards.config_io import load_config, parse_dotted_overrides
+from pretrain import distributed as D
+from pretrain import mixture, stages
+from pretrain.config import PretrainConfig
 
 
 def add_command(subparsers) -> None:
@@ -44,14 +47,12 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import PretrainConfig
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     overrides = [*args.override, *([f"train.init={args.init}"] if args.init else [])]
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(overrides))
-    from pretrain import mixture, stages
-    from pretrain.loop import check_cutoff_fits_data, check_objective_fits_data
+    from pretrain.loop import check_cutoff_fits_data, check_objective_fits_data  # startup: ase+safetensors+torch+vesin
 
     # a missing or broken shard set, incompatible sets, an objective a set cannot serve, a graph radius that
     # leaves atoms without neighbours, or an --init export of another architecture: fails before any rank starts
@@ -69,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
 
 def check_local_launch(device_name: str, nproc: int):
     """LaunchError (exit 2) before torchrun starts when `nproc` local ranks on `device_name` cannot work."""
-    from pretrain import distributed as D  # imports torch: kept out of the console script's start-up
 
     device = D.resolve_device(device_name, local_rank=0)
     D.check_launch(device, D.choose_backend(device), env=dict(os.environ, LOCAL_WORLD_SIZE=str(nproc),

@@ -78,7 +78,7 @@ class ModelConfig:
     params: dict = field(default_factory=dict)  # passed to build_model; holds the cutoff
 
     def __post_init__(self):
-        from pretrain.models import MODELS
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         _require(self.name in MODELS, f"model.name {self.name!r} is not one of {sorted(MODELS)}")
         config_cls, _ = MODELS[self.name]

@@ -127,8 +127,8 @@ def init_process_group(device: str = "auto") -> tuple[int, int, torch.device]:
         torch.cuda.set_device(where)
     bind_store()
     # deepspeed is imported here, after DS_ACCELERATOR is set: it picks its accelerator once, on import.
-    import deepspeed
-    import deepspeed.ops
+    import deepspeed  # startup: deepspeed+mlflow+torch
+    import deepspeed.ops  # startup: deepspeed+mlflow+torch
 
     # Otherwise the first initialize JIT-compiles a shared-memory allreduce (about 1-2 minutes on CPU).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

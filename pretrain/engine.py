@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from data_shards import keys as K
+from pretrain import checkpoint_engine
 from pretrain import distributed as D
 from pretrain.config import PretrainConfig
 
@@ -82,9 +83,8 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Path | None = None):
     """deepspeed.initialize with a torch AdamW (DeepSpeed's own Adam would JIT-compile) and LR schedule."""
-    import deepspeed  # deepspeed (and checkpoint_engine, which imports it) take seconds to import
+    import deepspeed  # startup: deepspeed (and checkpoint_engine, which imports it) take seconds to import
 
-    from pretrain import checkpoint_engine
 
     ds_config = deepspeed_config(cfg)
     if run_dir is not None and D.rank() == 0:
@@ -131,14 +131,14 @@ class WeightEMA:
         self.reset(engine)
 
     def reset(self, engine) -> None:
-        from pretrain.export import fp32_state_dict
+        from pretrain.export import fp32_state_dict  # startup: safetensors+torch
 
         names = {name for name, _ in engine.module.named_parameters()}
         self.shadow = {k: v.clone() for k, v in fp32_state_dict(engine).items() if k in names}
 
     @torch.no_grad()
     def update(self, engine) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # startup: deepspeed+mlflow+torch
 
         for name, param in engine.module.named_parameters():
             master = safe_get_full_fp32_param(param)
@@ -147,18 +147,18 @@ class WeightEMA:
 
     def state_dict(self, engine) -> dict[str, torch.Tensor]:
         """The model state with averaged parameters (buffers from the engine)."""
-        from pretrain.export import fp32_state_dict
+        from pretrain.export import fp32_state_dict  # startup: safetensors+torch
 
         return {**fp32_state_dict(engine), **{k: v.clone() for k, v in self.shadow.items()}}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # startup: safetensors+torch
 
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
                   metadata={"decay": str(self.decay)})
 
     def load(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # startup: safetensors+torch
 
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow):

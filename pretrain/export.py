@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pretrain.models import build_model
+
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -67,8 +69,6 @@ def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tenso
 
 def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from model.json and load its weights, strictly: every key must match."""
-    from pretrain.models import build_model
-
     directory = Path(directory)
     meta = read_meta(directory)
     model = build_model(meta["model"], meta["params"])
@@ -108,7 +108,9 @@ def normalisation_from_stats(manifest: dict) -> dict:
 
 def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """The engine's model state with fp32 master weights. Collective under ZeRO / bf16: call on every rank."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,  # startup: deepspeed (+11 s over torch); finetune imports this module without it
+    )
 
     state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
     for name, param in engine.module.named_parameters():

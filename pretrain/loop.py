@@ -17,6 +17,7 @@ from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
+from pretrain import transforms as T
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     WeightEMA,
@@ -90,12 +91,11 @@ def check_cutoff_fits_data(model_name: str, cutoff: float, manifest_dir: str, sp
 def quiet_libraries(rank: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     quiet_warnings()
-    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils import logger as ds_logger  # startup: deepspeed+mlflow+torch
     ds_logger.setLevel(logging.WARNING)
 
 
 def make_transform(cfg: PretrainConfig, seed: int):
-    from pretrain import transforms as T
 
     o = cfg.objective
     if o.kind == "mask":
@@ -217,7 +217,7 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
     stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
     probe = None
     if cfg.train.linear_probe and manifest.get("labelled"):
-        from pretrain.probe import make_probe
+        from pretrain.probe import make_probe  # startup: torch
 
         probe = make_probe(make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1, pretext=False),
                            cfg.train.val_batches, sorted(int(z) for z in manifest.get("elements", {})))

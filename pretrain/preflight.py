@@ -22,6 +22,12 @@ import sys
 import threading
 import time
 
+from data_shards import keys as K
+from data_shards.config_io import load_config, parse_dotted_overrides
+from pretrain import distributed as D
+from pretrain.cli import check_local_launch
+from pretrain.config import PretrainConfig
+
 EXIT_FAILED, EXIT_RENDEZVOUS_TIMEOUT = 1, 3
 HOST_BYTES = 64
 
@@ -40,7 +46,7 @@ def _fail(rank: str | int, message: str) -> None:
 
 
 def _rendezvous(timeout_s: float, device: str) -> tuple[int, int]:
-    from pretrain.engine import init_distributed
+    from pretrain.engine import init_distributed  # startup: torch
 
     where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')} MASTER_PORT={os.environ.get('MASTER_PORT', '?')} "
              f"(RANK={os.environ.get('RANK', '?')} of WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')})")
@@ -60,7 +66,6 @@ def _rendezvous(timeout_s: float, device: str) -> tuple[int, int]:
 
 
 def check_all_reduce(rank: int, world_size: int) -> None:
-    from pretrain import distributed as D
 
     total = D.all_reduce_scalar(rank + 1.0)
     expected = world_size * (world_size + 1) / 2
@@ -70,8 +75,7 @@ def check_all_reduce(rank: int, world_size: int) -> None:
 
 def objective_loss(cfg, out: dict, batch):
     """The configured pretext loss on a model output (as in training), else a plain force magnitude."""
-    from data_shards import keys as K
-    from pretrain.objectives import cosine_mask_loss, denoise_loss
+    from pretrain.objectives import cosine_mask_loss, denoise_loss  # startup: torch
 
     pred = out[K.PRED_FORCES].float()
     loss = pred.new_zeros(())
@@ -85,12 +89,12 @@ def objective_loss(cfg, out: dict, batch):
 
 def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> tuple[float, float, float]:
     """(atoms, seconds, last loss) of `n_batches` forward/backward passes on this rank's shard share."""
-    import torch
+    import torch  # startup: torch
 
-    from pretrain.distributed import resolve_device
-    from pretrain.export import normalisation_from_stats
-    from pretrain.loop import make_stream
-    from pretrain.models import build_model
+    from pretrain.distributed import resolve_device  # startup: torch
+    from pretrain.export import normalisation_from_stats  # startup: safetensors+torch
+    from pretrain.loop import make_stream  # startup: ase+safetensors+torch+vesin
+    from pretrain.models import build_model  # startup: torch
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
@@ -123,9 +127,8 @@ def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> 
 
 def gather_rows(atoms: float, seconds: float, loss: float, ok: bool) -> list[dict]:
     """Every rank's (host, atoms, seconds, loss, ok) via all_gather of fixed-size tensors (no pickle)."""
-    import torch
+    import torch  # startup: torch
 
-    from pretrain import distributed as D
 
     host = socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
     rows = D.all_gather_rows(torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64))
@@ -153,16 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank_env = os.environ.get("RANK", "0")
     try:
-        from data_shards.config_io import load_config, parse_dotted_overrides
-        from data_shards.manifest import load_manifest
-        from pretrain.config import PretrainConfig
+        from data_shards.manifest import load_manifest  # startup: ase
 
         cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
         manifest = load_manifest(cfg.data.manifest_dir)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(rank_env, str(e))
         return EXIT_FAILED
-    from pretrain import distributed as D
 
     try:
         rank, world_size = _rendezvous(args.timeout, cfg.train.device)
@@ -203,15 +203,12 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_shards.config_io import load_config, parse_dotted_overrides
-    from data_shards.manifest import load_manifest
-    from pretrain.config import PretrainConfig
+    from data_shards.manifest import load_manifest  # startup: ase
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
     load_manifest(cfg.data.manifest_dir)
-    from pretrain.cli import check_local_launch
 
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     if check_local_launch(cfg.train.device, args.nproc).type == "cpu":

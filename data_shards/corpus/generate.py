@@ -55,7 +55,7 @@ def _run_serial(cfg, todo, out, on_result) -> None:
 def _run_ray(cfg, todo, out, on_result, ray_address: str | None, num_cpus: int | None) -> None:
     for name, value in RAY_ENV.items():
         os.environ.setdefault(name, value)
-    import ray  # imported here: ~2 s; `maskpot --help` and serial runs do without
+    import ray  # startup: ray (+4 s over torch) only for Ray runs; `maskpot --help` and serial runs do without
 
     started_here = not ray.is_initialized()
     if started_here and ray_address:

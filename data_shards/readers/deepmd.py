@@ -49,7 +49,7 @@ def _set_length(set_dir: Path) -> int:
     try:
         return int(np.load(coord, mmap_mode="r", allow_pickle=False).shape[0])
     except (ValueError, OSError, IndexError) as e:
-        raise FrameError(str(set_dir.parent), None, K.POSITIONS, f"{coord} is not a readable npy array: {e}")
+        raise FrameError(str(set_dir.parent), None, K.POSITIONS, f"{coord} is not a readable npy array: {e}") from e
 
 
 def _system_lengths(system: Path) -> list[int]:

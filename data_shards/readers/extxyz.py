@@ -125,10 +125,7 @@ def _blocks(path: Path, start: int, stop: int | None, keep: bool) -> Iterator[tu
 
 def count_frames(path: Path) -> int:
     """Frames in the file, counting a trailing broken frame as one (it is yielded as a FrameError)."""
-    n = 0
-    for n, _ in enumerate(_blocks(Path(path), 0, None, keep=False), start=1):
-        pass
-    return n
+    return sum(1 for _ in _blocks(Path(path), 0, None, keep=False))
 
 
 def _lookup(atoms, key: str):
@@ -145,7 +142,7 @@ def label_fields(path, frames: int = 20) -> list[str]:
     """Names of the per-frame (info) and per-atom (arrays) fields and calculator results in the first
     `frames` parseable frames: what a user can pass as --energy-key / --forces-key / --stress-key."""
     found: set[str] = set()
-    for index, block in _blocks(Path(path), 0, frames, keep=True):
+    for _index, block in _blocks(Path(path), 0, frames, keep=True):
         if not isinstance(block, bytes):
             break
         try:

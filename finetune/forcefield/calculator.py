@@ -91,7 +91,7 @@ class MaskpotCalculator(Calculator):
         super().__init__(**kwargs)
         self.config = CalculatorConfig(dtype, float(skin), device)
         if isinstance(model, (str, Path)):
-            from pretrain.export import load_export
+            from pretrain.export import load_export  # startup: safetensors+torch
 
             model, meta = load_export(model)
             self.meta, self.cutoff = meta, float(meta["cutoff"])

@@ -15,6 +15,9 @@ from typing import Iterator
 
 from data_shards import keys as K
 from data_shards.frame import Frame, FrameError
+from data_shards.progress import progress
+from finetune.forcefield import metrics as M
+from finetune.forcefield import plots
 
 # torch, the graph code and plotting are imported where used: `maskpot --help` stays fast
 
@@ -31,9 +34,8 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
-    from data_shards.graph import collate, sample_to_data
-    from data_shards.progress import progress
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.graph import collate, sample_to_data  # startup: ase+torch+vesin
+    from data_shards.readers import count_frames, iter_frames  # startup: ase
 
     total = count_frames(path, fmt)
     if total == 0:
@@ -53,7 +55,7 @@ def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iter
 def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float, integrity: str | None = None):
     data = Path(data)
     if (data / MANIFEST).is_file():
-        from data_shards.stream import ShardStream
+        from data_shards.stream import ShardStream  # startup: ase+torch+vesin
 
         if split not in SPLITS:
             raise ValueError(f"--split {split!r} is not valid; valid: {list(SPLITS)}")
@@ -65,7 +67,6 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
-    from finetune.forcefield import metrics as M
 
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]),
@@ -84,11 +85,9 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
                    device: str = "auto", integrity: str | None = None) -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
-    from finetune.forcefield import metrics as M
-    from finetune.forcefield import plots
-    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions
-    from finetune.forcefield.calculator import resolve_device
-    from pretrain.export import load_export
+    from finetune.forcefield.calculator import resolve_device  # startup: ase+torch+vesin
+    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions  # startup: torch
+    from pretrain.export import load_export  # startup: safetensors+torch
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")

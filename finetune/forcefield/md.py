@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_shards.progress import progress
 from finetune.forcefield import md_guards
 from finetune.forcefield.md_guards import MDGuards, MDUnstable
 
@@ -73,9 +74,9 @@ class MDConfig:
 
 def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     """Frame `index` of anything the readers understand (extxyz, DeePMD, …) as ASE Atoms."""
-    from ase import Atoms
+    from ase import Atoms  # startup: ase
 
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.readers import count_frames, iter_frames  # startup: ase
 
     total = count_frames(path, fmt)
     if not 0 <= index < total:
@@ -95,10 +96,10 @@ def density_g_cm3(atoms: Atoms) -> float:
 
 def make_dynamics(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, rng: np.random.Generator):
     """The ASE integrator of `cfg.ensemble`; NPT is refused for force-centric models and non-3D-periodic cells."""
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.nose_hoover_chain import IsotropicMTKNPT
-    from ase.md.verlet import VelocityVerlet
+    from ase import units  # startup: ase
+    from ase.md.langevin import Langevin  # startup: ase
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT  # startup: ase
+    from ase.md.verlet import VelocityVerlet  # startup: ase
 
     dt = cfg.timestep * units.fs
     if cfg.ensemble == "langevin":
@@ -120,10 +121,9 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
     """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures.
     `guards` (default: MDGuards() with its default limits) raise MDUnstable when the run goes wrong."""
     guards = MDGuards() if guards is None else guards
-    from ase.io import write
-    from ase.md.velocitydistribution import Stationary, thermalize_momenta
+    from ase.io import write  # startup: ase
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta  # startup: ase
 
-    from data_shards.progress import progress
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +183,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
     Returns (bin centres in Å, g). r_max must not exceed half the smallest perpendicular box width.
     """
-    from ase.geometry import get_distances
-    from ase.io import read
+    from ase.geometry import get_distances  # startup: ase
+    from ase.io import read  # startup: ase
 
     frames = read(trajectory, index=":") if isinstance(trajectory, (str, Path)) else list(trajectory)
     if not frames:
@@ -215,8 +215,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
 
 def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # startup: matplotlib
+    from matplotlib.figure import Figure  # startup: matplotlib
 
     path = Path(path)
     fig = Figure(figsize=(5, 4))
@@ -260,7 +260,7 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.forcefield.calculator import MaskpotCalculator, resolve_device
+    from finetune.forcefield.calculator import MaskpotCalculator, resolve_device  # startup: ase+torch+vesin
 
     resolve_device(args.device)  # CUDA asked for without CUDA: one line, before any work
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,

@@ -92,7 +92,7 @@ class FinetuneStageConfig:
         _positive("finetune.steps/batch_size/eval_every/jobs",
                   [self.steps, self.batch_size, self.eval_every, self.jobs])
         _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
-        from finetune.config import (  # the finetune's own checks, before any run starts
+        from finetune.config import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
             AdaptConfig,
             ReplayConfig,
         )
@@ -177,7 +177,7 @@ class AblationConfig:
         _require(bool(self.seeds), "seeds: name at least one")
         _require(self.pretrain_data in ("corpus", "dft_train"),
                  f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
-        from pretrain.models import MODELS
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
@@ -200,9 +200,7 @@ class StudyConfig:
     ablations: dict = field(default_factory=dict)  # name → AblationConfig mapping (`--ablation NAME`)
 
     def __post_init__(self):
-        from pretrain.models import (
-            MODELS,  # torch: only when a config is built, not for `maskpot --help`
-        )
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")

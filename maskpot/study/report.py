@@ -225,7 +225,8 @@ def markdown(summary: dict, images: dict[str, list[str]]) -> str:
              "ΔF: change of the mean test force RMSE against scratch at the same budget.", ""]
     for setting, data in summary.items():
         lines += [f"## {SETTING_TITLES.get(setting, setting)}", "",
-                  "| model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) | ΔF vs scratch |",
+                  "| model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) "
+                  "| ΔF vs scratch |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         for r in data["rows"]:
             change = "—" if r["variant"] == "scratch" or not math.isfinite(r["force_change_vs_scratch_pct"]) \

@@ -16,14 +16,12 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from importlib import resources
 from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
 
-from data_shards.config_io import parse_dotted_overrides, to_dict
-from maskpot.study import ablation as study_ablation
+from data_shards.config_io import from_dict, to_dict
 from maskpot.study.config import (
     ABLATION_MARK,
     ETHANOL_VARIANTS,
@@ -31,8 +29,8 @@ from maskpot.study.config import (
     FinetuneStageConfig,
     PretrainStageConfig,
     StudyConfig,
-    load_study,
 )
+from pretrain import cli as pretrain_cli
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"
@@ -51,54 +49,6 @@ class FinetuneJob:
     @property
     def name(self) -> str:
         return f"{self.setting}/{self.model}_{self.variant}_n{self.budget}_s{self.seed}"
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "study", help="the reproduction study: corpus → pretraining variants → finetunes × budgets × seeds → report",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help="study YAML (default: the shipped configs/study/water.yaml, package data maskpot.configs)")
-    p.add_argument("--scale", default="small",
-                   help="a scale defined in the YAML: tiny (CI, ~3 min, no claims), small (~90 min on 2 cores, "
-                        "the numbers in REPORT.md), full (the whole grid: many hours, or a GPU), paper "
-                        "(258-water boxes, paper epochs: a GPU cluster). Default small")
-    p.add_argument("--out", default=None, help="run folder (default: out_dir from the YAML, with the scale)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")
-    p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
-    p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
-    p.add_argument("--ablation", action="append", default=[], metavar="NAME",
-                   help="run ablation NAME from the YAML's `ablations` instead of the main grid (repeatable; "
-                        "'all' for every one): only the stages it needs, on DFT water, its runs named "
-                        "VARIANT@NAME in the same run folder; the report gains report/ablations.md")
-    p.set_defaults(func=run)
-
-
-def resolve_config_path(path: str | None) -> Path:
-    """`path`, or the shipped study config (package data) when none is given."""
-    if path is None:
-        return Path(str(resources.files("maskpot.configs") / "study" / "water.yaml"))
-    return Path(path)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_study(resolve_config_path(args.config), args.scale, parse_dotted_overrides(args.override))
-    out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
-    names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []
-    if args.plan:
-        print(study_ablation.describe(cfg, names) if names else describe_plan(cfg, out))
-        return 0
-    from maskpot.study import report as study_report
-
-    if not args.report_only:
-        if names:
-            study_ablation.run_ablations(cfg, out, names)
-        else:
-            run_study(cfg, out)
-    summary = study_report.write_report(out)
-    print(summary, flush=True)
-    return 0
 
 
 def run_study(cfg: StudyConfig, out: Path) -> None:
@@ -165,8 +115,8 @@ def _banner(text: str) -> None:
 
 
 def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     c = cfg.corpus
     shards = out / "shards" / "corpus"
@@ -181,7 +131,7 @@ def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     shards = out / "shards" / "dft_water"
     if not (shards / "manifest.json").is_file():
@@ -200,8 +150,8 @@ def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     shards = out / "shards" / "tip3p_labels"
     if not (shards / "manifest.json").is_file():
@@ -217,8 +167,6 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
                  objective: dict, steps: int, batch_size: int, stage: PretrainStageConfig | None = None) -> Path:
     """One DeepSpeed pretraining (resumed if a checkpoint exists); returns its export folder.
     `stage` (default: the study's pretrain section) gives the learning rates, ranks and ZeRO stage."""
-    from pretrain.cli import run as run_pretrain
-
     export = run_dir / "export"
     if (export / "model.json").is_file():
         return export
@@ -242,7 +190,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
             f"    maskpot pretrain --config {path} --nproc {p.nproc}")
-    code = run_pretrain(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
+    code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
                                            allow_config_change=False))
     if code != 0:
         raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
@@ -319,7 +267,7 @@ def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants
 
 
 def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     e = cfg.ethanol
     shards = out / "shards" / "ethanol"
@@ -347,12 +295,11 @@ def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
 
 
 def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
-    import torch
+    import torch  # startup: torch (+7 s) off the maskpot CLI start
 
     torch.set_num_threads(threads)
-    from data_shards.config_io import from_dict
-    from finetune.config import FinetuneConfig
-    from finetune.loop import run_finetune
+    from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from finetune.loop import run_finetune  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     Path(job.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(job.run_dir).parent / f"{Path(job.run_dir).name}.yaml").write_text(
@@ -399,9 +346,9 @@ def _prepare_tracking(cfg: StudyConfig, job: FinetuneJob) -> None:
     """Create the sqlite store and the experiment once, before parallel runs race to migrate the schema."""
     if not job.config["tracking"]["uri"].startswith("sqlite:"):
         return
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # startup: mlflow (+12 s over torch) only when tracking is on
 
-    from finetune.tracking import ARTIFACTS_DIR
+    from finetune.tracking import ARTIFACTS_DIR  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     uri = job.config["tracking"]["uri"]
     client = MlflowClient(tracking_uri=uri)

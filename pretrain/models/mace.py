@@ -56,8 +56,8 @@ def mace_modules():
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
             with safe_globals([slice]):
-                from e3nn import o3
-            import mace.modules as mace_modules
+                from e3nn import o3  # startup: e3nn
+            import mace.modules as mace_modules  # startup: ase+e3nn+mace+matplotlib+torch
     except ImportError:
         return None
     finally:

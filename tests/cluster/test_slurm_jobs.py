@@ -59,7 +59,8 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, two_node_shards, 
     cfg = {
         "slurm": {"nodes": 2, "ntasks_per_node": 1, "cpus_per_task": 1, "time": "15", "cpu_only": True,
                   "signal_before_walltime": None, "job_name_prefix": "mp-test",
-                  "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",  # virtual nodes n1/n2 share 127.0.0.1
+                  # virtual nodes n1/n2 share 127.0.0.1
+                  "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",
                             "export OMP_NUM_THREADS=1 TQDM_DISABLE=1 MLFLOW_DISABLE_TELEMETRY=true"]},
         "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
                    "pretrain_config": "configs/pretrain/tiny.yaml",
@@ -138,11 +139,12 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
                                "RAY_raylet_start_wait_time_s=180"]},
            "ray": {"head_port": head_port, "num_cpus": 1, "object_store_memory": 80_000_000, "temp_dir": ray_tmp,
                    "wait_nodes_s": 120,
-                   "worker_args": [f"--temp-dir={worker_tmp}", "--node-ip-address=127.0.0.1", f"--node-manager-port={nm}",
-                                   f"--object-manager-port={om}",
+                   "worker_args": [f"--temp-dir={worker_tmp}", "--node-ip-address=127.0.0.1",
+                                   f"--node-manager-port={nm}", f"--object-manager-port={om}",
                                    # below the ephemeral range (32768-60999) the other ports come from, and
                                    # above Ray's default 10002-19999 that the head's workers use
-                                   "--min-worker-port=21000", "--max-worker-port=21999", f"--dashboard-agent-listen-port={agent}",
+                                   "--min-worker-port=21000", "--max-worker-port=21999",
+                                   f"--dashboard-agent-listen-port={agent}",
                                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                                    f"--runtime-env-agent-port={rt_env}"]},
            "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(REPO),
@@ -160,7 +162,8 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
         print(log[-4000:])
         assert slurm.job_state(job["job_id"]).startswith("COMPLETED"), log
         deadline = time.monotonic() + 30  # SIGTERM lets each raylet drain
-        while time.monotonic() < deadline and (leftovers := _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp)):
+        while time.monotonic() < deadline and (
+                leftovers := _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp)):
             time.sleep(1)
     finally:
         for pid in _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp):

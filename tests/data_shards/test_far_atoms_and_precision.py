@@ -41,7 +41,8 @@ from finetune.forcefield.calculator import MaskpotCalculator
 from data_shards.graph import neighbour_list
 for call in (lambda: neighbour_list(np.array([[0, 0, 0], [1, 0, 0], [1e12, 0, 0]]), np.zeros((3, 3)), [False] * 3, 3.5),
              lambda: Atoms("OHH", positions=[[0, 0, 0], [0.96, 0, 0], [1e12, 0, 0]],
-                           calculator=MaskpotCalculator({str(REPO / 'tests/assets/egnn_tiny_export')!r})).get_potential_energy()):
+                           calculator=MaskpotCalculator({str(REPO / 'tests/assets/egnn_tiny_export')!r}))
+             .get_potential_energy()):
     try:
         call()
     except ValueError as e:

@@ -21,8 +21,7 @@ from data_shards import readers
 from data_shards.build import InputError, build_shards, split_ranges
 from data_shards.cli import main as cli_main
 from data_shards.frame import Frame
-from data_shards.manifest import (ManifestError, StatsPartial, finalize_stats,
-                                  load_manifest, shard_paths, verify_shards)
+from data_shards.manifest import ManifestError, StatsPartial, finalize_stats, load_manifest, shard_paths, verify_shards
 from data_shards.sample import decode_sample, encode_frame
 from tests.helpers.net import free_port
 from tests.helpers.shards import assert_manifest_matches_disk, tar_samples, write_xyz

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import functools
+import http.server
+import itertools
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import time
-import functools
-import itertools
-import http.server
-import shutil
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 

@@ -13,10 +13,9 @@ from data_shards.build import build_shards
 from data_shards.cli import main as cli_main
 from data_shards.frame import Frame, FrameError
 from data_shards.manifest import shard_paths
-from data_shards.units import (BOHR_TO_ANGSTROM, HARTREE_TO_EV, MAX_FORCE_RMS, check_plausible, energy_bound)
-from tests.helpers.water_systems import water_atoms
-
+from data_shards.units import BOHR_TO_ANGSTROM, HARTREE_TO_EV, MAX_FORCE_RMS, check_plausible, energy_bound
 from tests.helpers.shards import tar_samples
+from tests.helpers.water_systems import water_atoms
 
 EV_PER_KCAL_MOL = 0.0433641
 WATER_EV = -469.4     # total DFT energy of one water molecule with a pseudopotential code, eV

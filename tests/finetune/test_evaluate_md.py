@@ -14,9 +14,9 @@ from ase.io import read
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
 from finetune.forcefield import metrics as M
-from maskpot.cli import main
 from finetune.forcefield.evaluate import evaluate_model, frame_sample
 from finetune.forcefield.md import MDConfig, rdf_oo, read_log, run_md
+from maskpot.cli import main
 from pretrain.export import load_export, save_export
 from pretrain.models import build_model
 from tests.helpers.paths import TINY_EXPORT

@@ -231,8 +231,8 @@ def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path)
 def test_unreachable_tracking_server_warns_keeps_training_and_buffers(water_shards, tmp_path, caplog):
     from mlflow import MlflowClient
 
-    from finetune.tracking import PENDING_FILE, replay_pending
     from finetune.loop import run_finetune
+    from finetune.tracking import PENDING_FILE, replay_pending
 
     out = tmp_path / "run"
     dead = f"http://127.0.0.1:{free_port()}"

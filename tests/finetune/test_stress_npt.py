@@ -103,7 +103,8 @@ def test_short_npt_run_changes_volume_and_its_stress_matches_finite_differences(
     for frame in frames[1:]:       # along the trajectory, in cells the barostat produced
         check = Atoms(numbers=frame.numbers, positions=frame.positions, cell=frame.cell, pbc=True)
         check.calc = make_calc()
-        np.testing.assert_allclose(check.get_stress(), calculate_numerical_stress(check, eps=1e-5), rtol=1e-5, atol=1e-10)
+        np.testing.assert_allclose(check.get_stress(), calculate_numerical_stress(check, eps=1e-5),
+                                   rtol=1e-5, atol=1e-10)
 
 
 @pytest.mark.slow

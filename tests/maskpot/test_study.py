@@ -12,8 +12,8 @@ import yaml
 
 from data_shards.config_io import ConfigError
 from maskpot.study import report as study_report
-from maskpot.study.stages import describe_plan
 from maskpot.study.config import load_study
+from maskpot.study.stages import describe_plan
 from tests.helpers.paths import REPO
 
 STUDY = REPO / "configs" / "study" / "water.yaml"

@@ -3,9 +3,9 @@ import torch
 
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
-from tests.helpers.model_mixin import ModelTestMixin
 from pretrain.models import MODELS, build_model
 from pretrain.models.egnn import EGNN, EGNNConfig, cosine_envelope, silu
+from tests.helpers.model_mixin import ModelTestMixin
 from tests.helpers.water_systems import to_batch, water_box, water_dimer
 
 SMALL = {"hidden": 16, "layers": 3, "coord_init_gain": 1.0}  # large coordinate updates: exercise them
