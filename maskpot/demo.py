@@ -147,7 +147,7 @@ def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Pat
     _banner(f"3/4 masked pretraining with DeepSpeed on {nproc} processes: {scale.pretrain_steps} steps\n"
             f"    maskpot pretrain --config {path} --nproc {nproc}")
     args = argparse.Namespace(config=str(path), nproc=nproc, override=[], resume="auto",
-                              allow_config_change=False)
+                              allow_config_change=False, init=None)
     code = pretrain_cli.run(args)
     if code != 0:
         raise RuntimeError(f"pretraining failed with exit code {code}; see the output above")

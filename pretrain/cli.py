@@ -47,10 +47,9 @@ def launch_command(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    overrides = [*args.override, *([f"train.init={args.init}"] if args.init else [])]
+    overrides = [*args.override, *([f"train.init={args.init}"] if getattr(args, "init", None) else [])]
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(overrides))
     from pretrain.loop import check_cutoff_fits_data, check_objective_fits_data  # startup: ase+safetensors+torch+vesin
 

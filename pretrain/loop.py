@@ -96,7 +96,6 @@ def quiet_libraries(rank: int) -> None:
 
 
 def make_transform(cfg: PretrainConfig, seed: int):
-
     o = cfg.objective
     if o.kind == "mask":
         return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)

@@ -66,7 +66,6 @@ def _rendezvous(timeout_s: float, device: str) -> tuple[int, int]:
 
 
 def check_all_reduce(rank: int, world_size: int) -> None:
-
     total = D.all_reduce_scalar(rank + 1.0)
     expected = world_size * (world_size + 1) / 2
     if total != expected:

@@ -67,7 +67,6 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
-
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]),
             ("energy RMSE, offset-corrected", "meV/atom", figures[M.ENERGY_RMSE_CORRECTED]),

@@ -191,7 +191,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
             f"    maskpot pretrain --config {path} --nproc {p.nproc}")
     code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
-                                           allow_config_change=False))
+                                           allow_config_change=False, init=None))
     if code != 0:
         raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
     return export
