@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data_shards import keys as K
-from pretrain.models.base import ReferenceEnergyModel
+from pretrain.models.base import EnergyCentricModel
 from pretrain.models.egnn import SiLU, silu
 from pretrain.models.recompute import forces_only, recompute_twice
 
@@ -109,7 +109,7 @@ class PaperEGNNLayer(nn.Module):
         return h, vectors
 
 
-class PaperEGNN(ReferenceEnergyModel):
+class PaperEGNN(EnergyCentricModel):
     head_parameter_prefixes = ("energy_norm.", "energy_head.")
 
     def __init__(self, config: PaperEGNNConfig):
@@ -123,14 +123,6 @@ class PaperEGNN(ReferenceEnergyModel):
             for k in range(config.layers))
         self.energy_norm = nn.LayerNorm(hidden)
         self.energy_head = nn.Sequential(nn.Linear(hidden, hidden), SiLU(), nn.Linear(hidden, 1))
-
-    def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        grad_enabled = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad_enabled or compute_forces):
-            out = self._forward(batch, compute_forces, create_graph=grad_enabled and self.training)
-        if not grad_enabled:
-            out = {name: value.detach() for name, value in out.items()}
-        return out
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
         species, pos = batch[K.SPECIES], batch[K.POSITIONS]

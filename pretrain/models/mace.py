@@ -31,7 +31,7 @@ import torch
 from torch.serialization import safe_globals
 
 from data_shards import keys as K
-from pretrain.models.base import ReferenceEnergyModel
+from pretrain.models.base import EnergyCentricModel
 
 _WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -129,7 +129,7 @@ class MACEConfig:
         return float(self.r_max)
 
 
-class MACE(ReferenceEnergyModel):
+class MACE(EnergyCentricModel):
     """maskpot model contract over `mace.modules.MACE` (see the module docstring)."""
     head_parameter_prefixes = ("mace.readouts.",)
 
@@ -179,14 +179,6 @@ class MACE(ReferenceEnergyModel):
         attrs[torch.arange(len(species), device=species.device), column] = 1.0
         attrs[:, -1] = flag.to(dtype)
         return attrs
-
-    def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        grad_enabled = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad_enabled or compute_forces):
-            out = self._forward(batch, compute_forces, create_graph=grad_enabled and self.training)
-        if not grad_enabled:
-            out = {name: value.detach() for name, value in out.items()}
-        return out
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
         species = batch[K.SPECIES]

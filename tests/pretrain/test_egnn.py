@@ -39,7 +39,7 @@ def rbf_term(layer, dist2):
 
 def test_registry_lists_valid_names_and_params():
     assert MODELS["egnn"] == (EGNNConfig, EGNN)
-    with pytest.raises(ValueError, match=r"unknown model 'gnss'.*\['egnn', 'egnn_paper', 'forcenet', 'gns'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'gnss'.*\['egnn', 'egnn_paper', 'forcenet', 'gns', 'mace'\]"):
         build_model("gnss", {})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hiden'\].*valid keys.*'hidden'"):
         build_model("egnn", {"hiden": 8})
