@@ -87,7 +87,8 @@ def build_child(inputs: list[str], out: str, cpus: int, shard_size: int) -> dict
     """In a fresh process: Ray up with `cpus` CPUs (start-up not timed), then one build; frames/s."""
     import ray
 
-    from data_shards.build import RAY_ENV, build_shards
+    from data_shards.build import build_shards
+    from data_shards.ray_tasks import RAY_ENV
 
     os.environ.update(RAY_ENV)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024**2,

@@ -52,6 +52,7 @@ from data_shards.manifest import (
     write_json_atomic,
 )
 from data_shards.progress import progress as progress_bar
+from data_shards.ray_tasks import run_ray_tasks
 from data_shards.readers.deepmd import find_systems
 from data_shards.splits import assign_groups, shuffled_positions, split_ranges
 from data_shards.units import check_units_name
@@ -63,9 +64,6 @@ SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 TMP_PATTERN = re.compile(r"^\.shard-\d{6}\.tar(\.json)?\.tmp-")
 SIDECAR_PATTERN = re.compile(r"^shard-\d{6}\.tar\.json$")
 DEFAULT_STATS_CUTOFF = 5.0  # Å
-MAX_RETRIES = 3        # a chunk whose worker dies is rerun this many times
-OBJECT_STORE_BYTES = 256 * 1024**2
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 AUTO_SPLIT = "by_fraction"
 SPLIT_MODES = ("contiguous", "shuffled")
 # how inputs without a split= prefix are divided (see `plan`)
@@ -199,26 +197,8 @@ def _run_serial(chunks, cfg, on_result) -> None:
 
 
 def _run_ray(chunks, cfg, on_result) -> None:
-    for name, value in RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    import ray  # startup: ray (+4 s over torch) only for Ray builds
-
-    started_here = not ray.is_initialized()
-    if started_here and cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
-    elif started_here:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(write_chunk)
-        pending = [task.remote(chunk, cfg.out_dir, cfg.chunk_options) for chunk in chunks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                on_result(ray.get(ref))
-    finally:
-        if started_here:
-            ray.shutdown()
+    run_ray_tasks(write_chunk, [(chunk, cfg.out_dir, cfg.chunk_options) for chunk in chunks], on_result,
+                  cfg.ray_address, cfg.num_cpus)
 
 
 def _version() -> str:
