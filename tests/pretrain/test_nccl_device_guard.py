@@ -42,8 +42,8 @@ def guard_env(root: Path = REPO) -> dict[str, str]:
 
 BARE_COLLECTIVE = """
 import os, torch, torch.distributed as dist
-os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
-dist.init_process_group("gloo")
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"); init = "file://{store}"   # no port to race for
+dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
 from pretrain import distributed as D
 assert D.all_reduce_scalar(2.0) == 2.0 and D.agree(True)   # through the communication module: fine
 dist.all_reduce(torch.ones(1))                                # a CPU tensor straight to the collective
@@ -52,13 +52,8 @@ dist.all_reduce(torch.ones(1))                                # a CPU tensor str
 
 def test_the_guard_fails_a_bare_collective_like_nccl(tmp_path):
     """The guard is live: project code handing a CPU tensor to a collective gets NCCL's error."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = tmp_path / "old_style.py"
-    script.write_text(BARE_COLLECTIVE.format(port=port))
+    script.write_text(BARE_COLLECTIVE.format(store=tmp_path / "store"))
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, **guard_env(root=tmp_path)))
     assert out.returncode != 0 and NCCL_ERROR in out.stderr, out.stderr[-2000:]
