@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))   # tests.helpers (generated water boxes) and this tree first
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 PRETRAIN_TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
@@ -58,9 +58,9 @@ def write_frames(path: Path, frames: int, seed: int) -> None:
     import ase.io
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
-    from water_systems import water_box
 
     from data_shards import keys as K
+    from tests.helpers.water_systems import water_box
 
     rng = np.random.default_rng(seed)
     structures = []
@@ -148,10 +148,10 @@ def finetune_check(shards: Path, out: Path, init: Path | None, device: str = "cu
 
 def calculator_check(export: Path) -> dict:
     from ase import Atoms
-    from water_systems import water_box
 
     from data_shards import keys as K
     from finetune.forcefield.calculator import MaskpotCalculator
+    from tests.helpers.water_systems import water_box
 
     s = water_box(32, seed=7)
     atoms = Atoms(numbers=s[K.SPECIES], positions=s[K.POSITIONS], cell=s[K.CELL], pbc=True)
