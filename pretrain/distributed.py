@@ -20,6 +20,8 @@ from collections.abc import Mapping
 import torch
 import torch.distributed as dist
 
+from pretrain.launch import free_port
+
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("gloo", "nccl")
 BACKEND_ENV = "MASKPOT_DIST_BACKEND"  # gloo | nccl: overrides the choice made from the device
@@ -77,12 +79,6 @@ def check_launch(device: torch.device, backend: str, env: Mapping[str, str] = os
                               "set it to the first node's hostname or IP address") from err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 HOSTED_STORE_ENV = "MASKPOT_HOSTED_STORE"  # "addr:port" of the store this process tree's rank 0 hosts
 _STORES: dict[str, tuple] = {}  # rank 0's TCPStore servers (with their sockets), alive as long as the process
 
@@ -117,7 +113,7 @@ def init_process_group(device: str = "auto") -> tuple[int, int, torch.device]:
     """
     if "RANK" not in os.environ:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     where = resolve_device(device)
     backend = choose_backend(where)
     check_launch(where, backend)

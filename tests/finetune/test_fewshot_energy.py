@@ -60,14 +60,16 @@ def config(shards: Path, out: Path, steps: int, **train) -> FinetuneConfig:
 @pytest.mark.needs_shared_data
 def test_finetuned_ethanol_energies_beat_the_constant_predictor(shared_data, tmp_path):
     shards = ethanol_shards(tmp_path, shared_data, train=200, test=100)
-    results = run_finetune(config(shards, tmp_path / "ft", 300))
+    results = run_finetune(config(shards, tmp_path / "ft", 600))
     test_energy = np.array([a.get_potential_energy() / len(a) for a in ase.io.read(tmp_path / "test.xyz", ":")])
     constant = 1000 * float(test_energy.std())       # the best constant per-atom energy, chosen on the test set
-    assert results["test"][M.ENERGY_RMSE] < constant, (results["test"], constant)
+    # 600 steps measured 8.5 vs 17.7 meV/atom here; at 300 steps the margin was ~10% and machine-dependent
+    assert results["test"][M.ENERGY_RMSE] < 0.75 * constant, (results["test"], constant)
     assert results["test"][M.FORCE_RMSE] < 0.7 * results["history"][0][M.FORCE_RMSE]   # forces learnt too
-    # the energy zero is refitted: no validation swings by a multiple (the issue saw 51 -> 5 -> 66 -> 5 meV/atom)
+    # the energy zero is refitted: no validation jumps by a multiple of the one before it (the issue saw
+    # 51 -> 5 -> 66 -> 5 meV/atom); a steady descent is allowed
     energies = [h[M.ENERGY_RMSE] for h in results["history"]]
-    assert max(energies) < 2.0 * min(energies), energies
+    assert max(b / a for a, b in zip(energies, energies[1:])) < 1.5, energies
     assert results["energy_offset_refit"]["frames"] == 50
     assert abs(results["energy_offset_refit"]["mean_error_before_mev_per_atom"]) > constant  # it was needed
     # best and last step exported; each export's E0 is the model's own (refitted), so a reload predicts the same

@@ -67,7 +67,7 @@ SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket={r}/munge/run/munge.socket
+AuthInfo=socket={r}/munge/run/munge.socket,cred_expire=10
 CredType=cred/munge
 PluginDir={self.plugins}
 StateSaveLocation={r}/state
