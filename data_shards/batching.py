@@ -8,7 +8,8 @@ from typing import Iterator
 def batch_by_budget(datas: Iterator, batch_size: int, max_atoms: int | None, drop_last: bool) -> Iterator[list]:
     """Groups of graphs closed at `batch_size` graphs or before the atom total would exceed `max_atoms`
     (a graph larger than the budget alone is a batch). drop_last drops a short final group."""
-    group, atoms, warned = [], 0, False
+    group: list = []
+    atoms, warned = 0, False
     for data in datas:
         n = int(data.num_nodes)
         if group and max_atoms is not None and atoms + n > max_atoms:

@@ -183,7 +183,8 @@ def _input_specs(cfg: BuildConfig) -> list[InputSpec]:
 def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
     """Inputs in the given order, each cut into its split blocks and those into ≤ shard_size chunks.
     `split_by` "input" gives every input without a split= prefix a whole split (`assign_groups`)."""
-    specs, chunks = _input_specs(cfg), []
+    specs = _input_specs(cfg)
+    chunks: list[Chunk] = []
     for spec in specs:
         if spec.frames == 0:
             raise InputError(f"{spec.path}: no frames in this {spec.fmt} input (empty or blank?)")

@@ -149,6 +149,7 @@ def write_chunk(chunk: Chunk, out_dir: str, options: ChunkOptions) -> ChunkResul
                     result.labels_found[label] += getattr(item, label) is not None
                 if is_isolated_atom(item):   # an E0 reference (MACE convention), not a training sample
                     e = convert(item, chunk.fmt, options.units)
+                    assert e.energy is not None  # is_isolated_atom needs an energy; convert keeps it
                     result.isolated.append([int(e.species[0]), float(e.energy), f"{e.source}:{e.index}"])
                     continue
                 frame = check_plausible(convert(item, chunk.fmt, options.units).validate(options.require_labels),

@@ -90,6 +90,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
     if data is None:
         data = {}
     hints = typing.get_type_hints(cls)
+    if not dataclasses.is_dataclass(cls):  # what dataclasses.fields would raise
+        raise TypeError("must be called with a dataclass type or instance")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:

@@ -34,7 +34,8 @@ def dataset_names(inputs: tuple[str, ...], given: tuple[str, ...]) -> list[str]:
         raise InputError(f"--datasets: {len(given)} name(s) for {len(inputs)} input(s); give one per input, in order")
     if given:
         return list(given)
-    names, by_folder = [], {}
+    names: list[str] = []
+    by_folder: dict[Path, str] = {}
     for text in inputs:
         prefix, sep, rest = text.partition("=")
         folder = Path(rest if sep and prefix in SPLITS else text).resolve().parent
@@ -77,7 +78,7 @@ def _resolve_e0(name: str, results: list[ChunkResult], elements: set[int], e0_fi
     isolated = [i for r in results for i in r.isolated]
     if not isolated:
         return None, "fit"
-    table: dict[int, float] = {}
+    table = {}
     for z, energy, where in isolated:
         if table.setdefault(int(z), float(energy)) != float(energy):
             raise E0Error(f"data set {name!r}: two isolated-atom energies for {K.CHEMICAL_SYMBOLS[z]} "
@@ -93,7 +94,8 @@ def datasets_section(results: list[ChunkResult], e0_specs: tuple[str, ...]) -> t
     unknown = sorted(k for k in e0_files if k is not None and k not in order)
     if unknown:
         raise E0Error(f"--e0s names data set(s) {unknown} that no input belongs to; data sets: {order}")
-    sections, forces = {}, StatsPartial()
+    sections: dict[str, dict] = {}
+    forces = StatsPartial()
     for name in order:
         mine = [r for r in results if r.chunk.dataset == name]
         elements = {z for r in mine if r.samples for z in r.elements}

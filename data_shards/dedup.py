@@ -19,7 +19,8 @@ def decide(results: list) -> tuple[dict[int, tuple[int, ...]], dict]:
     """ChunkResults in plan order → ({shard_index: positions to drop}, manifest `duplicates` section)."""
     first: dict[str, str] = {}
     drops: dict[int, tuple[int, ...]] = {}
-    count, examples = 0, []
+    count = 0
+    examples: list[dict[str, str]] = []
     for r in results:
         dropped = []
         for key, position, where in r.keys:

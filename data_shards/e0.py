@@ -67,9 +67,10 @@ def _from_extxyz(path: Path) -> dict[int, float]:
         [f for f in frames if f.natoms == 1 and not np.any(f.pbc) and f.energy is not None]
     if not atoms:
         raise E0Error(f"{path}: no isolated-atom frames (single atom, energy, config_type=IsolatedAtom)")
-    table = {}
+    table: dict[int, float] = {}
     for f in atoms:
         z = int(f.species[0])
+        assert f.energy is not None  # both selections above keep only frames with an energy
         if z in table and table[z] != float(f.energy):
             raise E0Error(f"{path}: two isolated-atom energies for {K.CHEMICAL_SYMBOLS[z]}: {table[z]} and {f.energy}")
         table[z] = float(f.energy)

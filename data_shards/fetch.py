@@ -101,8 +101,8 @@ def fetch(name: str, out_dir: str | Path, url_override: str | None = None, sha25
         raise FetchError(f"{dest} (from {url}): sha256 {digest} does not match the expected {expected}; "
                          f"the file was kept for inspection")
     data_file = _extract(dest, entry.member, out / "raw") if entry.member else dest
-    manifest = build_shards([str(data_file)], out / "shards", shard_size=shard_size, split_fractions=split_fractions,
-                            use_ray=use_ray, progress=progress, units=entry.units)
+    manifest = build_shards([str(data_file)], str(out / "shards"), shard_size=shard_size,
+                            split_fractions=split_fractions, use_ray=use_ray, progress=progress, units=entry.units)
     write_json_atomic(out / "dataset.json", {**entry.__dict__, "url_used": url, "sha256_verified": digest,
                                              "data_file": str(data_file)})
     return manifest

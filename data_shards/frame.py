@@ -38,8 +38,9 @@ def check_extent(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> st
     return None
 
 
-def recentre(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, list | None]:
-    """(positions to store, origin subtracted or None); ValueError when the geometry cannot be stored."""
+def recentre(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, list | str | None]:
+    """(positions to store, origin subtracted, "wrapped" (periodic, moved by whole lattice vectors) or None);
+    ValueError when the geometry cannot be stored."""
     positions = np.asarray(positions, dtype=np.float64)
     problem = check_extent(positions, cell, pbc)
     if problem is None and np.abs(positions).max(initial=0.0) <= ORIGIN_FREE:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import tarfile
 
 CHECKSUM_FIELD = "checksum"
 CHECKSUM_HEX = 32
@@ -88,6 +89,14 @@ def check_member_name(name: str, shard: str) -> None:
     if not MEMBER_NAME.match(name):
         raise ShardReadError(f"{shard}: tar member {name!r} is not a plain sample name <key>.<ext> "
                              f"(path components and odd names are refused)")
+
+
+def member_bytes(tar: tarfile.TarFile, member: tarfile.TarInfo, shard: str) -> bytes:
+    """The bytes of a regular-file member; ShardReadError for any other kind (a directory, a device)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise ShardReadError(f"{shard}: tar member {member.name!r} is not a regular file")
+    return f.read()
 
 
 def checked_members(samples, handler_url=lambda s: s.get("__url__", "?")):

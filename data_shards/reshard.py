@@ -26,7 +26,7 @@ from webdataset import TarWriter
 
 from data_shards.build import SHARD_PATTERN, SIDECAR_PATTERN
 from data_shards.chunk import SHARD_NAME, TAR_MTIME, TAR_OWNER
-from data_shards.integrity import check_member_name
+from data_shards.integrity import check_member_name, member_bytes
 from data_shards.manifest import (
     MANIFEST_DIR,
     MANIFEST_NAME,
@@ -76,7 +76,7 @@ def read_shard_samples(path: Path, sha256: str) -> Iterator[dict]:
                 sample = None
             if sample is None:
                 sample = {"__key__": key}
-            sample[ext] = tar.extractfile(member).read()
+            sample[ext] = member_bytes(tar, member, str(path))
     if sample is not None:
         yield sample
 
@@ -93,6 +93,7 @@ def _groups(samples: Iterator[dict], total: int, num_shards: int | None,
                 yield group
                 group, sizes = [], sizes[1:]
     else:
+        assert max_shard_bytes is not None  # reshard() takes exactly one of num_shards, max_shard_bytes
         for sample in samples:
             size = _sample_bytes(sample)
             if group and tar_bytes(used + size) > max_shard_bytes:
@@ -135,7 +136,8 @@ def reshard(src: str | Path, dst: str | Path, num_shards: int | None = None,
     if out.resolve() == folder:
         raise ValueError(f"{dst}: reshard needs a destination other than the source folder")
     out.mkdir(parents=True, exist_ok=True)
-    shards, written = [], set()
+    shards: list[dict] = []
+    written: set[str] = set()
     try:
         _write_splits(source, folder, out, num_shards, max_shard_bytes, shards, written)
     except BaseException:

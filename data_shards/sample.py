@@ -54,7 +54,7 @@ def encode_frame(frame: Frame, dataset: str = "") -> dict:
     species = np.asarray(frame.species, dtype=np.int64)
     positions = np.asarray(frame.positions, dtype=np.float32)
     cell = np.asarray(frame.cell, dtype=np.float64).reshape(3, 3)
-    arrays = {
+    arrays: dict[str, np.ndarray] = {
         K.SPECIES: species,
         K.POSITIONS: positions,
         K.CELL: cell,

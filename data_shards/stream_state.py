@@ -31,7 +31,8 @@ class Layout:
 
     @staticmethod
     def from_json(d: dict) -> tuple["Layout", dict[int, int]]:
-        parent, parent_consumed = None, ()
+        parent: Layout | None = None
+        parent_consumed: tuple[int, ...] = ()
         if d.get("parent") is not None:
             parent, pc = Layout.from_json(d["parent"])
             if sorted(pc) != list(range(parent.n_slots)):

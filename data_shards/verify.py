@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from data_shards import keys as K
-from data_shards.integrity import ShardReadError, check_member_name, sample_problem
+from data_shards.integrity import ShardReadError, check_member_name, member_bytes, sample_problem
 from data_shards.manifest import MANIFEST_DIR, load_manifest, verify_shards
 from data_shards.sample import decode_sample
 
 
 def _samples(path: Path):
     """{"__key__", ext: bytes} per sample of a local tar, in file order."""
-    sample = None
+    sample: dict | None = None
     with tarfile.open(path) as tar:
         for member in tar:
             check_member_name(member.name, str(path))
@@ -30,7 +30,7 @@ def _samples(path: Path):
                 yield sample
                 sample = None
             sample = sample or {"__key__": key, "__url__": str(path)}
-            sample[ext] = tar.extractfile(member).read()
+            sample[ext] = member_bytes(tar, member, str(path))
     if sample is not None:
         yield sample
 

@@ -79,7 +79,7 @@ def refit_energy_offset(model: torch.nn.Module, batches: Iterable, device: torch
     was_training = model.training
     model.eval()
     rows, residuals, natoms = [], [], []
-    elements = sorted(int(z) for z in range(1, K.MAX_Z + 1) if float(model.e0[z]) != 0.0)
+    elements = sorted(int(z) for z in range(1, K.MAX_Z + 1) if float(model.get_buffer("e0")[z]) != 0.0)
     try:
         for index, batch in enumerate(batches):
             if index >= max_batches:
@@ -98,9 +98,10 @@ def refit_energy_offset(model: torch.nn.Module, batches: Iterable, device: torch
     a = np.concatenate([_composition(s, g, n, elements) for s, g, n in rows])
     r = np.concatenate(residuals)
     shift, *_ = np.linalg.lstsq(a, r, rcond=None)
+    e0 = model.get_buffer("e0")  # the ReferenceEnergyModel's float64 E0 table, shifted in place
     with torch.no_grad():
         for z, value in zip(elements, shift):
-            model.e0[z] += float(value)
+            e0[z] += float(value)
     before = float(np.mean(-r / np.concatenate(natoms)))
     (log.debug if quiet else log.info)(
         "energy offset refitted on %d training frames: mean error was %.1f meV/atom; E0 shifted by %s eV", len(r),
@@ -147,5 +148,6 @@ def distant_splits(manifest: dict, streams: dict[str, Iterable]) -> dict[str, fl
 
 def model_normalisation(model: torch.nn.Module) -> dict:
     """The model's own {"energy_scale", "e0"} for its export (E0 after the refit, not the manifest's)."""
-    return {"energy_scale": float(model.energy_scale),
-            "e0": {str(z): float(model.e0[z]) for z in range(1, K.MAX_Z + 1) if float(model.e0[z]) != 0.0}}
+    e0 = model.get_buffer("e0")
+    return {"energy_scale": float(model.get_buffer("energy_scale")),
+            "e0": {str(z): float(e0[z]) for z in range(1, K.MAX_Z + 1) if float(e0[z]) != 0.0}}

@@ -27,8 +27,10 @@ from pretrain.checkpoint import (
     manifest_sha256,
     tag_problem,
 )
+from pretrain.config import ModelConfig
 from pretrain.export import META_FILE, WEIGHTS_FILE, load_export, read_meta
 from pretrain.models import build_model
+from pretrain.models.base import ReferenceEnergyModel
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -57,12 +59,13 @@ def read_init_meta(init: str | Path) -> dict:
     return load_init(init)[1] if _is_checkpoint(init) else read_meta(init)
 
 
-def load_init(init: str | Path) -> tuple[torch.nn.Module, dict]:
+def load_init(init: str | Path) -> tuple[ReferenceEnergyModel, dict]:
     """(model with the init weights, export-style meta)."""
     if not _is_checkpoint(init):
         return load_export(init)
 
     tag = checkpoint_tag(init)
+    assert tag is not None  # _is_checkpoint(init)
     record = json.loads((tag / STATE_FILE).read_text())
     config = record.get("config", {})
     _check_loadable(tag, config)
@@ -77,8 +80,9 @@ def load_init(init: str | Path) -> tuple[torch.nn.Module, dict]:
         raise ValueError(f"{tag / MODEL_STATES} does not match model {config['model.name']!r} with params "
                          f"{config['model.params']}: missing keys {missing}, unexpected keys {unexpected}")
     model.load_state_dict(weights, strict=True)
+    cutoff = ModelConfig(config["model.name"], config["model.params"]).cutoff  # the model's config.cutoff
     meta = {"model": config["model.name"], "params": config["model.params"],
-            "cutoff": float(model.config.cutoff), "species": _species(model, config, record, tag),
+            "cutoff": cutoff, "species": _species(model, config, record, tag),
             "lineage": {"config_sha256": record.get("config_hash"), "manifest_sha256": record.get("manifest_sha256"),
                         "pretrain_objective": config.get("objective.kind"),
                         "steps": record.get("train_state", {}).get("step"), "checkpoint": str(tag)}}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from finetune.config import FinetuneConfig
 from finetune.resume import EndlessBatches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import normalisation_from_stats
-from pretrain.loop import make_transform
+from pretrain.loop import objective_transform
 from pretrain.objectives import cosine_mask_loss, denoise_loss
 
 log = logging.getLogger("finetune.replay")
@@ -61,12 +60,13 @@ def resolve_objective(cfg: FinetuneConfig, init_meta: dict | None) -> tuple[Obje
 
 
 def _transform(objective: ObjectiveConfig, seed: int):
-    return make_transform(types.SimpleNamespace(objective=objective), seed)
+    return objective_transform(objective, seed)
 
 
 def check_replay(cfg: FinetuneConfig, init_meta: dict | None) -> ReplayPlan:
     """Every replay check that needs the files: the corpus, its split, the transform on its first sample."""
     r = cfg.replay
+    assert r.manifest_dir is not None, "check_replay needs replay on (replay.manifest_dir set)"
     manifest = load_manifest(r.manifest_dir)
     where = Path(r.manifest_dir) / "manifest.json"
     samples = manifest["splits"].get(r.split, {}).get("samples", 0)
@@ -115,7 +115,7 @@ class Replay:
         """Pretext loss of the next replay batch (attached to the graph, not yet weighted)."""
         batch = next(self.batches).to(device)
         out = model(batch, compute_forces=True)
-        pred = out[K.PRED_FORCES].float() * (self.plan.energy_scale / float(model.energy_scale))
+        pred = out[K.PRED_FORCES].float() * (self.plan.energy_scale / float(model.get_buffer("energy_scale")))
         return pretext_loss(self.plan.objective, pred, batch)
 
     def record(self, loss: torch.Tensor) -> float:

@@ -122,7 +122,8 @@ def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 def optimizer_parts(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, json) of an optimizer's state_dict."""
     sd = optimizer.state_dict()
-    tensors, plain = {}, {}
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict] = {}
     for index, values in sd["state"].items():
         for key, value in values.items():
             if isinstance(value, torch.Tensor):
@@ -146,7 +147,9 @@ def rng_state(device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         tensors["cuda"] = torch.cuda.get_rng_state(device)
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: the legacy tuple
+    kind, keys, pos, has_gauss, gauss = np_state
     plain = {"python": repr(random.getstate()), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss]}
     return tensors, plain
 

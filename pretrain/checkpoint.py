@@ -91,7 +91,7 @@ def resolve_resume(resume: str, out_dir: str | Path) -> tuple[Path, str] | None:
 class PreemptionFlag:
     """SIGTERM / SIGUSR1 (SLURM `--signal`) only set a flag; the loop acts on it at a step boundary."""
 
-    def __init__(self, signals=PREEMPT_SIGNALS):
+    def __init__(self, signals: tuple[signal.Signals, ...] = PREEMPT_SIGNALS) -> None:
         self.signal: int | None = None
         for sig in signals:
             signal.signal(sig, self._handle)
@@ -137,7 +137,8 @@ def resume_candidates(resume: str, out_dir: str | Path) -> tuple[Path, list[str]
 
 
 def _rng_state() -> dict:
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937: the legacy tuple
     return {"torch": torch.get_rng_state().tolist(), "python": repr(random.getstate()),
             "numpy": {"keys": np_state[1].tolist(), "pos": int(np_state[2]),
                       "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])}}

@@ -28,7 +28,7 @@ RESUME_HARMLESS_KEYS = (
 )
 # Keys added after checkpoints existed: at their default they stay out of the resume hash, so older
 # checkpoints still resume.
-LATER_KEY_DEFAULTS = {
+LATER_KEY_DEFAULTS: dict[str, Any] = {
     "optim.ema_decay": None, "objective.h_mask_p": 0.5, "objective.h_mask_radius": 5.0,
     "objective.energy_weight": 1.0, "objective.force_weight": 1.0, "objective.h_mask_target": "nearest",
     "data.sets": [], "train.init": None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -196,7 +197,8 @@ def all_gather_rows(row: torch.Tensor) -> list[torch.Tensor]:
 
 def barrier() -> None:
     if is_ready():
-        dist.barrier(**({"device_ids": [comm_device().index]} if comm_device().type == "cuda" else {}))
+        kwargs: dict[str, Any] = {"device_ids": [comm_device().index]} if comm_device().type == "cuda" else {}
+        dist.barrier(**kwargs)
 
 
 def destroy() -> None:

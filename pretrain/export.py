@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pretrain.models import build_model
+from pretrain.models.base import ReferenceEnergyModel
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -67,7 +68,7 @@ def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tenso
                          f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
 
 
-def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[ReferenceEnergyModel, dict]:
     """Rebuild the model from model.json and load its weights, strictly: every key must match."""
     directory = Path(directory)
     meta = read_meta(directory)

@@ -6,6 +6,7 @@ import json
 import logging
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -18,7 +19,7 @@ from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
 from pretrain import transforms as T
-from pretrain.config import PretrainConfig
+from pretrain.config import ObjectiveConfig, PretrainConfig
 from pretrain.engine import (
     WeightEMA,
     to_model_precision,
@@ -96,7 +97,11 @@ def quiet_libraries(rank: int) -> None:
 
 
 def make_transform(cfg: PretrainConfig, seed: int):
-    o = cfg.objective
+    return objective_transform(cfg.objective, seed)
+
+
+def objective_transform(o: ObjectiveConfig, seed: int):
+    """The pretext transform of objective `o` (None for "supervised": labels reach the loss untouched)."""
     if o.kind == "mask":
         return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
     if o.kind == "denoise":
@@ -187,7 +192,8 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
 
 def train_step(engine, cfg: PretrainConfig, batches: LockstepBatches, state: ckpt.TrainState) -> float:
     """One optimizer step; returns the rank-mean loss of its micro batches."""
-    losses, nonfinite_run = [], 0
+    losses: list[float] = []
+    nonfinite_run = 0
     while len(losses) < cfg.deepspeed.gradient_accumulation_steps:
         loss = pretext_loss(cfg, engine, batches.next())
         finite, mean_loss = agree_on_loss(loss)
@@ -273,7 +279,8 @@ class MetricsLog:
                                     * cfg.deepspeed.gradient_accumulation_steps)
         self.losses: list[float] = []
         self.seconds = 0.0
-        self.sink = None   # rank 0 with tracking: each record also goes to MLflow (pretrain/run_tracking.py)
+        # rank 0 with tracking: each record also goes to MLflow (pretrain/run_tracking.py)
+        self.sink: Callable[[dict], None] | None = None
 
     def _write(self, record: dict) -> None:
         if self.file:

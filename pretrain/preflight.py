@@ -145,7 +145,7 @@ def format_table(rows: list[dict]) -> str:
     done = [r for r in rows if r["ok"] and r["seconds"] > 0]
     if done:
         rates = {r["rank"]: r["atoms"] / r["seconds"] for r in done}
-        slowest = min(rates, key=rates.get)
+        slowest = min(rates, key=rates.__getitem__)
         lines.append(f"slowest rank: {slowest} ({rates[slowest]:.1f} atoms/s, "
                      f"{max(rates.values()) / rates[slowest]:.2f}x slower than the fastest)")
     return "\n".join(lines)

@@ -22,11 +22,17 @@ RIDGE = 1e-6  # relative to the mean feature variance; keeps the solve defined w
 
 def feature_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose first input is the per-atom features: `model.feature_module()` or the energy head."""
-    return model.feature_module() if hasattr(model, "feature_module") else model.energy_head
+    method = getattr(model, "feature_module", None)
+    return method() if method is not None else model.get_submodule("energy_head")
 
 
 def feature_width(model: torch.nn.Module) -> int:
-    return int(getattr(model, "feature_width", 0)) or model.energy_head[0].in_features
+    width = int(getattr(model, "feature_width", 0))
+    if width:
+        return width
+    first = model.get_submodule("energy_head.0")
+    assert isinstance(first, torch.nn.Linear)  # every model's energy head starts with a Linear on the features
+    return first.in_features
 
 
 def _pooled_features(engine, batch, elements: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -113,7 +113,7 @@ class WaterMasking:
             raise FrameError(source, frame, K.SPECIES, f"not pure water: {len(oxygens)} O, {len(hydrogens)} H, "
                              f"{len(species) - len(oxygens) - len(hydrogens)} other atoms")
         pos = np.asarray(sample[K.POSITIONS], dtype=np.float64)
-        diff = (pos[hydrogens][:, None, :] - pos[oxygens][None, :, :]).reshape(-1, 3)
+        diff: np.ndarray = (pos[hydrogens][:, None, :] - pos[oxygens][None, :, :]).reshape(-1, 3)
         diff = minimum_image(diff, sample[K.CELL], sample[K.PBC]).reshape(len(hydrogens), len(oxygens), 3)
         owner = np.argmin((diff**2).sum(-1), axis=1)
         counts = np.bincount(owner, minlength=len(oxygens))
@@ -179,7 +179,7 @@ class HydrogenMasking:
         remaining = np.flatnonzero(keep)
 
         pos = np.asarray(sample[K.POSITIONS], dtype=np.float64)
-        diff = (pos[deleted][None, :, :] - pos[remaining][:, None, :]).reshape(-1, 3)
+        diff: np.ndarray = (pos[deleted][None, :, :] - pos[remaining][:, None, :]).reshape(-1, 3)
         diff = minimum_image(diff, sample[K.CELL], sample[K.PBC]).reshape(len(remaining), len(deleted), 3)
         dist = np.linalg.norm(diff, axis=-1)
         rows = np.arange(len(remaining))

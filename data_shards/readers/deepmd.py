@@ -124,6 +124,7 @@ def _open_set(set_dir: Path, system: _System, nframes: int) -> tuple[dict, tuple
                                                  f"{set_dir / COORD} holds {nframes} frames")
     if ENERGY in arrays and int(np.prod(arrays[ENERGY].shape[1:])) != 1:
         return arrays, (K.ENERGY, f"{set_dir / ENERGY} has shape {arrays[ENERGY].shape}; expected one value per frame")
+    assert system.species is not None  # set whenever system.problem is None, the only case this is called
     n = system.species.shape[0]
     coord_width = int(np.prod(arrays[COORD].shape[1:]))
     if coord_width != 3 * n:
@@ -135,6 +136,7 @@ def _open_set(set_dir: Path, system: _System, nframes: int) -> tuple[dict, tuple
 
 
 def _frame(arrays: dict, row: int, system: _System, index: int, set_name: str) -> Frame:
+    assert system.species is not None  # set whenever system.problem is None, the only case this is called
     n = system.species.shape[0]
     positions = np.asarray(arrays[COORD][row], dtype=np.float64).reshape(n, 3)
     if system.periodic:
@@ -163,7 +165,7 @@ def _iter_system(system_dir: Path, lengths: list[int], start: int, stop: int) ->
         lo, hi = max(start, offset), min(stop, offset + nframes)
         if lo < hi:
             problem = system.problem
-            arrays = {}
+            arrays: dict = {}
             if problem is None:
                 arrays, problem = _open_set(set_dir, system, nframes)
             for index in range(lo, hi):

@@ -60,7 +60,8 @@ def count_frames(path: Path) -> int:
 
 def _blocks(path: Path, start: int, stop: int | None) -> Iterator[tuple[int, list[bytes] | None]]:
     """(frame index, body lines) for frames in [start, stop); body None when the block has no `end`."""
-    index, body, wanted = -1, None, False
+    index, wanted = -1, False
+    body: list[bytes] | None = None
     with open(path, "rb") as fh:
         for line in fh:
             word = _keyword(line)
@@ -85,7 +86,12 @@ def _parse(body: list[bytes], source: str, index: int, length: float, energy_uni
     def bad(field_name: str, reason: str) -> FrameError:
         return FrameError(source, index, field_name, reason)
 
-    lattice, species, positions, forces, energy, info = [], [], [], [], None, {}
+    lattice: list[list[float]] = []
+    species: list[int] = []
+    positions: list[list[float]] = []
+    forces: list[list[float]] = []
+    energy: float | None = None
+    info: dict[str, str | float] = {}
     for number, raw in enumerate(body, start=1):
         try:
             line = raw.decode("utf-8")

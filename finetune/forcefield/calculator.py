@@ -22,6 +22,7 @@ from ase.calculators.calculator import (
     all_changes,
 )
 from ase.stress import full_3x3_to_voigt_6_stress
+from torch_geometric.data import Data
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
@@ -68,15 +69,15 @@ class PerAtomEnergyProbe:
         self.head_output: torch.Tensor | None = None
         self.available = all(hasattr(model, name) for name in ("energy_head", "energy_scale", "e0"))
         if self.available:
-            model.energy_head.register_forward_hook(self._keep)
+            model.get_submodule("energy_head").register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
         self.head_output = output.detach()
 
     def energies(self, species: torch.Tensor) -> np.ndarray:
         assert self.head_output is not None, "per-atom energies read before a forward pass"
-        atom = self.head_output.squeeze(-1).double() * self.model.energy_scale.double()
-        return (atom + self.model.e0.index_select(0, species)).cpu().numpy()
+        atom = self.head_output.squeeze(-1).double() * self.model.get_buffer("energy_scale").double()
+        return (atom + self.model.get_buffer("e0").index_select(0, species)).cpu().numpy()
 
 
 class MaskpotCalculator(Calculator):
@@ -90,6 +91,7 @@ class MaskpotCalculator(Calculator):
         """
         super().__init__(**kwargs)
         self.config = CalculatorConfig(dtype, float(skin), device)
+        self.meta: dict | None   # an export's meta.json; None for a model object
         if isinstance(model, (str, Path)):
             from pretrain.export import load_export  # startup: safetensors+torch
 
@@ -110,12 +112,13 @@ class MaskpotCalculator(Calculator):
                                        if (p != "energies" or self.probe.available)
                                        and (p != "stress" or not getattr(self.model, "force_centric", False))]
         self.neighbour_builds = 0           # how often the list was (re)built; for tests and logs
-        self._graph = None                  # Data with the cutoff + skin list, and what it was built for
+        self._graph: Data | None = None     # Data with the cutoff + skin list, and what it was built for
         self._built_for: tuple | None = None
 
     def _needs_rebuild(self, positions: np.ndarray, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> bool:
         if self._graph is None or self.config.skin == 0:
             return True
+        assert self._built_for is not None  # set together with self._graph
         ref_positions, ref_numbers, ref_cell, ref_pbc = self._built_for
         if not (np.array_equal(numbers, ref_numbers) and np.array_equal(cell, ref_cell)
                 and np.array_equal(pbc, ref_pbc)):
@@ -130,6 +133,7 @@ class MaskpotCalculator(Calculator):
             self._graph = sample_to_data(sample, self.cutoff + self.config.skin, self.dtype)
             self._built_for = (positions.copy(), numbers.copy(), cell.copy(), pbc.copy())
             self.neighbour_builds += 1
+        assert self._graph is not None  # _needs_rebuild is True until a graph is built
         data = self._graph.clone()
         data[K.POSITIONS] = torch.as_tensor(positions, dtype=self.dtype)
         if self.config.skin > 0:

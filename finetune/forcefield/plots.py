@@ -36,10 +36,10 @@ def learning_curve(train: list[tuple[int, float]], val: list[dict], path: str | 
             ax_loss.set_yscale("log")
     ax_loss.set(xlabel="step", ylabel="train loss (normalised)", title="training loss")
     if val:
-        steps = [v["step"] for v in val]
-        ax_val.plot(steps, [v[M.FORCE_RMSE] for v in val], "o-", color="C1", label="force RMSE (meV/Å)")
+        val_steps = [v["step"] for v in val]
+        ax_val.plot(val_steps, [v[M.FORCE_RMSE] for v in val], "o-", color="C1", label="force RMSE (meV/Å)")
         ax_energy = ax_val.twinx()
-        ax_energy.plot(steps, [v[M.ENERGY_RMSE] for v in val], "s--", color="C2",
+        ax_energy.plot(val_steps, [v[M.ENERGY_RMSE] for v in val], "s--", color="C2",
                        label="energy RMSE (meV/atom)")
         ax_energy.set_ylabel("energy RMSE (meV/atom)", color="C2")
         best = min(val, key=lambda v: v[M.FORCE_RMSE])

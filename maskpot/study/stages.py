@@ -284,8 +284,9 @@ def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
         params = {**params, "cutoff": e.cutoff}
         for variant in e.variants:
             init = None
-            if ETHANOL_VARIANTS[variant] is not None:
-                objective = {**ETHANOL_VARIANTS[variant], "h_mask_p": cfg.pretrain.h_mask_p,
+            variant_objective = ETHANOL_VARIANTS[variant]
+            if variant_objective is not None:
+                objective = {**variant_objective, "h_mask_p": cfg.pretrain.h_mask_p,
                              "noise_sigma": cfg.pretrain.noise_sigma}
                 init = pretrain_one(cfg, out / "pretrain" / f"ethanol_{model}_{variant}", shards, model, params,
                                     objective, e.pretrain_steps, cfg.pretrain.batch_size * 4)

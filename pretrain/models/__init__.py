@@ -1,9 +1,10 @@
 """Model registry: architecture name → (config dataclass, module class); `build_model` validates params."""
 from __future__ import annotations
 
-from torch import nn
+from typing import Any, Callable
 
 from data_shards.config_io import from_dict
+from pretrain.models.base import ReferenceEnergyModel
 from pretrain.models.egnn import EGNN, EGNNConfig
 from pretrain.models.egnn_paper import PaperEGNN, PaperEGNNConfig
 from pretrain.models.forcenet import ForceNet, ForceNetConfig
@@ -13,7 +14,8 @@ from pretrain.models.mace import (  # mace-torch itself is imported on first use
     MACEConfig,
 )
 
-MODELS: dict[str, tuple[type, type[nn.Module]]] = {
+# name → (config dataclass, model class taking an instance of it)
+MODELS: dict[str, tuple[type[Any], Callable[[Any], ReferenceEnergyModel]]] = {
     "egnn": (EGNNConfig, EGNN),
     "egnn_paper": (PaperEGNNConfig, PaperEGNN),
     "gns": (GNSConfig, GNS),
@@ -22,7 +24,7 @@ MODELS: dict[str, tuple[type, type[nn.Module]]] = {
 }
 
 
-def build_model(name: str, params: dict | None = None) -> nn.Module:
+def build_model(name: str, params: dict | None = None) -> ReferenceEnergyModel:
     """Instantiate architecture `name`; unknown names or params raise ValueError listing the valid ones."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {sorted(MODELS)}")

@@ -20,6 +20,9 @@ class ReferenceEnergyModel(nn.Module):
     # parameter-name prefixes of the energy/force output heads (the rest is the backbone); finetuning
     # freezes, re-initialises or gives another learning rate to either part
     head_parameter_prefixes: tuple[str, ...] = ()
+    # float64 buffers registered in __init__ (declared so that type checkers see Tensors)
+    energy_scale: torch.Tensor
+    e0: torch.Tensor
 
     def is_head_parameter(self, name: str) -> bool:
         return name.startswith(self.head_parameter_prefixes) if self.head_parameter_prefixes else False

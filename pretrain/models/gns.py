@@ -51,6 +51,8 @@ class ForceCentricModel(ReferenceEnergyModel):
 
     force_centric = True
     head_parameter_prefixes = ("energy_head.", "force_head.")
+    energy_head: nn.Module  # set by the subclass
+    force_head: nn.Module
 
     def node_features(self, batch, vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError

@@ -132,6 +132,7 @@ class MACEConfig:
 class MACE(EnergyCentricModel):
     """maskpot model contract over `mace.modules.MACE` (see the module docstring)."""
     head_parameter_prefixes = ("mace.readouts.",)
+    element_index: torch.Tensor  # buffer registered in __init__: Z → column of node_attrs, -1 outside elements
 
     def __init__(self, config: MACEConfig):
         super().__init__()
@@ -162,7 +163,9 @@ class MACE(EnergyCentricModel):
 
     def feature_module(self) -> torch.nn.Module:
         """The module whose first input is the per-atom features (the linear probe hooks it)."""
-        return self.mace.readouts[-1]
+        readouts = self.mace.get_submodule("readouts")
+        assert isinstance(readouts, torch.nn.ModuleList)  # mace.modules.MACE: one readout per interaction
+        return readouts[-1]
 
     @property
     def feature_width(self) -> int:
