@@ -12,6 +12,8 @@ Resume rule when the layout (world_size × num_workers) changes: the old slots' 
 old slot by old slot in slot order, each in its own order, form the remainder; new slot s takes the
 remainder's items i with i mod new_n_slots == s. Nothing is materialised: every new slot re-reads the
 shards of the resumed epoch once. Later epochs use the new layout from the start.
+
+The deal of raw samples to slots is data_shards.stream_slots; this module decodes, batches and counts them.
 """
 from __future__ import annotations
 
