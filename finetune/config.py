@@ -2,7 +2,7 @@
 
 Load with `data_shards.config_io.load_config(FinetuneConfig, path, overrides)`. Checks that need the
 files themselves (the manifest's splits, the init export's format_version) run in
-`finetune.loop.check_inputs`, still before anything is trained or written.
+`finetune.inputs.check_inputs`, still before anything is trained or written.
 """
 from __future__ import annotations
 
