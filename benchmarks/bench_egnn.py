@@ -29,7 +29,7 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(BENCH)]
 
-from harness import RATE, SIZE, TIME, Command, compare, emit
+from harness import RATE, SIZE, TIME, Command, compare, emit, median_time
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data" / "data_0"
 ARMS = {   # name → (model name, params, dtype)
@@ -61,19 +61,43 @@ def load_frames(count: int):
 def child(arm: str, mode: str, batch_size: int, steps: int, threads: int) -> None:
     # imported here: the parent process only launches children and should not pay for torch
     import torch
-    from harness import median_time
-    from torch.utils.flop_counter import FlopCounterMode
 
     from data_shards import keys as K
-    from pretrain.models import build_model
-    from pretrain.objectives import energy_force_loss
     from tests.helpers.water_systems import to_batch
 
     torch.set_num_threads(threads)
-    name, params, dtype_name = ARMS[arm]
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, ARMS[arm][2])
     frames, origin = load_frames(batch_size)
     batch = to_batch(frames, cutoff=PAPER_SIZE["cutoff"], dtype=torch.float32)
+    model, exact = build_arm(arm, frames, batch)
+    natoms, nedges = int(batch[K.NATOMS].sum()), int(batch[K.EDGE_INDEX].shape[1])
+    step = make_step(model, batch, mode)
+    deviation = model_rms = float("nan")
+    if exact is not None:
+        model_rms = float(exact.pow(2).mean().sqrt()) * 1000
+        with torch.no_grad():
+            forces = model.eval()(batch)[K.PRED_FORCES].float()
+        deviation = float(((forces - exact) ** 2).mean().sqrt()) * 1000
+    model.train(mode == "train")
+    flops, seconds, cpu_seconds = time_steps(step, steps)
+    matmul_gflops = plain_matmul_gflops(nedges, PAPER_SIZE["hidden"], dtype)
+    emit({"s_per_step": seconds, "cpu_s_per_step": cpu_seconds, "atoms_per_s": natoms / seconds, "flops": flops,
+          "achieved_gflops": flops / seconds / 1e9, "matmul_gflops": matmul_gflops,
+          "force_dev_vs_fp64_mev": deviation, "model_force_rms_mev": model_rms,
+          "dft_force_rms_mev": float(batch[K.FORCES].pow(2).mean().sqrt()) * 1000,
+          "natoms": natoms, "nedges": nedges, "data": origin, "threads": torch.get_num_threads()})
+
+
+def build_arm(arm: str, frames, batch):
+    """(the arm's model, seed 0, in its dtype; float64 forces of the same weights, or None for float32 arms)."""
+    import torch
+
+    from data_shards import keys as K
+    from pretrain.models import build_model
+    from tests.helpers.water_systems import to_batch
+
+    name, params, dtype_name = ARMS[arm]
+    dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
     model = build_model(name, {**PAPER_SIZE, **params})
     mean_e = float(batch[K.ENERGY].mean() / batch[K.NATOMS].double().mean())
@@ -82,8 +106,16 @@ def child(arm: str, mode: str, batch_size: int, steps: int, threads: int) -> Non
     if dtype != torch.float32:   # float64 forces of the same weights: what the lower precision costs
         with torch.no_grad():
             exact = model.double().eval()(to_batch(frames, cutoff=PAPER_SIZE["cutoff"]))[K.PRED_FORCES].float()
-    model = model.to(dtype)
-    natoms, nedges = int(batch[K.NATOMS].sum()), int(batch[K.EDGE_INDEX].shape[1])
+    return model.to(dtype), exact
+
+
+def make_step(model, batch, mode: str):
+    """One training step (forward, forces, loss backward, AdamW) or one inference (energy + forces)."""
+    import torch
+
+    from data_shards import keys as K
+    from pretrain.objectives import energy_force_loss
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
     def train_step():
@@ -97,37 +129,31 @@ def child(arm: str, mode: str, batch_size: int, steps: int, threads: int) -> Non
     def infer_step():
         return model(batch, compute_forces=True)
 
-    if mode == "train":
-        model.train()
-        step = train_step
-    else:
-        model.eval()
-        step = infer_step
-    deviation = model_rms = float("nan")
-    if exact is not None:
-        model_rms = float(exact.pow(2).mean().sqrt()) * 1000
-        with torch.no_grad():
-            forces = model.eval()(batch)[K.PRED_FORCES].float()
-        deviation = float(((forces - exact) ** 2).mean().sqrt()) * 1000
     model.train(mode == "train")
+    return train_step if mode == "train" else infer_step
+
+
+def time_steps(step, steps: int) -> tuple[int, float, float]:
+    """(FLOPs of the warm-up step, median wall s, median process CPU s of `steps` further steps)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:   # the warm-up step, counted
         step()
-    flops = counter.get_total_flops()
     wall, cpu = [], []
     for _ in range(steps):   # wall and process CPU time of the same steps (CPU time: less sensitive to load)
         start, start_cpu = time.perf_counter(), time.process_time()
         step()
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    seconds, cpu_seconds = statistics.median(wall), statistics.median(cpu)
-    hidden = PAPER_SIZE["hidden"]
+    return counter.get_total_flops(), statistics.median(wall), statistics.median(cpu)
+
+
+def plain_matmul_gflops(nedges: int, hidden: int, dtype) -> float:
+    """GFLOP/s of a plain (E × H) @ (H × H) torch matmul in this process and dtype."""
+    import torch
+
     a, b = torch.randn(nedges, hidden, dtype=dtype), torch.randn(hidden, hidden, dtype=dtype)
-    matmul_s = median_time(lambda: a @ b, 20, warmup=2)
-    emit({"s_per_step": seconds, "cpu_s_per_step": cpu_seconds, "atoms_per_s": natoms / seconds, "flops": flops,
-          "achieved_gflops": flops / seconds / 1e9, "matmul_gflops": 2 * nedges * hidden * hidden / matmul_s / 1e9,
-          "force_dev_vs_fp64_mev": deviation, "model_force_rms_mev": model_rms,
-          "dft_force_rms_mev": float(batch[K.FORCES].pow(2).mean().sqrt()) * 1000,
-          "natoms": natoms, "nedges": nedges, "data": origin, "threads": torch.get_num_threads()})
+    return 2 * nedges * hidden * hidden / median_time(lambda: a @ b, 20, warmup=2) / 1e9
 
 
 def main(argv=None) -> None:

@@ -326,10 +326,31 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     specs, chunks = plan(cfg)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ordered, duplicates = _write_chunks(chunks, cfg)
+    elapsed = time.perf_counter() - t0
+    check_label_keys(ordered, cfg.chunk_options.label_keys(), cfg.require_labels)
+    manifest = assemble_manifest(cfg, specs, ordered, duplicates)
+    _remove_stale(out, {s["name"] for s in manifest["shards"]}, {r.name for r in ordered})
+    quarantine = "".join(json.dumps(rec, sort_keys=True) + "\n" for r in ordered for rec in r.quarantine)
+    tmp = out / f".{QUARANTINE_NAME}.tmp-{os.getpid()}"
+    tmp.write_text(quarantine)
+    os.replace(tmp, out / QUARANTINE_NAME)
+    if manifest["totals"]["samples_written"] == 0:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no usable shard set: nothing downstream may read
+        raise InputError(nothing_written(manifest["totals"], [rec for r in ordered for rec in r.quarantine],
+                                         out / QUARANTINE_NAME))
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    _log_summary(manifest, elapsed, out)
+    return load_manifest(out)
+
+
+def _write_chunks(chunks: list[Chunk], cfg: BuildConfig) -> tuple[list[ChunkResult], dict]:
+    """(every chunk's result in plan order, the duplicates section): finished chunks of an earlier build are
+    reused, the rest written (Ray or serial), then chunks holding a later duplicate rewritten without it."""
     results: dict[int, ChunkResult] = {}
     total_frames = sum(c.stop - c.start for c in chunks)
-    bar = progress_bar(total=total_frames, unit="frame", desc="shards", **({} if progress else {"disable": True}))
-    t0 = time.perf_counter()
+    bar = progress_bar(total=total_frames, unit="frame", desc="shards", **({} if cfg.progress else {"disable": True}))
 
     def on_result(result: ChunkResult) -> None:
         if result.chunk.shard_index not in results:
@@ -345,8 +366,9 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
         else:
             on_result(done)
     if len(todo) < len(chunks):
-        log.info("resuming: %d of %d chunks already finished in %s", len(chunks) - len(todo), len(chunks), out)
-    run = _run_ray if use_ray else _run_serial
+        log.info("resuming: %d of %d chunks already finished in %s", len(chunks) - len(todo), len(chunks),
+                 Path(cfg.out_dir))
+    run = _run_ray if cfg.use_ray else _run_serial
     try:
         if todo:
             run(todo, cfg, on_result)
@@ -358,20 +380,10 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
             run(rewrite, cfg, on_result)
     finally:
         bar.close()
-    elapsed = time.perf_counter() - t0
-    ordered = [results[c.shard_index] for c in chunks]
-    check_label_keys(ordered, cfg.chunk_options.label_keys(), cfg.require_labels)
-    manifest = assemble_manifest(cfg, specs, ordered, duplicates)
-    _remove_stale(out, {s["name"] for s in manifest["shards"]}, {r.name for r in ordered})
-    quarantine = "".join(json.dumps(rec, sort_keys=True) + "\n" for r in ordered for rec in r.quarantine)
-    tmp = out / f".{QUARANTINE_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(quarantine)
-    os.replace(tmp, out / QUARANTINE_NAME)
-    if manifest["totals"]["samples_written"] == 0:
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no usable shard set: nothing downstream may read
-        raise InputError(nothing_written(manifest["totals"], [rec for r in ordered for rec in r.quarantine],
-                                         out / QUARANTINE_NAME))
-    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return [results[c.shard_index] for c in chunks], duplicates
+
+
+def _log_summary(manifest: dict, elapsed: float, out: Path) -> None:
     t = manifest["totals"]
     log.info("built %d shards from %d frames in %.1f s (%.0f frames/s); %d quarantined, %d duplicates",
              len(manifest["shards"]), t["frames_read"], elapsed, t["frames_read"] / max(elapsed, 1e-9),
@@ -381,4 +393,3 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     if t["duplicates"]:
         log.warning("%d duplicate frame(s) left out (kept at their first occurrence); examples in %s",
                     t["duplicates"], out / MANIFEST_NAME)
-    return load_manifest(out)

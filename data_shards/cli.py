@@ -167,6 +167,20 @@ def _add_generate(subparsers) -> None:
 def _add_shards(subparsers) -> None:
     shards = subparsers.add_parser("shards", help="build, reshard, inspect and verify WebDataset shards")
     actions = shards.add_subparsers(dest="action", metavar="ACTION", required=True)
+    _add_shards_build(actions)
+    _add_shards_reshard(actions)
+    i = actions.add_parser("inspect", help="print a manifest's splits, totals, elements and statistics "
+                                           "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
+    i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
+    i.set_defaults(func=_inspect)
+    v = actions.add_parser("verify", help="re-hash every shard against the manifest and decode every sample "
+                                          "(checksums); exit 1 on a problem")
+    v.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
+    v.set_defaults(func=_verify)
+
+
+def _add_shards_build(actions) -> None:
+    """`shards build`: what to read, how to split it, where it runs."""
     b = actions.add_parser(
         "build", help="convert extxyz files / DeePMD folders into shard-NNNNNN.tar + manifest.json (Ray)",
         description="Inputs prefixed train=, val= or test= go wholly to that split; other inputs are cut in "
@@ -202,6 +216,12 @@ def _add_shards(subparsers) -> None:
                    help="accept frames without energy/forces (default: frames without labels are quarantined)")
     b.add_argument("--serial", action="store_true",
                    help="write chunks one after another in this process, without Ray (default: use Ray)")
+    _add_label_arguments(b)
+    b.set_defaults(func=_build)
+
+
+def _add_label_arguments(b) -> None:
+    """`shards build` options on the labels: units, field names, data sets, their E0 and statistics."""
     b.add_argument("--units", choices=sorted(UNITS), default=None,
                    help="units of the inputs: angstrom_ev (Å, eV, eV/Å) or bohr_hartree (Bohr, Hartree, "
                         "Hartree/Bohr; converted). Frames with implausible magnitudes are quarantined with a hint "
@@ -223,7 +243,9 @@ def _add_shards(subparsers) -> None:
                         "(default: isolated-atom frames in the inputs, else a least-squares fit per data set)")
     b.add_argument("--stats-cutoff", type=_positive_float, default=5.0,
                    help="radius in Å for the manifest's mean neighbour count (default: 5.0)")
-    b.set_defaults(func=_build)
+
+
+def _add_shards_reshard(actions) -> None:
     r = actions.add_parser(
         "reshard", help="rewrite a shard set into a new shard count or size (same samples, same splits)",
         description="Samples are copied byte for byte in split order; the source's sha256 are checked while "
@@ -236,14 +258,6 @@ def _add_shards(subparsers) -> None:
     size.add_argument("--max-shard-bytes", type=_positive_int, default=None,
                       help="largest tar size in bytes; a single larger sample gets its own shard (default: unset)")
     r.set_defaults(func=_reshard)
-    i = actions.add_parser("inspect", help="print a manifest's splits, totals, elements and statistics "
-                                           "(E0 [eV], energy per atom [eV], force RMS [eV/Å])")
-    i.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
-    i.set_defaults(func=_inspect)
-    v = actions.add_parser("verify", help="re-hash every shard against the manifest and decode every sample "
-                                          "(checksums); exit 1 on a problem")
-    v.add_argument("dir", metavar="DIR", help="shard folder holding manifest.json")
-    v.set_defaults(func=_verify)
 
 
 def add_commands(subparsers) -> None:

@@ -27,18 +27,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _check_type(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        return _check_union(value, typing.get_args(tp), where)
     if origin is typing.Literal:
         options = typing.get_args(tp)
         if value not in options:
@@ -61,6 +50,26 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return dict(value)
+    return _check_scalar(value, tp, where)
+
+
+def _check_union(value: Any, args: tuple, where: str) -> Any:
+    """The value as the first member of `Optional[...]` / `A | B` that accepts it."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _check_type(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+
+
+def _check_scalar(value: Any, tp: Any, where: str) -> Any:
+    """float, int, bool and str values (other types pass unchanged)."""
     if tp is float:
         if isinstance(value, str):  # PyYAML (YAML 1.1) reads `1e-3` as a string; accept what float() accepts
             try:

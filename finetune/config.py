@@ -2,7 +2,7 @@
 
 Load with `data_shards.config_io.load_config(FinetuneConfig, path, overrides)`. Checks that need the
 files themselves (the manifest's splits, the init export's format_version) run in
-`finetune.loop.check_inputs`, still before anything is trained or written.
+`finetune.inputs.check_inputs`, still before anything is trained or written.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from data_shards.manifest import SPLITS
 from finetune.energy import ENERGY_NORMALISATIONS, SELECT_METRICS
 from pretrain.config import ModelConfig, ObjectiveConfig
 from pretrain.objectives import LOSS_KINDS
-from pretrain.tracking import TrackingConfig, check_tracking_uri  # shared with pretraining; re-exported here
+from pretrain.tracking_config import TrackingConfig, check_tracking_uri  # shared with pretraining; re-exported here
 
 SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")

@@ -1,27 +1,21 @@
-"""The finetuning loop (one process, plain torch): energies + forces, validation, best model, test.
+"""Finetuning (one process, plain torch): energies + forces, validation, best model, test.
 
-`run_finetune(cfg)`: the model comes from `cfg.init` (a pretrain export or fp32 training checkpoint, see
+`run_finetune(cfg)` checks the inputs (finetune.inputs), builds the model, trains it (finetune.training:
+the steps, validation, best model, early stopping), tests the best weights, exports and tracks them.
+The model comes from `cfg.init` (a pretrain export or fp32 training checkpoint, see
 finetune.init_checkpoint; its architecture wins) or is built fresh; its normalisation (E0 per element,
 energy scale) is refitted from the finetune manifest.
 AdamW with warm-up and cosine decay; the loss is `energy_force_loss` on per-atom energies and forces
-(forces by autograd with create_graph). Validation at step 0, every `eval_every` steps and at the end;
-the weights with the lowest validation force RMSE are kept (a worse evaluation never replaces them),
-evaluated on the test split, exported to OUT_DIR/export and logged to MLflow. `train.early_stopping_patience`
-ends training after that many validations without a new best; `adapt:` (finetune.adapt) freezes the
-backbone, sets per-part learning rates, re-initialises the heads, handles elements new to the export;
-`replay:` (finetune.replay) adds the pretext loss of pretraining structures to every step.
+(forces by autograd with create_graph). The weights with the best validation score are evaluated on the test
+split, exported to OUT_DIR/export (the last step's to OUT_DIR/export_last) and logged to MLflow; `adapt:`
+(finetune.adapt) freezes the backbone, sets per-part learning rates, re-initialises the heads, handles elements
+new to the export; `replay:` (finetune.replay) adds the pretext loss of pretraining structures to every step.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import resource
-import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -29,17 +23,9 @@ import torch
 import yaml
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from data_shards import keys as K
 from data_shards.config_io import config_hash, to_dict
-from data_shards.manifest import (
-    QUARANTINE_NAME,
-    file_sha256,
-    load_manifest,
-    rereference_transform,
-)
-from data_shards.progress import progress
+from data_shards.manifest import load_manifest, rereference_transform
 from data_shards.stream import ShardStream
-from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A
 from finetune import energy as E
 from finetune import replay as R
@@ -47,94 +33,22 @@ from finetune import resume as RS
 from finetune.config import FinetuneConfig, flatten_config
 from finetune.forcefield import metrics as M
 from finetune.forcefield import plots
-from finetune.init_checkpoint import load_init, read_init_meta, weights_file
+from finetune.init_checkpoint import load_init
+from finetune.inputs import Inputs, check_inputs
 from finetune.tracking import Tracker, lineage_tags
+from finetune.training import Best, Trainer
 from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
 from pretrain.loop import check_cutoff_fits_data
 from pretrain.models import build_model
-from pretrain.objectives import energy_force_loss
 
 log = logging.getLogger("finetune")
 
-MAX_CONSECUTIVE_NONFINITE = 50
 RESULTS_FILE = "results.json"
 CONFIG_FILE = "config.yaml"
 EXPORT_DIR = "export"
 EXPORT_LAST_DIR = "export_last"    # the weights of the last step, beside the best-by-validation `export`
 MODEL_ARTIFACT = "model"
-
-
-@dataclass
-class Inputs:
-    """What `check_inputs` found: the manifest, its hash, the init export's meta (or None)."""
-    manifest: dict
-    manifest_sha256: str
-    init_meta: dict | None
-    init_sha256: str | None
-    test_split: str          # "" when there is nothing to test on
-    new_species: list[int]   # elements of the data the init export has no species for (allowed by config)
-    replay: R.ReplayPlan | None = None
-
-
-def check_inputs(cfg: FinetuneConfig) -> Inputs:
-    """Every check that needs the files, before anything is trained or written."""
-    d = cfg.data
-    manifest = load_manifest(d.manifest_dir)
-    where = Path(d.manifest_dir) / "manifest.json"
-    samples = {s: manifest["splits"].get(s, {}).get("samples", 0) for s in ("train", "val", "test")}
-    if not any(samples.values()):
-        raise ValueError(f"{where}: the shards hold no samples" + quarantine_hint(Path(d.manifest_dir), manifest))
-    if not manifest.get("labelled"):
-        raise ValueError(f"{where}: the shards are not labelled (energies and forces are needed to finetune)")
-    if not samples[d.train_split]:
-        raise ValueError(f"{where}: training split {d.train_split!r} is empty (splits: {samples})"
-                         + quarantine_hint(Path(d.manifest_dir), manifest))
-    check_label_units(manifest, where)
-    if not samples[d.val_split]:
-        raise ValueError(f"{where}: validation split {d.val_split!r} is empty (splits: {samples}); rebuild the "
-                         f"shards with a validation fraction or a val=PATH input, or set data.val_split")
-    if d.train_frames is not None and d.train_frames > samples[d.train_split]:
-        raise ValueError(f"data.train_frames {d.train_frames} exceeds the {samples[d.train_split]} frames of "
-                         f"split {d.train_split!r} in {where}")
-    test_split = d.test_split
-    if test_split and not samples[test_split]:
-        log.warning("test split %r of %s is empty: no test evaluation", test_split, where)
-        test_split = ""
-    init_meta = init_sha = None
-    new_species: list[int] = []
-    if cfg.init is not None:
-        init_meta = read_init_meta(cfg.init)   # missing files, newer format_version: clear errors here
-        init_sha = file_sha256(weights_file(cfg.init))
-        new_species = A.check_new_species(manifest["elements"], init_meta, cfg.init, cfg.adapt.allow_new_species)
-    replay = R.check_replay(cfg, init_meta) if cfg.replay.manifest_dir is not None else None
-    return Inputs(manifest, file_sha256(where), init_meta, init_sha, test_split, new_species, replay)
-
-
-def quarantine_hint(manifest_dir: Path, manifest: dict) -> str:
-    """'; N frames were quarantined, e.g. …' when the build set frames aside (wrong units, bad geometry)."""
-    count = manifest.get("totals", {}).get("quarantined", 0)
-    if not count:
-        return ""
-    first = ""
-    path = manifest_dir / QUARANTINE_NAME
-    if path.is_file():
-        with path.open() as f:
-            rec = json.loads(f.readline() or "{}")
-        if rec:
-            first = f", e.g. {rec.get('source')} frame {rec.get('frame')} field {rec.get('field')}: {rec.get('reason')}"
-    return f"; {count} frame(s) were quarantined when the shards were built ({path}){first}"
-
-
-def check_label_units(manifest: dict, where: Path) -> None:
-    """Refuse labels whose magnitude says they are not in eV and eV/Å (shards built before the per-frame
-    units check, or with it bypassed): they would train a model in the wrong units."""
-    stats = manifest.get("stats") or {}
-    rms = stats.get("force_rms")
-    if rms is not None and not rms <= MAX_FORCE_RMS:
-        raise ValueError(f"{where}: force RMS of the labelled frames is {rms:.4g} eV/Å, above {MAX_FORCE_RMS:g} "
-                         f"eV/Å: the labels are not in eV/Å (kcal/mol/Å are 23× and meV/Å 1000× larger); rebuild "
-                         f"the shards with the right `maskpot shards build --units` or convert the files to eV/Å")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -203,25 +117,6 @@ def make_scheduler(cfg: FinetuneConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@dataclass
-class Best:
-    step: int = -1
-    force_rmse: float = math.inf        # of the kept model
-    figures: dict | None = None
-    state: dict | None = None
-    score: float = math.inf             # the selection metric's value (train.select); lower is better
-    scorer: Callable[[dict], float] = lambda figures: figures[M.FORCE_RMSE]
-
-    def offer(self, step: int, figures: dict, model: torch.nn.Module) -> bool:
-        """Keep `model`'s weights if they beat the best so far (strictly); never replace by a worse one."""
-        value = self.scorer(figures)
-        if not value < self.score:
-            return False
-        self.step, self.score, self.force_rmse, self.figures = step, value, figures[M.FORCE_RMSE], figures
-        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return True
-
-
 def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
     """Train, keep the best model, test it, export it, track it; returns the content of results.json.
 
@@ -282,6 +177,21 @@ def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
 
 def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device, tracker: Tracker,
                     out_dir: Path, checkpoint: RS.Checkpoint | None, preempt) -> dict:
+    trainer = make_trainer(cfg, inputs, model, arch, device, tracker)
+    start = RS.restore(checkpoint, trainer.loop, device) if checkpoint is not None else 0
+    if checkpoint is None:
+        trainer.validate(0)
+    trainer.bar.update(start)
+    model.train()
+    preempted = trainer.train(start, out_dir, preempt)
+    if preempted is not None:
+        return preempted
+    train_seconds = time.perf_counter() - trainer.started
+    return _test_and_export(trainer, arch, out_dir, train_seconds)
+
+
+def make_trainer(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device, tracker: Tracker) -> Trainer:
+    """Streams, optimizer, schedule, EMA, replay, the best-model keeper: everything a finetuning steps."""
     t = cfg.train
     train_stream = make_stream(cfg, cfg.data.train_split, arch["cutoff"], training=True)
     val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
@@ -289,7 +199,6 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
     freeze = A.BackboneFreeze(model, cfg.adapt.freeze_backbone_steps)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=False)
            if t.ema_decay else None)
-    scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
     energy_scale = float(model.energy_scale)
     energy_term_scale = E.energy_loss_scale(inputs.manifest, cfg.loss.energy_normalisation, energy_scale)  # at end
     E.distant_splits(inputs.manifest, {s: make_stream(cfg, s, arch["cutoff"], False)
@@ -299,99 +208,19 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
                     if cfg.loss.refit_energy_offset else None)
     best = Best(scorer=lambda figures: E.selection_score(
         figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight))
-    L = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer), RS.EndlessBatches(train_stream), replay,
-                     tracker, best, A.EarlyStopping(t.early_stopping_patience))
-    scheduler, stopper, history, train_curve = L.scheduler, L.stopper, L.history, L.train_curve
-    last_step, stopped_early = t.max_steps, False
-    started = time.perf_counter()
+    loop = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer), RS.EndlessBatches(train_stream),
+                        replay, tracker, best, A.EarlyStopping(t.early_stopping_patience))
+    return Trainer(cfg, inputs, loop, freeze, ema.module if ema is not None else model, device, train_stream,
+                   val_stream, refit_stream, energy_scale, energy_term_scale)
 
-    def validate(step: int) -> bool:
-        """True: early stopping says stop here."""
-        if refit_stream is not None:   # re-centre the energy zero on the training frames (forces don't fix it)
-            E.refit_energy_offset(scored, refit_stream, device, quiet=True)
-            model.e0.copy_(scored.e0)
-        figures = M.evaluate(scored, val_stream, cfg.data.val_batches, device)
-        improved = best.offer(step, figures, scored)
-        history.append({"step": step, **M.without_arrays(figures), "best": improved})
-        tracker.log_metrics({"val/energy_rmse_mev_per_atom": figures[M.ENERGY_RMSE],
-                             "val/force_rmse_mev_per_a": figures[M.FORCE_RMSE],
-                             "val/best_force_rmse_mev_per_a": best.force_rmse, **system_metrics(started, step)},
-                            step)
-        tracker.flush()
-        bar.set_postfix(loss=f"{train_curve[-1][1]:.4g}" if train_curve else "-",
-                        val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
-        return stopper.should_stop(improved)
 
-    bar = progress(total=t.max_steps, desc="finetune", unit="step")
-    start = RS.restore(checkpoint, L, device) if checkpoint is not None else 0
-    step_sleep = float(os.environ.get(RS.STEP_SLEEP_ENV) or 0)
-    if checkpoint is None:
-        validate(0)
-    bar.update(start)
-    model.train()
-    for step in range(start + 1, t.max_steps + 1):
-        freeze.before_step(step)
-        batch = next(L.batches).to(device)
-        out = model(batch, compute_forces=True)
-        loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
-                                 batch[K.NATOMS], cfg.loss.energy_weight, cfg.loss.force_weight,
-                                 cfg.loss.kind, energy_scale, cfg.loss.huber_delta,
-                                 E.energy_loss_scale(inputs.manifest, cfg.loss.energy_normalisation, energy_scale,
-                                                     step / t.max_steps))
-        replay_loss = replay.loss(model, device) if replay is not None else None
-        total = loss if replay_loss is None else loss + cfg.replay.weight * replay_loss
-        if not torch.isfinite(total):
-            L.skipped, L.nonfinite_run = L.skipped + 1, L.nonfinite_run + 1
-            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, L.skipped)
-            if L.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                raise FloatingPointError(f"{L.nonfinite_run} consecutive non-finite losses: training diverged; "
-                                         f"lower optim.lr or raise optim.warmup_steps")
-            continue
-        L.nonfinite_run = 0
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0]["lr_mult"]   # optim.lr · schedule
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        train_curve.append((step, loss.item()))
-        logged = {"train/loss": loss.item(), "train/lr": lr}
-        if replay is not None:
-            logged["train/replay_loss"] = replay.record(replay_loss)
-        tracker.log_metrics(logged, step)
-        bar.set_postfix(loss=f"{loss.item():.4g}",
-                        val_F=f"{history[-1][M.FORCE_RMSE]:.1f} meV/Å", refresh=False)
-        bar.update(1)  # one redraw per step
-        if step % t.eval_every == 0 or step == t.max_steps:
-            if validate(step) and step < t.max_steps:
-                last_step, stopped_early = step, True
-                log.info("step %d: early stop, no better validation force RMSE in the last %d validations "
-                         "(best %.2f meV/Å at step %d)", step, stopper.patience, best.force_rmse, best.step)
-                break
-            model.train()
-        elif step % t.log_every == 0:
-            tracker.flush()
-        time.sleep(step_sleep)
-        stop = preempt.signal
-        if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
-            where = RS.save_checkpoint(out_dir, cfg, *RS.capture(step, L, device))
-        if stop:
-            bar.close()
-            freeze.release()
-            name = signal.Signals(stop).name
-            log.warning("%s: stopped after step %d, checkpoint written to %s (continue with --resume auto)",
-                        name, step, where)
-            return {"preempted": name, "step": step, "checkpoint": str(where)}
-    bar.close()
-    freeze.release()
-    train_seconds = time.perf_counter() - started
-
+def _test_and_export(trainer: Trainer, arch: dict, out_dir: Path, train_seconds: float) -> dict:
+    """The last and the best weights exported, the best tested, plots and the model logged; the results."""
+    cfg, inputs, device, scored = trainer.cfg, trainer.inputs, trainer.device, trainer.scored
+    best, history, tracker, last_step = trainer.loop.best, trainer.loop.history, trainer.loop.tracker, trainer.last_step
     if best.state is None:
-        raise FloatingPointError(f"no validation gave a finite {t.select} score ({[h[M.FORCE_RMSE] for h in history]} "
-                                 f"meV/Å); lower optim.lr or check the data")
+        raise FloatingPointError(f"no validation gave a finite {cfg.train.select} score "
+                                 f"({[h[M.FORCE_RMSE] for h in history]} meV/Å); lower optim.lr or check the data")
     last_dir = _export(scored, cfg, inputs, arch, last_step, out_dir, EXPORT_LAST_DIR)
     scored.load_state_dict(best.state)
     test = M.evaluate(scored, make_stream(cfg, inputs.test_split, arch["cutoff"], False), device=device) \
@@ -403,32 +232,39 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
 
     export_dir = _export(scored, cfg, inputs, arch, best.step, out_dir)
     shown = test or best.figures
-    figures = [plots.learning_curve(train_curve, history, out_dir / "learning_curve.png"),
+    figures = [plots.learning_curve(trainer.loop.train_curve, history, out_dir / "learning_curve.png"),
                *plots.parity_plots(shown[M.ARRAYS], shown, out_dir,
                                    inputs.test_split or cfg.data.val_split)]
     for path in figures:
         tracker.log_artifact(path)
     tracker.log_artifact(export_dir, MODEL_ARTIFACT)
+    return _results(trainer, test, train_seconds, export_dir, last_dir)
+
+
+def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_dir: Path, last_dir: Path) -> dict:
+    """What results.json holds (run_finetune adds the refit, the registry and the tracking)."""
+    cfg, inputs, L, t = trainer.cfg, trainer.inputs, trainer.loop, trainer.cfg.train
+    best, model, last_step = L.best, L.model, trainer.last_step
     return {
         "best_step": best.step,
         "best_val": M.without_arrays(best.figures),
         "test": M.without_arrays(test) if test is not None else None,
         "test_split": inputs.test_split or None,
-        "history": history,
-        "final_train_loss": train_curve[-1][1] if train_curve else None,
-        "steps": last_step, "max_steps": t.max_steps, "stopped_early": stopped_early,
-        "stopped_at_step": last_step if stopped_early else None, "skipped_nonfinite": L.skipped,
-        "train_frames": train_stream.num_samples,
+        "history": L.history,
+        "final_train_loss": L.train_curve[-1][1] if L.train_curve else None,
+        "steps": last_step, "max_steps": t.max_steps, "stopped_early": trainer.stopped_early,
+        "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.skipped,
+        "train_frames": trainer.train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
         "init": cfg.init, "init_sha256": inputs.init_sha256,
         "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
         "export_dir": str(export_dir), "export_last_dir": str(last_dir), "select": t.select,
-        "best_score": best.score, "energy_loss_scale_ev_per_atom": energy_term_scale,
-        "device": str(device), "ema_decay": t.ema_decay,
+        "best_score": best.score, "energy_loss_scale_ev_per_atom": trainer.energy_term_scale,
+        "device": str(trainer.device), "ema_decay": t.ema_decay,
         "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
                   "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
-        "replay": replay.summary() if replay is not None else None,
+        "replay": L.replay.summary() if L.replay is not None else None,
     }
 
 
@@ -446,14 +282,6 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
     }
     return save_export(model, out_dir / name, meta)
 
-
-
-def system_metrics(started: float, step: int) -> dict:
-    """Cheap process figures logged with each validation (MLflow `system/*`)."""
-
-    elapsed = max(time.perf_counter() - started, 1e-9)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"system/peak_rss_mb": peak_kib / 1024.0, "system/steps_per_s": step / elapsed}
 
 
 def _json(data) -> str:

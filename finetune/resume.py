@@ -97,7 +97,7 @@ class LoopState:
     batches: EndlessBatches
     replay: object | None              # finetune.replay.Replay
     tracker: object                    # finetune.tracking.Tracker
-    best: object                       # finetune.loop.Best
+    best: object                       # finetune.training.Best
     stopper: object                    # finetune.adapt.EarlyStopping
     history: list = field(default_factory=list)
     train_curve: list = field(default_factory=list)
@@ -218,7 +218,7 @@ def remove_checkpoint(out_dir: Path) -> None:
 
 
 def capture(step: int, loop, device: torch.device) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """(state, tensors) of the finetuning loop `loop` (finetune.loop.LoopState) after optimizer step `step`."""
+    """(state, tensors) of the finetuning loop `loop` (finetune.resume.LoopState) after optimizer step `step`."""
     opt_tensors, opt_meta = optimizer_parts(loop.optimizer)
     rng_tensors, rng_plain = rng_state(device)
     best = loop.best

@@ -1,5 +1,6 @@
-"""MLflow tracking of a finetuning run: the shared Tracker lives in pretrain/tracking.py (pretraining is an
-MLflow run too); this module re-exports it for the finetune package and adds the lineage to pretraining."""
+"""MLflow tracking of a finetuning run: the shared Tracker lives in pretrain/tracking.py and its config in
+pretrain/tracking_config.py (pretraining is an MLflow run too); this module re-exports them for the finetune
+package and adds the lineage to pretraining."""
 from __future__ import annotations
 
 from pretrain.registry import CHAMPION_ALIAS, CHAMPION_METRIC, choose_champion, register_version  # noqa: F401
@@ -9,11 +10,9 @@ from pretrain.tracking import (  # noqa: F401 - re-exported
     PENDING_FILE,
     Journal,
     Tracker,
-    TrackingConfig,
-    is_http,
     replay_pending,
-    server_is_up,
 )
+from pretrain.tracking_config import TrackingConfig, is_http, server_is_up  # noqa: F401 - re-exported
 from pretrain.tracking_links import (  # noqa: F401 - re-exported
     SOURCE_RUN_TAG,
     lineage_description,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_shards.config_io import from_dict, to_dict
-from pretrain.tracking import TrackingConfig
+from pretrain.tracking_config import TrackingConfig
 from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 
 OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +63,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@dataclass
+class Run:
+    """One rank's pretraining, built by `build_run`: what `train` steps and `close` finishes."""
+    cfg: PretrainConfig
+    rank: int
+    out_dir: Path
+    manifest: dict
+    manifest_hash: str
+    tracker: object | None          # run_tracking's Tracker on rank 0 with tracking enabled, else None
+    engine: object                  # DeepSpeed engine
+    ema: WeightEMA | None
+    state: ckpt.TrainState
+    batches: object                 # LockstepBatches | mixture.MixedBatches
+    validate: object | None         # make_validator's callable, None without a validation split
+    metrics: MetricsLog
+    bar: object
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
@@ -71,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     except D.LaunchError as err:  # a setup that cannot work: one line, before any work
         print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
         return 2
+    run = build_run(cfg, args, rank, world_size)
+    preempted = train(run, preempt)
+    close(run, preempted)
+    return 0
+
+
+def build_run(cfg: PretrainConfig, args: argparse.Namespace, rank: int, world_size: int) -> Run:
+    """Checks on the data, run folder, tracking, model and engine (resumed from a checkpoint), batches."""
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
     sets = mixture.load_sets(cfg)
@@ -85,16 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         (out_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
     tracker = run_tracking.start(cfg, rank, world_size, out_dir, manifest_hash)   # rank 0, tracking.enabled
-
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, cfg.model.params)
-    if cfg.train.init is not None:   # two-stage: the export's weights, the new data's normalisation
-        stages.load_init_weights(model, cfg.train.init)
-    norm = normalisation_from_stats(manifest)
-    model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
-    engine = build_engine(cfg, model, out_dir)
-    ema = WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
-
+    engine, ema = _build_engine(cfg, manifest, out_dir)
     state = ckpt.TrainState()
     candidates = ckpt.resume_candidates(args.resume, out_dir)
     if candidates is not None:
@@ -102,53 +120,80 @@ def main(argv: list[str] | None = None) -> int:
         tag, state = ckpt.load_newest_loadable(engine, ckpt_dir, tags, cfg, manifest_hash,
                                                args.allow_config_change, ema)
         log.warning("rank %d resumed from %s at step %d", rank, ckpt_dir / tag, state.step)
-
     batches = mixture.make_batches(cfg, sets, rank, world_size, state, LockstepBatches, make_stream)
     validate = make_validator(cfg, manifest, rank, world_size)
     metrics = MetricsLog(out_dir / "metrics.jsonl", rank, cfg)
     metrics.sink = (lambda record: run_tracking.log_record(tracker, record)) if tracker else None
     bar = progress(total=cfg.train.max_steps, initial=state.step, desc="pretrain",
-               **({"disable": True} if rank else {}))  # rank 0 honours TQDM_DISABLE
+                   **({"disable": True} if rank else {}))  # rank 0 honours TQDM_DISABLE
+    return Run(cfg, rank, out_dir, manifest, manifest_hash, tracker, engine, ema, state, batches, validate,
+               metrics, bar)
 
+
+def _build_engine(cfg: PretrainConfig, manifest: dict, out_dir: Path) -> tuple[object, WeightEMA | None]:
+    """(DeepSpeed engine over a fresh or `train.init` model with the data's normalisation, weight EMA)."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, cfg.model.params)
+    if cfg.train.init is not None:   # two-stage: the export's weights, the new data's normalisation
+        stages.load_init_weights(model, cfg.train.init)
+    norm = normalisation_from_stats(manifest)
+    model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
+    engine = build_engine(cfg, model, out_dir)
+    return engine, WeightEMA(engine, cfg.optim.ema_decay) if cfg.optim.ema_decay else None
+
+
+def train(run: Run, preempt: ckpt.PreemptionFlag) -> bool:
+    """Optimizer steps to train.max_steps or a stop signal agreed by every rank; True: preempted."""
+    cfg, state = run.cfg, run.state
     step_sleep = float(os.environ.get(STEP_SLEEP_ENV, 0))
     preempted = False
     while state.step < cfg.train.max_steps and not preempted:
         started = time.perf_counter()
-        loss = train_step(engine, cfg, batches, state)
-        if ema is not None:
-            ema.update(engine)
+        loss = train_step(run.engine, cfg, run.batches, state)
+        if run.ema is not None:
+            run.ema.update(run.engine)
         state.step += 1
-        state.epoch, state.batches_in_epoch = batches.position()
-        if isinstance(batches, mixture.MixedBatches):
-            state.sets = batches.sets_state()
-        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-        bar.update(1)
-        metrics.train(state, loss, engine.get_lr()[0], time.perf_counter() - started)
+        state.epoch, state.batches_in_epoch = run.batches.position()
+        if isinstance(run.batches, mixture.MixedBatches):
+            state.sets = run.batches.sets_state()
+        run.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        run.bar.update(1)
+        run.metrics.train(state, loss, run.engine.get_lr()[0], time.perf_counter() - started)
         time.sleep(step_sleep)
         last = state.step == cfg.train.max_steps
-        improved = False
-        if validate and (state.step % cfg.train.val_every == 0 or last):
-            improved = keep_if_best(state, validate(engine, ema), metrics)
-            if improved:
-                write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema,
-                             run_tracking.lineage(tracker))
+        improved = _validate(run) if run.validate and (state.step % cfg.train.val_every == 0 or last) else False
         stop_signal = agreed_signal(preempt.signal)
         preempted = stop_signal != 0
         if improved or preempted or last or (cfg.train.checkpoint_every
                                              and state.step % cfg.train.checkpoint_every == 0):
-            ckpt.save_checkpoint(engine, out_dir, state, cfg, manifest_hash, cfg.train.keep_last,
-                                 best=improved, ema=ema)
+            ckpt.save_checkpoint(run.engine, run.out_dir, state, cfg, run.manifest_hash, cfg.train.keep_last,
+                                 best=improved, ema=run.ema)
         if preempted:
-            metrics.preempted(state, stop_signal)
-            if rank == 0:
+            run.metrics.preempted(state, stop_signal)
+            if run.rank == 0:
                 log.warning("preempted at step %d, checkpoint written (%s; continue with --resume auto)",
                             state.step, signal.Signals(stop_signal).name)
+    return preempted
 
-    if state.best_step < 0 and not preempted:  # no validation (or never a finite one): export the final weights
-        write_export(engine, cfg, manifest, manifest_hash, state.step, out_dir, rank, ema,
-                     run_tracking.lineage(tracker))
-    bar.close()
-    metrics.close()
-    run_tracking.finish(tracker, out_dir, preempted)
+
+def _validate(run: Run) -> bool:
+    """Validate; a new best is exported. True: it was a new best."""
+    improved = keep_if_best(run.state, run.validate(run.engine, run.ema), run.metrics)
+    if improved:
+        _export(run)
+    return improved
+
+
+def _export(run: Run) -> None:
+    write_export(run.engine, run.cfg, run.manifest, run.manifest_hash, run.state.step, run.out_dir, run.rank,
+                 run.ema, run_tracking.lineage(run.tracker))
+
+
+def close(run: Run, preempted: bool) -> None:
+    """Export the final weights when no validation kept any, close the logs, the MLflow run, the group."""
+    if run.state.best_step < 0 and not preempted:  # no validation (or never a finite one): export the final weights
+        _export(run)
+    run.bar.close()
+    run.metrics.close()
+    run_tracking.finish(run.tracker, run.out_dir, preempted)
     D.destroy()
-    return 0

@@ -6,6 +6,7 @@ to: absolute DFT energies (~ -3e4 eV) do not survive float32, let alone bf16.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,6 +14,36 @@ from torch import nn
 from data_shards import keys as K
 
 DOUBLE_BUFFERS = ("energy_scale", "e0")
+
+
+@dataclass(frozen=True)
+class GraphInputs:
+    """What an energy-centric `_forward` reads from a batch (a torch_geometric Batch or a single Data)."""
+    species: torch.Tensor       # (N,) atomic numbers
+    pos: torch.Tensor           # (N, 3) Å; never the caller's tensor unless that already requires grad
+    flag: torch.Tensor          # (N,) MASK_FLAG, zeros when the batch has none
+    edge_index: torch.Tensor    # (2, E) source, destination
+    shifts: torch.Tensor        # (E, 3) periodic shift of each edge, Å
+    graph_index: torch.Tensor   # (N,) structure of each atom, zeros for a single Data
+    num_graphs: int
+
+    @classmethod
+    def read(cls, batch, compute_forces: bool) -> GraphInputs:
+        """The batch's fields; `pos` requires grad when forces are computed (-∂E/∂pos by autograd)."""
+        species, pos = batch[K.SPECIES], batch[K.POSITIONS]
+        if not pos.requires_grad:   # a detached alias: requires_grad_ must never touch the caller's tensor
+            pos = pos.detach().requires_grad_(compute_forces)
+        batched = K.BATCH in batch
+        return cls(species, pos,
+                   batch[K.MASK_FLAG] if K.MASK_FLAG in batch else torch.zeros_like(species),
+                   batch[K.EDGE_INDEX], batch[K.SHIFT_VECTORS],
+                   batch[K.BATCH] if batched else torch.zeros_like(species),
+                   int(batch.num_graphs) if batched else 1)
+
+    def edge_vectors(self) -> torch.Tensor:
+        """(E, 3) x_dst − x_src + shift, in the positions' precision."""
+        src, dst = self.edge_index
+        return self.pos.index_select(0, dst) - self.pos.index_select(0, src) + self.shifts.to(self.pos.dtype)
 
 
 class ReferenceEnergyModel(nn.Module):

@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from data_shards import keys as K
-from pretrain.models.base import EnergyCentricModel
+from pretrain.models.base import EnergyCentricModel, GraphInputs
 
 
 @dataclass
@@ -174,26 +174,18 @@ class EGNN(EnergyCentricModel):
         self.energy_head = nn.Sequential(nn.Linear(hidden, hidden), SiLU(), nn.Linear(hidden, 1))
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
-        species = batch[K.SPECIES]
-        pos = batch[K.POSITIONS]
-        src, dst = batch[K.EDGE_INDEX]
-        graph_index = batch[K.BATCH] if K.BATCH in batch else torch.zeros_like(species)
-        num_graphs = int(batch.num_graphs) if K.BATCH in batch else 1
-        if compute_forces and not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-
-        flag = batch[K.MASK_FLAG] if K.MASK_FLAG in batch else torch.zeros_like(species)
-        h = self.species_embedding(species) + self.flag_embedding(flag)
+        g = GraphInputs.read(batch, compute_forces)
+        src, dst = g.edge_index
+        h = self.species_embedding(g.species) + self.flag_embedding(g.flag)
         # edge vectors in the positions' precision, then the weights' (bf16 training keeps float32 positions)
-        vectors = pos.index_select(0, dst) - pos.index_select(0, src) + batch[K.SHIFT_VECTORS].to(pos.dtype)
-        vectors = vectors.to(h.dtype)
+        vectors = g.edge_vectors().to(h.dtype)
         envelope = cosine_envelope(vectors.norm(dim=-1, keepdim=True), self.config.cutoff)
         for layer in self.layers:
             h, vectors = layer(h, vectors, src, dst, envelope)
 
-        energy, total = self.total_energy(self.energy_head(h).squeeze(-1), species, graph_index, num_graphs)
+        energy, total = self.total_energy(self.energy_head(h).squeeze(-1), g.species, g.graph_index, g.num_graphs)
         out = {K.PRED_ENERGY: total}
         if compute_forces:
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+            (grad,) = torch.autograd.grad(energy.sum(), g.pos, create_graph=create_graph)
             out[K.PRED_FORCES] = -grad
         return out

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from data_shards import keys as K
-from pretrain.models.base import EnergyCentricModel
+from pretrain.models.base import EnergyCentricModel, GraphInputs
 from pretrain.models.egnn import SiLU, silu
 from pretrain.models.recompute import forces_only, recompute_twice
 
@@ -125,17 +125,11 @@ class PaperEGNN(EnergyCentricModel):
         self.energy_head = nn.Sequential(nn.Linear(hidden, hidden), SiLU(), nn.Linear(hidden, 1))
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
-        species, pos = batch[K.SPECIES], batch[K.POSITIONS]
-        src, dst = batch[K.EDGE_INDEX]
-        graph_index = batch[K.BATCH] if K.BATCH in batch else torch.zeros_like(species)
-        num_graphs = int(batch.num_graphs) if K.BATCH in batch else 1
-        if compute_forces and not pos.requires_grad:
-            pos = pos.detach().requires_grad_(True)
-        flag = batch[K.MASK_FLAG] if K.MASK_FLAG in batch else torch.zeros_like(species)
-        h = self.species_embedding(species) + self.flag_embedding(flag)
-        vectors = pos.index_select(0, dst) - pos.index_select(0, src) + batch[K.SHIFT_VECTORS].to(pos.dtype)
-        vectors = vectors.to(h.dtype)
-        degree = torch.bincount(src, minlength=species.shape[0]).clamp_(min=1)
+        g = GraphInputs.read(batch, compute_forces)
+        src, dst = g.edge_index
+        h = self.species_embedding(g.species) + self.flag_embedding(g.flag)
+        vectors = g.edge_vectors().to(h.dtype)
+        degree = torch.bincount(src, minlength=g.species.shape[0]).clamp_(min=1)
         inv_degree = (1.0 / degree.to(h.dtype))[:, None]      # mean over a node's edges
         fast = self.config.implementation == "fast"
         for layer in self.layers:
@@ -146,10 +140,10 @@ class PaperEGNN(EnergyCentricModel):
             else:
                 h, vectors = layer.forward_fast(h, vectors, src, dst, inv_degree)
         atom_energy = self.energy_head(self.energy_norm(h)).squeeze(-1)
-        energy, total = self.total_energy(atom_energy, species, graph_index, num_graphs)
+        energy, total = self.total_energy(atom_energy, g.species, g.graph_index, g.num_graphs)
         out = {K.PRED_ENERGY: total}
         if compute_forces:
             with forces_only():   # recompute: the parameter gradients of this pass are not wanted
-                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+                (grad,) = torch.autograd.grad(energy.sum(), g.pos, create_graph=create_graph)
             out[K.PRED_FORCES] = -grad
         return out

@@ -31,7 +31,7 @@ import torch
 from torch.serialization import safe_globals
 
 from data_shards import keys as K
-from pretrain.models.base import EnergyCentricModel
+from pretrain.models.base import EnergyCentricModel, GraphInputs
 
 _WEIGHTS_ONLY_ENV = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"
 
@@ -184,26 +184,20 @@ class MACE(EnergyCentricModel):
         return attrs
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
-        species = batch[K.SPECIES]
-        pos = batch[K.POSITIONS]
-        graph_index = batch[K.BATCH] if K.BATCH in batch else torch.zeros_like(species)
-        num_graphs = int(batch.num_graphs) if K.BATCH in batch else 1
-        if not pos.requires_grad:  # MACE calls requires_grad_ on its positions: never on the caller's tensor
-            pos = pos.detach().requires_grad_(compute_forces)
+        g = GraphInputs.read(batch, compute_forces)   # MACE calls requires_grad_ on g.pos, a detached alias
         dtype = next(self.parameters()).dtype
-        flag = batch[K.MASK_FLAG] if K.MASK_FLAG in batch else torch.zeros_like(species)
-        counts = torch.bincount(graph_index, minlength=num_graphs)
-        cell = batch[K.CELL] if K.CELL in batch else pos.new_zeros(num_graphs, 3, 3)
+        counts = torch.bincount(g.graph_index, minlength=g.num_graphs)
+        cell = batch[K.CELL] if K.CELL in batch else g.pos.new_zeros(g.num_graphs, 3, 3)
         data = {
-            "positions": pos.to(dtype), "node_attrs": self.node_attrs(species, flag, dtype),
-            "edge_index": batch[K.EDGE_INDEX], "shifts": batch[K.SHIFT_VECTORS].to(dtype),
-            "batch": graph_index, "ptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
+            "positions": g.pos.to(dtype), "node_attrs": self.node_attrs(g.species, g.flag, dtype),
+            "edge_index": g.edge_index, "shifts": g.shifts.to(dtype),
+            "batch": g.graph_index, "ptr": torch.cat([counts.new_zeros(1), counts.cumsum(0)]),
             "cell": cell.reshape(-1, 3).to(dtype),
         }
         out = self.mace(data, training=create_graph, compute_force=False)
-        energy, total = self.total_energy(out["node_energy"], species, graph_index, num_graphs)
+        energy, total = self.total_energy(out["node_energy"], g.species, g.graph_index, g.num_graphs)
         result = {K.PRED_ENERGY: total}
         if compute_forces:
-            (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+            (grad,) = torch.autograd.grad(energy.sum(), g.pos, create_graph=create_graph)
             result[K.PRED_FORCES] = -grad
         return result

@@ -24,7 +24,9 @@ import pytest
 from data_shards.build import SIDECAR_SUFFIX, build_shards
 from data_shards.integrity import SampleIntegrityError, ShardReadError
 from data_shards.manifest import load_manifest
-from data_shards.stream import ShardChecksumError, ShardStream, merge_stream_states
+from data_shards.stream import ShardStream
+from data_shards.stream_slots import ShardChecksumError
+from data_shards.stream_state import merge_stream_states
 from tests.helpers.water_systems import water_atoms
 
 CUTOFF = 3.0

@@ -148,7 +148,8 @@ def test_backbone_frozen_throughout_is_exported_unchanged(water_shards, init, tm
 
 
 def test_reinit_heads_redraws_the_heads_only(water_shards, init, tmp_path):
-    from finetune.loop import check_inputs, make_model
+    from finetune.inputs import check_inputs
+    from finetune.loop import make_model
 
     start = exported_params(init)
     backbone, head = split_names(_model_for(init))
@@ -181,7 +182,8 @@ def test_elements_new_to_the_export_are_refused_naming_them(water_shards, init, 
 
 
 def test_allowed_new_elements_get_fresh_embedding_rows(water_shards, init, tmp_path):
-    from finetune.loop import check_inputs, make_model, run_finetune
+    from finetune.inputs import check_inputs
+    from finetune.loop import make_model, run_finetune
 
     _export_without_oxygen(init)
     cfg = cfg_with(where(water_shards, tmp_path / "run"), {"init": str(init)}, SHORT,

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import finetune.loop as loop
+import finetune.training as training
 from data_shards.config_io import load_config
 from finetune.config import FinetuneConfig
 from finetune.resume import CHECKPOINT_DIR
@@ -43,16 +44,16 @@ def config(shards: Path, out_dir: Path, **train) -> FinetuneConfig:
 
 def interrupt_at(monkeypatch, call: int, action) -> None:
     """Run `action` during the `call`-th training loss of the next run (then stop interfering)."""
-    real, calls = loop.energy_force_loss, []
+    real, calls = training.energy_force_loss, []
 
     def counting(*args, **kwargs):
         calls.append(1)
         if len(calls) == call:
-            monkeypatch.setattr(loop, "energy_force_loss", real)
+            monkeypatch.setattr(training, "energy_force_loss", real)
             action()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "energy_force_loss", counting)
+    monkeypatch.setattr(training, "energy_force_loss", counting)
 
 
 def mlflow_view(out_dir: Path) -> tuple[list, dict[int, float]]:

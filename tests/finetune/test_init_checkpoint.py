@@ -34,7 +34,8 @@ def pretrain_run(one_rank, water_shards, tmp_path):
 
 
 def test_checkpoint_folders_load_its_weights_and_architecture(pretrain_run, water_shards, tmp_path):
-    from finetune.loop import check_inputs, make_model
+    from finetune.inputs import check_inputs
+    from finetune.loop import make_model
 
     run, weights = pretrain_run
     tag = run / "checkpoints" / "step00000003"
@@ -63,7 +64,7 @@ def test_finetune_from_a_checkpoint_records_it(pretrain_run, water_shards, tmp_p
 
 
 def test_bf16_checkpoints_and_non_checkpoints_are_refused(pretrain_run, water_shards, tmp_path):
-    from finetune.loop import check_inputs
+    from finetune.inputs import check_inputs
 
     run, _ = pretrain_run
     state = run / "checkpoints" / "step00000003" / "state.json"
