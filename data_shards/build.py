@@ -318,7 +318,7 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     `energy_key`/`forces_key`/`stress_key` name the label fields of extxyz/asedb inputs (None: what ASE finds);
     `datasets` names each input's data set and `e0s` gives E0 files (data_shards/datasets.py, e0.py).
     """
-    cfg = BuildConfig(tuple(str(i) for i in inputs), str(out_dir), shard_size, tuple(split_fractions),
+    cfg = BuildConfig(tuple(str(i) for i in inputs), str(out_dir), shard_size, split_fractions,
                       ray_address, num_cpus, require_labels, progress, use_ray, stats_cutoff, units, split_by,
                       split_seed, split_mode, energy_key, forces_key, stress_key, tuple(datasets), tuple(e0s))
     if e0s:

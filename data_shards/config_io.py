@@ -33,7 +33,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if value not in options:
             raise ConfigError(f"{where}: {value!r} is not one of {list(options)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):

@@ -129,7 +129,8 @@ class ShardStream:
         self.work = plan_work(self.manifest, split, limit)
         self.transform, self.dtype, self.epoch, self.agree = transform, dtype, 0, agree
         self._fresh_layout = Layout(world_size, num_workers)
-        self._layout, self._offsets = self._fresh_layout, {}   # layout of this epoch, samples skipped per slot
+        self._layout = self._fresh_layout                       # layout of this epoch
+        self._offsets: dict[int, int] = {}                       # samples skipped per slot
         self._consumed: dict[int, int] = {}                      # handed out per slot by the current iteration
 
     def set_epoch(self, epoch: int) -> None:

@@ -154,7 +154,7 @@ def _select(samples: Iterator[dict], mine: list[ShardWork], whole: bool, n_slots
             slot: int) -> Iterator[dict]:
     """Keep the first `take` samples of each shard and, when sharing shards, every n_slots-th sample."""
     by_url = {w.path: w for w in mine}
-    url, position = None, 0
+    url, position = "", 0
     for sample in samples:
         if sample["__url__"] != url:
             url, position = sample["__url__"], 0

@@ -78,8 +78,8 @@ def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, di
 
 
 def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
-    tags = {"maskpot.version": _version(), "maskpot.config_sha256": config_hash(cfg),
-            "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch"}
+    tags: dict[str, object] = {"maskpot.version": _version(), "maskpot.config_sha256": config_hash(cfg),
+                               "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch"}
     if inputs.init_meta is not None:
         tags["maskpot.init_sha256"] = inputs.init_sha256
         for key, value in flatten_config(inputs.init_meta["lineage"]).items():
@@ -232,6 +232,7 @@ def _test_and_export(trainer: Trainer, arch: dict, out_dir: Path, train_seconds:
 
     export_dir = _export(scored, cfg, inputs, arch, best.step, out_dir)
     shown = test or best.figures
+    assert shown is not None   # validation at step 0 always offers a best
     figures = [plots.learning_curve(trainer.loop.train_curve, history, out_dir / "learning_curve.png"),
                *plots.parity_plots(shown[M.ARRAYS], shown, out_dir,
                                    inputs.test_split or cfg.data.val_split)]
@@ -247,7 +248,7 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
     best, model, last_step = L.best, L.model, trainer.last_step
     return {
         "best_step": best.step,
-        "best_val": M.without_arrays(best.figures),
+        "best_val": M.without_arrays(best.figures) if best.figures is not None else None,
         "test": M.without_arrays(test) if test is not None else None,
         "test_split": inputs.test_split or None,
         "history": L.history,

@@ -22,14 +22,22 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.optim.swa_utils import AveragedModel
 
 from data_shards.config_io import config_hash
 from finetune.forcefield import metrics as M
 from pretrain.checkpoint import PREEMPT_SIGNALS, PreemptionFlag
+
+if TYPE_CHECKING:   # the loop's parts, built by finetune.loop (they import this module)
+    from finetune.adapt import EarlyStopping
+    from finetune.replay import Replay
+    from finetune.tracking import Tracker
+    from finetune.training import Best
 
 CHECKPOINT_DIR, STATE_FILE, TENSORS_FILE = "checkpoint", "state.json", "tensors.safetensors"
 FORMAT_VERSION = 1
@@ -91,14 +99,14 @@ class EndlessBatches:
 class LoopState:
     """What the finetuning loop changes as it goes (finetune.loop builds it): all of it is checkpointed."""
     model: torch.nn.Module
-    ema: torch.nn.Module | None        # torch.optim.swa_utils.AveragedModel
+    ema: AveragedModel | None
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     batches: EndlessBatches
-    replay: object | None              # finetune.replay.Replay
-    tracker: object                    # finetune.tracking.Tracker
-    best: object                       # finetune.training.Best
-    stopper: object                    # finetune.adapt.EarlyStopping
+    replay: Replay | None
+    tracker: Tracker
+    best: Best
+    stopper: EarlyStopping
     history: list = field(default_factory=list)
     train_curve: list = field(default_factory=list)
     skipped: int = 0

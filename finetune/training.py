@@ -82,7 +82,7 @@ class Trainer:
         L, cfg = self.loop, self.cfg
         if self.refit_stream is not None:   # re-centre the energy zero on the training frames (forces don't fix it)
             E.refit_energy_offset(self.scored, self.refit_stream, self.device, quiet=True)
-            L.model.e0.copy_(self.scored.e0)
+            L.model.get_buffer("e0").copy_(self.scored.get_buffer("e0"))
         figures = M.evaluate(self.scored, self.val_stream, cfg.data.val_batches, self.device)
         improved = L.best.offer(step, figures, self.scored)
         L.history.append({"step": step, **M.without_arrays(figures), "best": improved})
@@ -153,7 +153,7 @@ class Trainer:
         lr = self._optimizer_step(total)
         L.train_curve.append((step, loss.item()))
         logged = {"train/loss": loss.item(), "train/lr": lr}
-        if L.replay is not None:
+        if L.replay is not None and replay_loss is not None:
             logged["train/replay_loss"] = L.replay.record(replay_loss)
         L.tracker.log_metrics(logged, step)
         self.bar.set_postfix(loss=f"{loss.item():.4g}",

@@ -6,7 +6,7 @@ import json
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -131,6 +131,14 @@ def agreed_signal(signum: int | None) -> int:
 all_ranks = D.agree  # true on every rank iff true on all
 
 
+class Batches(Protocol):
+    """What a training step draws from: `LockstepBatches`, or `mixture.MixedBatches` over several sets."""
+
+    def next(self) -> Any: ...
+
+    def position(self) -> tuple[int, int]: ...
+
+
 class LockstepBatches:
     """Batches of one split, epoch after epoch; an epoch ends for every rank when any rank runs dry."""
 
@@ -190,7 +198,7 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
     return t[0].item() == world, t[1].item() / world
 
 
-def train_step(engine, cfg: PretrainConfig, batches: LockstepBatches, state: ckpt.TrainState) -> float:
+def train_step(engine, cfg: PretrainConfig, batches: Batches, state: ckpt.TrainState) -> float:
     """One optimizer step; returns the rank-mean loss of its micro batches."""
     losses: list[float] = []
     nonfinite_run = 0

@@ -30,10 +30,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pretrain.registry import register_version
 from pretrain.tracking_config import TrackingConfig, is_http, server_is_up
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 log = logging.getLogger("maskpot.tracking")
 
@@ -82,7 +85,7 @@ class Tracker:
             self.journal.tags[PARENT_TAG] = cfg.parent_run_id
         self.pending_metrics: list[list] = []
         self.resume_run_id: str | None = None
-        self.client = None
+        self.client: MlflowClient | None = None   # set once a run is open
         self.experiment_id: str | None = None
         self.run_id: str | None = None
         self.offline = False
@@ -141,7 +144,8 @@ class Tracker:
                 self._write_pending()
         if self.enabled and not self.offline and self.run_id is not None:
             try:
-                self.client.set_terminated(self.run_id, status=status)
+                client, run_id = self._open_run()
+                client.set_terminated(run_id, status=status)
             except Exception as e:  # noqa: BLE001 - tracking must never end a finished training
                 log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, e)
         return {"tracking_uri": self.uri, "experiment_id": self.experiment_id, "run_id": self.run_id,
@@ -236,10 +240,16 @@ class Tracker:
         run = self.client.create_run(self.experiment_id, run_name=self.run_name)
         self.run_id = run.info.run_id
 
+    def _open_run(self) -> tuple[MlflowClient, str]:
+        """The client and run id, once a run is open (what every send needs)."""
+        assert self.client is not None and self.run_id is not None, "no MLflow run is open"
+        return self.client, self.run_id
+
     def _check_parent(self) -> None:
         from mlflow.exceptions import MlflowException  # startup: mlflow (+12 s over torch) only when tracking is on
 
         try:
+            assert self.client is not None and self.parent_run_id is not None
             parent = self.client.get_run(self.parent_run_id)
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
@@ -264,27 +274,29 @@ class Tracker:
             return
         from mlflow.entities import Param, RunTag  # startup: mlflow (+12 s over torch) only when tracking is on
 
+        client, run_id = self._open_run()
         params = [Param(k, v) for k, v in self.journal.params.items()]
         tags = [RunTag(k, v) for k, v in self.journal.tags.items()]
         for i in range(0, len(params), MAX_BATCH_PARAMS_TAGS):
-            self.client.log_batch(self.run_id, params=params[i:i + MAX_BATCH_PARAMS_TAGS])
+            client.log_batch(run_id, params=params[i:i + MAX_BATCH_PARAMS_TAGS])
         for i in range(0, len(tags), MAX_BATCH_PARAMS_TAGS):
-            self.client.log_batch(self.run_id, tags=tags[i:i + MAX_BATCH_PARAMS_TAGS])
+            client.log_batch(run_id, tags=tags[i:i + MAX_BATCH_PARAMS_TAGS])
         self.journal.header_sent = True
 
     def _send_entry(self, entry: dict) -> None:
         from mlflow.entities import Metric  # startup: mlflow (+12 s over torch) only when tracking is on
 
+        client, run_id = self._open_run()
         if "metrics" in entry:
             metrics = [Metric(k, v, ms, step) for k, v, ms, step in entry["metrics"]]
             for i in range(0, len(metrics), MAX_BATCH_METRICS):
-                self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_BATCH_METRICS])
+                client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH_METRICS])
             return
         path = Path(entry["artifact"])
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), entry["artifact_path"])
+            client.log_artifacts(run_id, str(path), entry["artifact_path"])
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), entry["artifact_path"])
+            client.log_artifact(run_id, str(path), entry["artifact_path"])
         else:
             log.warning("artifact %s no longer exists; not logged", path)
 
@@ -315,4 +327,5 @@ def replay_pending(pending_file: str | Path, uri: str | None = None) -> str:
         raise ConnectionError(f"MLflow store {cfg.uri} is still unreachable; nothing was lost ({pending_file})")
     tracker.finish()
     Path(pending_file).unlink()
+    assert tracker.run_id is not None
     return tracker.run_id

@@ -20,8 +20,10 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +50,7 @@ from pretrain.loop import (
     write_export,
 )
 from pretrain.models import build_model
+from pretrain.tracking import Tracker
 
 log = logging.getLogger("pretrain")
 
@@ -71,14 +74,14 @@ class Run:
     out_dir: Path
     manifest: dict
     manifest_hash: str
-    tracker: object | None          # run_tracking's Tracker on rank 0 with tracking enabled, else None
-    engine: object                  # DeepSpeed engine
+    tracker: Tracker | None         # rank 0 with tracking enabled, else None
+    engine: Any                     # DeepSpeed engine (untyped)
     ema: WeightEMA | None
     state: ckpt.TrainState
-    batches: object                 # LockstepBatches | mixture.MixedBatches
-    validate: object | None         # make_validator's callable, None without a validation split
+    batches: LockstepBatches | mixture.MixedBatches
+    validate: Callable | None       # make_validator's callable, None without a validation split
     metrics: MetricsLog
-    bar: object
+    bar: Any                        # tqdm bar (or the periodic-line stand-in off a TTY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +133,7 @@ def build_run(cfg: PretrainConfig, args: argparse.Namespace, rank: int, world_si
                metrics, bar)
 
 
-def _build_engine(cfg: PretrainConfig, manifest: dict, out_dir: Path) -> tuple[object, WeightEMA | None]:
+def _build_engine(cfg: PretrainConfig, manifest: dict, out_dir: Path) -> tuple[Any, WeightEMA | None]:
     """(DeepSpeed engine over a fresh or `train.init` model with the data's normalisation, weight EMA)."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
@@ -178,6 +181,7 @@ def train(run: Run, preempt: ckpt.PreemptionFlag) -> bool:
 
 def _validate(run: Run) -> bool:
     """Validate; a new best is exported. True: it was a new best."""
+    assert run.validate is not None    # train() validates only when there is a validation split
     improved = keep_if_best(run.state, run.validate(run.engine, run.ema), run.metrics)
     if improved:
         _export(run)

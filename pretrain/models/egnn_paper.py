@@ -132,7 +132,8 @@ class PaperEGNN(EnergyCentricModel):
         degree = torch.bincount(src, minlength=g.species.shape[0]).clamp_(min=1)
         inv_degree = (1.0 / degree.to(h.dtype))[:, None]      # mean over a node's edges
         fast = self.config.implementation == "fast"
-        for layer in self.layers:
+        layer: PaperEGNNLayer
+        for layer in self.layers:  # type: ignore[assignment]  # nn.ModuleList yields nn.Module
             if not fast:
                 h, vectors = layer.forward_reference(h, vectors, src, dst, inv_degree)
             elif self.config.recompute and create_graph:   # training: activations kept for double backward
