@@ -28,7 +28,7 @@ GENERATED = Path("data") / "generated"
 
 def conditions(mapping: dict, frames: int):
     """data_shards.corpus CorpusConfig of `frames` frames from a conditions mapping (no `trajectories`)."""
-    from data_shards.corpus.conditions import CorpusConfig as Conditions   # OpenMM-free, but only when run
+    from data_shards.corpus.conditions import CorpusConfig as Conditions  # OpenMM-free, but only when run
 
     fpt = from_dict(Conditions, {**mapping, "trajectories": 1}).frames_per_trajectory
     return from_dict(Conditions, {**mapping, "trajectories": frames // fpt})
@@ -133,8 +133,9 @@ def experiments(cfg: StudyConfig) -> list[tuple[str, object]]:
 
 def run_experiments(cfg: StudyConfig, out: Path, timings, corpus: Path, dft: Path) -> None:
     for name, build in experiments(cfg):
-        jobs = list({j.run_dir: j for j in timings.stage(f"{name}_pretrain", lambda: build(cfg, out, dft))}.values())
-        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs, f"{name} finetunes"))
+        built = timings.stage(f"{name}_pretrain", lambda build=build: build(cfg, out, dft))
+        jobs = list({j.run_dir: j for j in built}.values())
+        timings.stage(f"{name}_finetune", lambda jobs=jobs, name=name: run_finetunes(cfg, jobs, f"{name} finetunes"))
 
 
 def _readouts(cfg: StudyConfig) -> str:

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +98,7 @@ def scaling_markdown(rows: list[dict], image: str | None) -> str:
                      f"{compare(values(r['runs'], r['readout']), values(r['scratch'], r['readout']))} |")
     for (model, variant, budget), group in sorted(_by(rows, "model", "variant", "budget").items()):
         means = [mean_std(values(r["runs"], r["readout"]))[0] for r in group]
-        falls = all(b < a for a, b in zip(means, means[1:]))
+        falls = all(b < a for a, b in pairwise(means))
         lines.append(f"\n{model} {variant}, {budget} frames: the curve {'falls' if falls else 'does not fall'} "
                      f"monotonically with corpus size ({', '.join(f'{m:.1f}' for m in means)} meV/Å).")
     return "\n".join(lines + ([f"\n![scaling]({image})"] if image else []) + [""])
@@ -146,7 +147,9 @@ def comparisons_markdown(records: list[dict]) -> str:
     lines = []
     for (model, budget, variant) in sorted(dft):
         base, _, tag = variant.partition(ABLATION_MARK)
-        runs = lambda v: dft.get((model, budget, v), [])  # noqa: E731
+
+        def runs(v: str, model=model, budget=budget) -> list[dict]:
+            return dft.get((model, budget, v), [])
         if tag == "twostage":
             lines += _table(f"Two-stage, {model} {base}, {budget} labelled frames",
                             [("scratch", runs("scratch")), ("corpus only", runs(base)),

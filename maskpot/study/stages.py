@@ -27,14 +27,14 @@ from maskpot.study.config import (
     StudyConfig,
     load_study,
 )
-from maskpot.study.finetunes import (  # noqa: F401  (re-exported: ablation and tests import them from here)
+from maskpot.study.finetunes import (  # ablation and tests import these from here too
     FinetuneJob,
     Timings,
     _banner,
     finetune_config,
     run_finetunes,
 )
-from maskpot.study.grid import describe_plan  # noqa: F401  (re-exported)
+from maskpot.study.grid import describe_plan
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"

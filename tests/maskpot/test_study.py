@@ -30,7 +30,7 @@ def test_every_scale_in_the_repo_yaml_is_valid(scale):
 
 def test_small_scale_keeps_one_finetune_budget_and_the_required_budgets():
     cfg = load_study(STUDY, "small")
-    assert cfg.dft_water.budgets[0] == 30 and cfg.dft_water.budgets[-1] == 240
+    assert {10, 30} <= set(cfg.dft_water.budgets) and cfg.dft_water.budgets[-1] == 240
     assert len(cfg.seeds) >= 2 and cfg.corpus.frames >= 1000
 
 
@@ -220,16 +220,28 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     first = maskpot(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     cfg = load_study(STUDY, "tiny")
+    # the main grid, then the grid of issue 13 at budget 8: two-stage (+@twostage, @dftpos), scaling
+    # (mask, denoise × @corpus8, @corpus16) and diversity (+@single16; @corpus16 is the scaling run)
+    experiment_runs = {"mask@twostage", "mask@dftpos", "mask@corpus8", "denoise@corpus8", "mask@corpus16",
+                       "denoise@corpus16", "mask@single16"}
     expected = (len(cfg.variants) * len(cfg.dft_water.budgets) + len(cfg.tip3p.variants)
-                + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets)) * len(cfg.seeds)
+                + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets) + len(experiment_runs)) * len(cfg.seeds)
     results = sorted(out.glob("finetune/*/*/results.json"))
     assert len(results) == expected
+    readouts = [json.loads(p.read_text()) for p in results]
+    assert all(r["converged"]["max_steps"] == cfg.finetune.converge_steps for r in readouts)   # both read-outs
     summary = (out / "report" / "summary.md").read_text()
     for title in study_report.SETTING_TITLES.values():
         assert title in summary
+    for section in ("At convergence", "## Scaling", "### Two-stage", "### Diversity at 16", "## Time per stage"):
+        assert section in summary
     assert (out / "report" / "learning_curves_dft_water_egnn.png").is_file()
+    assert (out / "report" / "scaling.png").is_file()
     exports = sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json"))
-    assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
+    assert exports == sorted(["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask",
+                              *(f"egnn_{v}" for v in experiment_runs)])
+    lineage = json.loads((out / "pretrain/egnn_mask@twostage/export/model.json").read_text())["lineage"]
+    assert lineage["init"] == str(out / "pretrain/egnn_mask/export")   # the two stages, both recorded
     with sqlite3.connect(out / "mlflow.db") as db:
         finished = "select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id " \
                    "join tags t on t.run_uuid = r.run_uuid where e.name = ? and r.status = 'FINISHED' and t.key = ?"
@@ -237,9 +249,9 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
         pretrainings = db.execute(finished + " and t.value = 'pretrain'", (cfg.experiment, "study.stage")).fetchone()[0]
         nested = db.execute("select count(*) from tags where key = 'mlflow.parentRunId'").fetchone()[0]
         variants = {v for (v,) in db.execute("select value from tags where key = 'study.variant'")}
-    assert runs == expected and variants == {"scratch", "denoise", "mask", "hmask"}
-    assert pretrainings == 3 and nested == expected - len(cfg.seeds) * (len(cfg.dft_water.budgets) + 1
-                                                                       + len(cfg.ethanol.budgets)), nested
+    assert runs == 2 * expected and variants == {"scratch", "denoise", "mask", "hmask"} | experiment_runs
+    assert pretrainings == len(exports)   # each read-out of a pretrained variant nests under its pretraining
+    assert nested == 2 * (expected - len(cfg.seeds) * (len(cfg.dft_water.budgets) + 1 + len(cfg.ethanol.budgets))), nested
     stamps = {p: p.stat().st_mtime_ns for p in results}
     again = maskpot(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
