@@ -192,7 +192,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
             f"    maskpot pretrain --config {path} --nproc {p.nproc}")
-    code = run_pretrain(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
+    code = run_pretrain(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto", init=None,
                                            allow_config_change=False))
     if code != 0:
         raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
