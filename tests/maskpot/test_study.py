@@ -221,9 +221,8 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     cfg = load_study(STUDY, "tiny")
     # the main grid, then the grid of issue 13 at budget 8: two-stage (+@twostage, @dftpos), scaling
-    # (mask, denoise × @corpus8, @corpus16) and diversity (+@single16; @corpus16 is the scaling run)
-    experiment_runs = {"mask@twostage", "mask@dftpos", "mask@corpus8", "denoise@corpus8", "mask@corpus16",
-                       "denoise@corpus16", "mask@single16"}
+    # (mask@corpus8, @corpus16) and diversity (+@single16; @corpus16 is the scaling run)
+    experiment_runs = {"mask@twostage", "mask@dftpos", "mask@corpus8", "mask@corpus16", "mask@single16"}
     expected = (len(cfg.variants) * len(cfg.dft_water.budgets) + len(cfg.tip3p.variants)
                 + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets) + len(experiment_runs)) * len(cfg.seeds)
     results = sorted(out.glob("finetune/*/*/results.json"))
