@@ -3,7 +3,8 @@ model's cost per frame.
 
     .venv/bin/python benchmarks/bench_corpus.py [--trajectories 4] [--frames 10] [--molecules 32] [--repeats 3]
 
-Arms alternate (1, 2, 1, 2, ...) in one run; Ray is started before the clock (its start-up is not counted)
+Through benchmarks/harness.py: arms alternate (1, 2, 1, 2, ...) in one run, ratios paired per round; Ray is
+started before the clock (its start-up is not counted)
 and restarted for each arm with that many CPUs; every arm generates the same trajectories into a fresh
 folder. Reported: the median frames/s per arm, their ratio, and the median ms per frame (production +
 minimisation + equilibration, divided by the frames) per model over all arms. Timings on a shared
@@ -25,12 +26,13 @@ for _name, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS
                       "RAY_AUTH_MODE": "disabled"}.items():
     os.environ.setdefault(_name, _value)
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import ray  # noqa: E402
+import ray
+from harness import RATE, compare
 
-from data_shards.corpus.conditions import CorpusConfig  # noqa: E402
-from data_shards.corpus.generate import generate_corpus  # noqa: E402
+from data_shards.corpus.conditions import CorpusConfig
+from data_shards.corpus.generate import generate_corpus
 
 
 def one_arm(cfg: CorpusConfig, workers: int, root: Path, tag: str) -> dict:
@@ -52,23 +54,23 @@ def main() -> None:
     p.add_argument("--trajectories", type=int, default=4)
     p.add_argument("--frames", type=int, default=10, help="frames per trajectory")
     p.add_argument("--molecules", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="rounds (>= 3)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = p.parse_args()
     cfg = CorpusConfig(trajectories=args.trajectories, frames_per_trajectory=args.frames, seed=0,
                        molecules=(args.molecules, args.molecules), steps_between_frames=100, equilibration_steps=500)
-    runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            for workers in (1, 2):
-                runs.append(one_arm(cfg, workers, Path(tmp), f"r{r}w{workers}"))
-                print(json.dumps({k: v for k, v in runs[-1].items() if k != "cost_per_frame"}), flush=True)
-    medians = {w: statistics.median(x["frames_per_second"] for x in runs if x["workers"] == w) for w in (1, 2)}
+        counter = iter(range(10**6))
+        arms = {f"{w}worker": (lambda w=w: one_arm(cfg, w, Path(tmp), f"a{next(counter)}w{w}")) for w in (1, 2)}
+        record = compare(f"corpus generation, {args.trajectories} trajectories × {args.frames} frames of "
+                         f"{args.molecules} molecules", arms, "1worker", {"frames_per_second": RATE},
+                         rounds=args.repeats, json_path=Path(args.out) / "corpus.json",
+                         notes={"command": " ".join(sys.argv)})
+    runs = [row["metrics"] for rows in record["samples"].values() for row in rows]
     models = sorted({m for x in runs for m in x["cost_per_frame"]})
     cost = {m: statistics.median(x["cost_per_frame"][m]["ms_per_frame"] for x in runs if m in x["cost_per_frame"])
             for m in models}
-    print(json.dumps({"cpus": os.cpu_count(), "trajectories": args.trajectories, "frames_per_trajectory": args.frames,
-                      "molecules": args.molecules, "median_frames_per_second": medians,
-                      "speedup_2_vs_1": medians[2] / medians[1], "median_ms_per_frame_by_model": cost}, indent=2))
+    print(json.dumps({"median_ms_per_frame_by_model": cost}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,194 +1,172 @@
-"""EGNN training and inference throughput at paper size, against a naive (reference-style) evaluation.
+"""The paper's EGNN function, fast form against its straightforward per-edge form, through the harness.
 
-Training step = forward + forces by autograd (create_graph) + backward of an L1 energy + force loss +
-AdamW step, on a batch of 16 frames of 64 waters (192 atoms). Frames come from
-../shared/data/water_deepmd when present, else generated boxes of the same size.
-The baseline is the *same* model and weights evaluated the reference way: the first edge-MLP layer
-applied to the per-edge concatenation [h_i, h_j, d²], torch's SiLU (whose derivative torch builds from
-~6 elementwise ops when differentiated twice). Outputs are checked equal before timing.
+Every arm is a fresh process per round (peak RSS is that process's own, `os.wait4`), arms alternated
+(reference fast fast_recompute … × `--rounds`), ratios paired per round against the `reference` arm:
+`egnn_paper` with implementation "reference" (per-edge concatenation [h_i, h_j, d²] → Linear(2H+1, H),
+torch SiLU, all activations kept) — the same function and weights (seed 0) as the fast arms.
+Training step = forward + forces by autograd (create_graph) + backward of an L1 energy + force loss + AdamW
+step; inference = energy + forces (no create_graph). Frames: the first `--batch` DFT-water frames of
+../shared/data/water_deepmd data_0 (192 atoms each), else generated 64-water boxes. fp32 unless the arm
+says bf16 (weights and edge geometry in bf16, E0 sum in float64).
 
-    .venv/bin/python benchmarks/bench_egnn.py [--steps 5] [--batch 16] [--threads 2]
+Each child also reports: executed FLOPs of one step (FlopCounterMode: matmul-class ops only), the achieved
+FLOP/s, a plain (E × H) @ (H × H) torch matmul's FLOP/s in the same process and dtype, and the RMS deviation
+of its forces from float64 forces of the same weights (meV/Å; the bf16 accuracy cost).
+
+    .venv/bin/python benchmarks/bench_egnn.py [--mode train infer] [--rounds 3] [--steps 3] [--threads 2]
+        [--arms reference fast fast_recompute fast_bf16] [--out benchmarks/results]
 """
 from __future__ import annotations
 
 import argparse
-import resource
+import json
+import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.flop_counter import FlopCounterMode
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path[:0] = [str(REPO), str(BENCH)]
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
-
-from tests.helpers.water_systems import make_sample, to_batch, water_box  # noqa: E402
-
-from data_shards import keys as K  # noqa: E402
-from pretrain.models import build_model  # noqa: E402
-from pretrain.models.egnn import SiLU  # noqa: E402
-from pretrain.objectives import energy_force_loss  # noqa: E402
+from harness import RATE, SIZE, TIME, Command, compare, emit
 
 SHARED_WATER = REPO.parent / "shared" / "data" / "water_deepmd" / "data" / "data_0"
-REFERENCE_TRAIN_ATOMS_PER_S = 637    # TARGETS.md, the paper's EGNN code on this machine
-REFERENCE_INFER_ATOMS_PER_S = 1709
+ARMS = {   # name → (model name, params, dtype)
+    "reference": ("egnn_paper", {"implementation": "reference"}, "float32"),
+    "fast": ("egnn_paper", {"implementation": "fast", "recompute": False}, "float32"),
+    "fast_recompute": ("egnn_paper", {"implementation": "fast", "recompute": True}, "float32"),
+    "fast_bf16": ("egnn_paper", {"implementation": "fast", "recompute": True}, "bfloat16"),
+    "fast_bf16_norecompute": ("egnn_paper", {"implementation": "fast", "recompute": False}, "bfloat16"),
+    "maskpot_egnn": ("egnn", {"num_rbf": 0}, "float32"),   # the default EGNN (another function), for context
+}
+PAPER_SIZE = {"hidden": 128, "layers": 5, "cutoff": 3.5}
 
 
-def load_frames(count: int) -> tuple[list[dict], str]:
+def load_frames(count: int):
+    import numpy as np
+
+    from tests.helpers.water_systems import make_sample, water_box
+
     if (SHARED_WATER / "type.raw").is_file():
-        types_ = np.loadtxt(SHARED_WATER / "type.raw", dtype=np.int64)
-        species = np.array([8, 1])[types_]
+        species = np.array([8, 1])[np.loadtxt(SHARED_WATER / "type.raw", dtype=np.int64)]
         folder = SHARED_WATER / "set.000"
         coords, boxes = np.load(folder / "coord.npy"), np.load(folder / "box.npy")
         energies, forces = np.load(folder / "energy.npy"), np.load(folder / "force.npy")
-        frames = [make_sample(species, coords[i].reshape(-1, 3), boxes[i].reshape(3, 3), (True,) * 3,
-                              energy=energies[i], forces=forces[i].reshape(-1, 3)) for i in range(count)]
-        return frames, f"water_deepmd data_0 ({len(species)} atoms)"
-    frames = [water_box(64, seed=i, box_length=12.4447, labelled=True) for i in range(count)]
-    return frames, "generated 64-water boxes (shared data absent)"
+        return [make_sample(species, coords[i].reshape(-1, 3), boxes[i].reshape(3, 3), (True,) * 3,
+                            energy=energies[i], forces=forces[i].reshape(-1, 3)) for i in range(count)], "DFT water"
+    return [water_box(64, seed=i, box_length=12.4447, labelled=True) for i in range(count)], "generated water"
 
 
-def naive_layer_forward(layer, h, vectors, src, dst, envelope):
-    """Reference style: Linear(2H+1 → H) on the per-edge concatenation [h_i, h_j, d²], torch's SiLU."""
-    silu = torch.nn.functional.silu
-    dist2 = (vectors * vectors).sum(-1, keepdim=True)
-    weight = torch.cat([layer.edge_src.weight, layer.edge_dst.weight, layer.edge_dist[:, None]], dim=1)
-    edge_features = torch.cat([h[src], h[dst], dist2], dim=-1)
-    messages = silu(layer.edge_out(silu(torch.nn.functional.linear(edge_features, weight, layer.edge_src.bias))))
-    aggregated = torch.zeros_like(h).index_add_(0, src, messages * envelope)
-    h = h + layer.node_mlp(torch.cat([h, aggregated], dim=-1))
-    if layer.coord_mlp is not None:
-        weight = layer.coord_mlp(messages) * envelope / (dist2.sqrt() + 1.0)
-        delta = vectors.new_zeros(h.shape[0], 3).index_add_(0, src, -vectors * weight)
-        vectors = vectors + delta[dst] - delta[src]
-    return h, vectors
+def child(arm: str, mode: str, batch_size: int, steps: int, threads: int) -> None:
+    # imported here: the parent process only launches children and should not pay for torch
+    import torch
+    from harness import median_time
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from data_shards import keys as K
+    from pretrain.models import build_model
+    from pretrain.objectives import energy_force_loss
+    from tests.helpers.water_systems import to_batch
 
-def make_naive(model):
-    """The same function and weights, evaluated the reference way."""
-    for layer in model.layers:
-        layer.forward = types.MethodType(naive_layer_forward, layer)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, SiLU):
-                setattr(module, name, torch.nn.SiLU())
-    return model
-
-
-def train_step(model, optimizer, batch):
-    out = model(batch, compute_forces=True)
-    loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
-                             batch[K.NATOMS], force_weight=1.0, energy_scale=0.05)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
-
-
-def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
-    """Median wall and process-CPU seconds per call after `warmup` calls.
-
-    The machine is shared: CPU seconds / threads is what the step costs when it has the cores to itself.
-    """
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(steps):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return float(np.median(wall)), float(np.median(cpu))
-
-
-def time_training(model, batch, steps: int) -> tuple[float, float]:
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
-    return timed(lambda: train_step(model, optimizer, batch), steps, warmup=3)
-
-
-def time_inference(model, batch, steps: int) -> tuple[float, float]:
-    model.eval()
-    return timed(lambda: model(batch), steps, warmup=1)
-
-
-def training_flops(model, batch) -> int:
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with FlopCounterMode(display=False) as counter:
-        train_step(model, optimizer, batch)
-    return counter.get_total_flops()
-
-
-def matmul_flops_per_s(rows: int, hidden: int, repeats: int = 20) -> float:
-    a, b = torch.randn(rows, hidden), torch.randn(hidden, hidden)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * rows * hidden * hidden * repeats / (time.perf_counter() - start)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=5)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(threads)
+    name, params, dtype_name = ARMS[arm]
+    dtype = getattr(torch, dtype_name)
+    frames, origin = load_frames(batch_size)
+    batch = to_batch(frames, cutoff=PAPER_SIZE["cutoff"], dtype=torch.float32)
     torch.manual_seed(0)
-
-    frames, origin = load_frames(args.batch)
-    params = {"hidden": args.hidden, "layers": args.layers, "cutoff": 3.5, "num_rbf": 0}  # the paper's EGNN
-    model = build_model("egnn", params)
-    batch = to_batch(frames, cutoff=3.5, dtype=torch.float32)
+    model = build_model(name, {**PAPER_SIZE, **params})
     mean_e = float(batch[K.ENERGY].mean() / batch[K.NATOMS].double().mean())
     model.set_normalisation(0.05, {8: mean_e, 1: mean_e})
-    natoms, nedges = int(batch[K.NATOMS].sum()), batch[K.EDGE_INDEX].shape[1]
-    nparams = sum(p.numel() for p in model.parameters())
-    print(f"data: {origin}; batch {args.batch} frames = {natoms} atoms, {nedges} directed edges "
-          f"({nedges / args.batch:.0f}/frame); model {params}, {nparams / 1e6:.2f} M parameters; "
-          f"{torch.get_num_threads()} threads")
+    exact = None
+    if dtype != torch.float32:   # float64 forces of the same weights: what the lower precision costs
+        with torch.no_grad():
+            exact = model.double().eval()(to_batch(frames, cutoff=PAPER_SIZE["cutoff"]))[K.PRED_FORCES].float()
+    model = model.to(dtype)
+    natoms, nedges = int(batch[K.NATOMS].sum()), int(batch[K.EDGE_INDEX].shape[1])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
 
-    naive = make_naive(build_model("egnn", params))
-    naive.load_state_dict(model.state_dict())
-    with torch.no_grad():  # no graphs kept alive: they would count in the peak RSS below
-        ours_out, naive_out = model.eval()(batch), naive.eval()(batch)
-    assert torch.allclose(ours_out[K.PRED_ENERGY], naive_out[K.PRED_ENERGY], rtol=0, atol=1e-3)
-    assert torch.allclose(ours_out[K.PRED_FORCES], naive_out[K.PRED_FORCES], rtol=1e-3, atol=1e-4)
-    del ours_out, naive_out
+    def train_step():
+        out = model(batch, compute_forces=True)
+        loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES].float(),
+                                 batch[K.FORCES], batch[K.NATOMS], force_weight=1.0, energy_scale=0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-    ours_train = time_training(model, batch, args.steps)
-    ours_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    ours_infer = time_inference(model, batch, args.steps)
-    naive_train = time_training(naive, batch, args.steps)
-    naive_infer = time_inference(naive, batch, args.steps)
+    def infer_step():
+        return model(batch, compute_forces=True)
 
-    threads = torch.get_num_threads()
-    rows = [("train s/step (wall)", ours_train[0], naive_train[0]),
-            ("train s/step (cpu/thr)", ours_train[1] / threads, naive_train[1] / threads),
-            ("infer s/call (wall)", ours_infer[0], naive_infer[0]),
-            ("infer s/call (cpu/thr)", ours_infer[1] / threads, naive_infer[1] / threads)]
-    print(f"{'':26s}{'ours':>10s}{'naive':>10s}{'ratio':>8s}{'ours atoms/s':>14s}{'naive atoms/s':>15s}")
-    for name, ours, naive_s in rows:
-        print(f"{name:26s}{ours:10.3f}{naive_s:10.3f}{naive_s / ours:8.2f}{natoms / ours:14.0f}"
-              f"{natoms / naive_s:15.0f}")
-    print(f"vs the reference code (TARGETS.md), wall: training "
-          f"{natoms / ours_train[0] / REFERENCE_TRAIN_ATOMS_PER_S:.2f}x of {REFERENCE_TRAIN_ATOMS_PER_S} atoms/s, "
-          f"inference {natoms / ours_infer[0] / REFERENCE_INFER_ATOMS_PER_S:.2f}x of "
-          f"{REFERENCE_INFER_ATOMS_PER_S} atoms/s")
-    print(f"peak RSS after our training steps: {ours_rss_gb:.2f} GB")
+    if mode == "train":
+        model.train()
+        step = train_step
+    else:
+        model.eval()
+        step = infer_step
+    deviation = model_rms = float("nan")
+    if exact is not None:
+        model_rms = float(exact.pow(2).mean().sqrt()) * 1000
+        with torch.no_grad():
+            forces = model.eval()(batch)[K.PRED_FORCES].float()
+        deviation = float(((forces - exact) ** 2).mean().sqrt()) * 1000
+    model.train(mode == "train")
+    with FlopCounterMode(display=False) as counter:   # the warm-up step, counted
+        step()
+    flops = counter.get_total_flops()
+    wall, cpu = [], []
+    for _ in range(steps):   # wall and process CPU time of the same steps (CPU time: less sensitive to load)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        step()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    seconds, cpu_seconds = statistics.median(wall), statistics.median(cpu)
+    hidden = PAPER_SIZE["hidden"]
+    a, b = torch.randn(nedges, hidden, dtype=dtype), torch.randn(hidden, hidden, dtype=dtype)
+    matmul_s = median_time(lambda: a @ b, 20, warmup=2)
+    emit({"s_per_step": seconds, "cpu_s_per_step": cpu_seconds, "atoms_per_s": natoms / seconds, "flops": flops,
+          "achieved_gflops": flops / seconds / 1e9, "matmul_gflops": 2 * nedges * hidden * hidden / matmul_s / 1e9,
+          "force_dev_vs_fp64_mev": deviation, "model_force_rms_mev": model_rms,
+          "dft_force_rms_mev": float(batch[K.FORCES].pow(2).mean().sqrt()) * 1000,
+          "natoms": natoms, "nedges": nedges, "data": origin, "threads": torch.get_num_threads()})
 
-    flops_ours, flops_naive = training_flops(model, batch), training_flops(naive, batch)
-    peak = matmul_flops_per_s(nedges, args.hidden)
-    print(f"training step FLOPs: ours {flops_ours / 1e9:.1f} G, naive {flops_naive / 1e9:.1f} G; achieved "
-          f"{flops_ours / ours_train[0] / 1e9:.1f} GFLOP/s vs plain ({nedges}x{args.hidden})@({args.hidden}x"
-          f"{args.hidden}) matmul {peak / 1e9:.1f} GFLOP/s")
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", nargs="+", default=["train", "infer"], choices=["train", "infer"])
+    parser.add_argument("--arms", nargs="+", default=["reference", "fast", "fast_recompute", "fast_bf16"],
+                        choices=sorted(ARMS))
+    parser.add_argument("--baseline", default="reference", choices=sorted(ARMS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process (median)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(BENCH / "results"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child, args.mode[0], args.batch, args.steps, args.threads)
+        return
+    arms = [args.baseline] + [a for a in args.arms if a != args.baseline]
+    for mode in args.mode:
+        commands = {arm: Command([sys.executable, __file__, "--child", arm, "--mode", mode, "--batch",
+                                  str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)],
+                                 env={"OMP_NUM_THREADS": str(args.threads)}) for arm in arms}
+        record = compare(f"egnn_paper {mode}, batch {args.batch}, {args.threads} threads", commands, args.baseline,
+                         {"s_per_step": TIME, "cpu_s_per_step": TIME, "peak_rss_mb": SIZE,
+                          "achieved_gflops": RATE}, rounds=args.rounds,
+                         json_path=Path(args.out) / f"egnn_{mode}.json", notes={"command": " ".join(sys.argv)})
+        for arm, rows in record["samples"].items():
+            m = [row["metrics"] for row in rows]
+            fraction = statistics.median(r["achieved_gflops"] / r["matmul_gflops"] for r in m)
+            print(f"   {arm:>22s}: {statistics.median(r['atoms_per_s'] for r in m):8.0f} atoms/s, "
+                  f"{m[0]['flops'] / 1e9:7.1f} GFLOP/step, achieved "
+                  f"{statistics.median(r['achieved_gflops'] for r in m):6.1f}"
+                  f" GFLOP/s = {fraction:.2f} of a plain matmul in the same process "
+                  f"({statistics.median(r['matmul_gflops'] for r in m):6.1f} GFLOP/s); forces vs fp64: "
+                  f"{m[0]['force_dev_vs_fp64_mev']:.3g} meV/Å RMS, of model forces {m[0]['model_force_rms_mev']:.3g} "
+                  f"(DFT force RMS {m[0]['dft_force_rms_mev']:.0f})")
+        print(json.dumps({"natoms": m[0]["natoms"], "nedges": m[0]["nedges"], "data": m[0]["data"],
+                          "threads": m[0]["threads"]}))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Masked-pretraining training-step throughput of EGNN, GNS and ForceNet at paper size, fp32 and bf16.
+"""Masked-pretraining training-step throughput of EGNN, GNS and ForceNet at paper size, and MACE-small
+(mace-torch, when installed), fp32 and bf16.
 
 A step = water masking (ratio 0.5, done once, outside the timing) → forward with forces (EGNN: −∂E/∂x with
 create_graph, i.e. double backward) → per-atom cosine loss → backward → AdamW step, on `--batch` frames of
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
 import subprocess
 import sys
 import time
@@ -35,26 +36,32 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
+sys.path[:0] = [str(REPO / "benchmarks"), str(REPO)]
 
-from tests.helpers.water_systems import to_batch, water_box  # noqa: E402
+from harness import RATE, SIZE, TIME, Command, compare, emit, median_time
 
-from data_shards import keys as K  # noqa: E402
-from pretrain.engine import MODEL_INPUT_FLOATS  # noqa: E402
-from pretrain.models import build_model  # noqa: E402
-from pretrain.objectives import cosine_mask_loss  # noqa: E402
-from pretrain.transforms import WaterMasking  # noqa: E402
+from data_shards import keys as K
+from pretrain.engine import MODEL_INPUT_FLOATS
+from pretrain.models import build_model
+from pretrain.models.mace import mace_modules
+from pretrain.objectives import cosine_mask_loss
+from pretrain.transforms import WaterMasking
+from tests.helpers.water_systems import to_batch, water_box
 
 PAPER_MODELS = {
     "egnn": {"hidden": 128, "layers": 5, "cutoff": 3.5},
     "gns": {"latent": 128, "steps": 10, "mlp_layers": 2, "cutoff": 3.4},
     "forcenet": {"hidden": 128, "blocks": 5, "cutoff": 3.4},
 }
+if mace_modules() is not None:  # MACE-small (32x0e, max_L 0, r_max 5 Å, correlation 3, 2 interactions)
+    PAPER_MODELS["mace"] = {"num_channels": 32, "max_L": 0, "correlation": 3, "num_interactions": 2,
+                            "r_max": 5.0, "avg_num_neighbors": 50.0, "elements": [1, 8]}
 BOX_64_WATERS = 12.4447  # Å, 64 waters at ~1 g/cm³ (the RPBE boxes' size)
 
 
 def masked_batch(model_name: str, frames: int):
-    cutoff = PAPER_MODELS[model_name]["cutoff"]
+    params = PAPER_MODELS[model_name]
+    cutoff = params.get("cutoff", params.get("r_max"))
     masking = WaterMasking(ratio=0.5, seed=0)
     samples = [masking(water_box(64, seed=i, box_length=BOX_64_WATERS), 0) for i in range(frames)]
     return to_batch(samples, cutoff=cutoff, dtype=torch.float32)
@@ -99,53 +106,20 @@ def worker(model_name: str, precision: str, frames: int, steps: int, threads: in
         return {**result, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
     result["step_s"] = float(np.median(times))
     result["cpu_s"] = float(np.median(cpu)) / threads  # what a step costs with the cores to itself
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    if not bf16:
-        sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-        with FlopCounterMode(display=False) as counter:
-            train_step(model, sgd, batch, bf16=False)
-        result["flops"] = counter.get_total_flops()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    with FlopCounterMode(display=False) as counter:
+        train_step(model, sgd, batch, bf16=bf16)
+    result["flops"] = counter.get_total_flops()
+    result["achieved_gflops"] = result["flops"] / result["step_s"] / 1e9
+    result["matmul_gflops"] = matmul_flops(1024, torch.bfloat16 if bf16 else torch.float32)
+    result["atoms_per_s"] = result["atoms"] / result["step_s"]
     return result
 
 
-def matmul_peak(n: int, dtype: torch.dtype, threads: int, repeats: int = 10) -> tuple[float, float]:
-    """(FLOP/s by wall time, FLOP/s by process CPU time / threads) of an (n × n) @ (n × n) matmul."""
-    torch.set_num_threads(threads)
+def matmul_flops(n: int, dtype: torch.dtype, repeats: int = 10) -> float:
+    """FLOP/s (median wall time) of a plain (n × n) @ (n × n) matmul in this process."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    wall, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        a @ b
-        wall.append(time.perf_counter() - start)
-        cpu.append((time.process_time() - start_cpu) / threads)
-    return 2 * n**3 / min(wall), 2 * n**3 / max(min(cpu), 1e-9)
-
-
-def run_worker(args, model_name: str, precision: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", model_name, precision, "--batch", str(args.batch),
-           "--steps", str(args.steps), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        return {"model": model_name, "precision": precision, "error": proc.stderr.strip().splitlines()[-1][:120]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-HEADER = (f"{'model':9s}{'prec':6s}{'params M':>9s}{'s/step':>9s}{'cpu s/thr':>10s}{'atoms/s':>10s}"
-          f"{'struct/s':>10s}{'RSS GB':>8s}{'GFLOP/step':>11s}{'GFLOP/s':>9s}{'% matmul':>9s}{'cpu GFLOP/s':>12s}"
-          f"{'cpu % matmul':>13s}")
-
-
-def format_row(r: dict, fp32_flops: dict[str, float], peaks: dict[str, tuple[float, float]]) -> str:
-    if "error" in r:
-        return f"{r['model']:9s}{r['precision']:6s}  failed: {r['error']}"
-    step_flops = fp32_flops.get(r["model"], float("nan"))  # the fp32 count: autocast does not change it
-    achieved, achieved_cpu = step_flops / r["step_s"], step_flops / r["cpu_s"]
-    peak, peak_cpu = peaks[r["precision"]]
-    return (f"{r['model']:9s}{r['precision']:6s}{r['params_m']:9.2f}{r['step_s']:9.2f}{r['cpu_s']:10.2f}"
-            f"{r['atoms'] / r['step_s']:10.0f}{r['frames'] / r['step_s']:10.2f}{r['peak_rss_gb']:8.2f}"
-            f"{step_flops / 1e9:11.1f}{achieved / 1e9:9.2f}{100 * achieved / peak:9.1f}"
-            f"{achieved_cpu / 1e9:12.2f}{100 * achieved_cpu / peak_cpu:13.1f}")
+    return 2 * n**3 / median_time(lambda: a @ b, repeats, warmup=2)
 
 
 def corpus_shards(root: Path, frames: int) -> Path:
@@ -178,14 +152,31 @@ def deepspeed_rate(shards: Path, out: Path, model_name: str, precision: str, npr
            f"deepspeed.precision={precision}", "deepspeed.zero_stage=1", f"train.max_steps={steps}",
            f"train.val_every={10 * steps}", f"train.checkpoint_every={10 * steps}", "train.log_every=1",
            f"train.out_dir={out}"]
-    env = {**__import__("os").environ, "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    env = {**os.environ, "TQDM_DISABLE": "1", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, 2 // nproc))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
     if proc.returncode != 0:
-        return {"error": (proc.stdout + proc.stderr).strip().splitlines()[-1][:160]}
+        raise RuntimeError((proc.stdout + proc.stderr).strip()[-2000:])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["structures_per_s"] for r in rows if "structures_per_s" in r][steps // 3:]
     return {"structures_per_s": float(np.median(rates))}
+
+
+def steps_section(args) -> None:
+    for model_name in args.models:
+        commands = {precision: Command([sys.executable, __file__, "--worker", model_name, precision, "--batch",
+                                        str(args.batch), "--steps", str(args.steps), "--threads", str(args.threads)],
+                                       env={"OMP_NUM_THREADS": str(args.threads)})
+                    for precision in args.precisions}
+        record = compare(f"{model_name} masked-pretraining step, batch {args.batch}, {args.threads} threads",
+                         commands, args.precisions[0], {"step_s": TIME, "peak_rss_mb": SIZE},
+                         rounds=args.rounds, json_path=Path(args.out) / f"pretrain_step_{model_name}.json",
+                         notes={"command": " ".join(sys.argv)})
+        for precision, rows in record["samples"].items():
+            m = [row["metrics"] for row in rows]
+            print(f"   {precision}: {np.median([r['atoms_per_s'] for r in m]):.0f} atoms/s, "
+                  f"{m[0]['flops'] / 1e9:.1f} GFLOP/step, achieved {np.median([r['achieved_gflops'] for r in m]):.1f} "
+                  f"GFLOP/s vs a plain 1024³ matmul {np.median([r['matmul_gflops'] for r in m]):.1f} GFLOP/s "
+                  f"in the same process", flush=True)
 
 
 def distributed_section(args) -> None:
@@ -193,20 +184,17 @@ def distributed_section(args) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = corpus_shards(Path(tmp), max(4 * args.ds_batch, 32))
-        print(f"\nDeepSpeed (maskpot pretrain, ZeRO-1, gloo), global batch {args.ds_batch} frames, "
-              f"{args.ds_steps} steps; structures/s (steady state)")
         for model_name in args.models:
             for precision in args.precisions:
-                rates = {}
-                for nproc in args.ranks:
-                    r = deepspeed_rate(shards, Path(tmp) / f"{model_name}_{precision}_{nproc}", model_name,
-                                       precision, nproc, args.ds_batch, args.ds_steps)
-                    rates[nproc] = r.get("structures_per_s")
-                    shown = f"{rates[nproc]:.2f} struct/s = {rates[nproc] * 192:.0f} atoms/s" \
-                        if rates[nproc] else f"failed: {r['error']}"
-                    print(f"  {model_name:9s}{precision:6s}{nproc} rank(s): {shown}", flush=True)
-                if rates.get(1) and rates.get(2):
-                    print(f"  {model_name:9s}{precision:6s}2 ranks / 1 rank: {rates[2] / rates[1]:.2f}×", flush=True)
+                commands = {f"{n}rank": Command([sys.executable, __file__, "--ds-child", model_name, precision,
+                                                 str(n), str(shards), str(Path(tmp) / f"{model_name}_{precision}"),
+                                                 "--ds-batch", str(args.ds_batch), "--ds-steps", str(args.ds_steps)])
+                            for n in args.ranks}
+                compare(f"DeepSpeed ZeRO-1 {model_name} {precision}, global batch {args.ds_batch}, "
+                        f"{args.ds_steps} steps (structures/s, steady state)", commands, f"{args.ranks[0]}rank",
+                        {"structures_per_s": RATE}, rounds=args.rounds,
+                        json_path=Path(args.out) / f"deepspeed_{model_name}_{precision}.json",
+                        notes={"command": " ".join(sys.argv)})
 
 
 def main(argv=None) -> None:
@@ -214,37 +202,32 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median) after one warm-up step")
     parser.add_argument("--batch", type=int, default=16, help="64-water frames per step (paper: 16)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=list(PAPER_MODELS))
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
-    parser.add_argument("--matmul-n", type=int, default=1024)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                        help="the first is the baseline arm")
     parser.add_argument("--ranks", nargs="*", type=int, default=[], choices=[1, 2],
-                        help="also time `maskpot pretrain --nproc N` for these N (e.g. --ranks 1 2)")
+                        help="also time `maskpot pretrain --nproc N` for these N (e.g. --ranks 1 2; first = baseline)")
     parser.add_argument("--ds-batch", type=int, default=8, help="global batch (frames) of the DeepSpeed runs")
     parser.add_argument("--ds-steps", type=int, default=9, help="steps of each DeepSpeed run")
     parser.add_argument("--skip-steps", action="store_true", help="only the DeepSpeed section")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--worker", nargs=2, metavar=("MODEL", "PRECISION"), help=argparse.SUPPRESS)
+    parser.add_argument("--ds-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch, args.steps, args.threads)))
+        result = worker(*args.worker, args.batch, args.steps, args.threads)
+        if "error" in result:
+            raise SystemExit(result["error"])
+        emit(result)
         return
-
-    if args.skip_steps:
-        distributed_section(args)
+    if args.ds_child:
+        model_name, precision, nproc, shards, out = args.ds_child
+        emit(deepspeed_rate(Path(shards), Path(out) / f"n{nproc}", model_name, precision, int(nproc),
+                            args.ds_batch, args.ds_steps))
         return
-    peaks = {"fp32": matmul_peak(args.matmul_n, torch.float32, args.threads),
-             "bf16": matmul_peak(args.matmul_n, torch.bfloat16, args.threads)}
-    print(f"batch {args.batch} frames of 64 waters (192 atoms each, 160 after masking), {args.steps} timed "
-          f"steps, {args.threads} threads, 1 process; plain {args.matmul_n}³ matmul (same run), wall | cpu: "
-          f"fp32 {peaks['fp32'][0] / 1e9:.1f} | {peaks['fp32'][1] / 1e9:.1f}, "
-          f"bf16 {peaks['bf16'][0] / 1e9:.1f} | {peaks['bf16'][1] / 1e9:.1f} GFLOP/s")
-    print(HEADER, flush=True)
-    fp32_flops: dict[str, float] = {}
-    for model_name in args.models:
-        for precision in args.precisions:
-            row = run_worker(args, model_name, precision)
-            if "flops" in row:
-                fp32_flops[model_name] = row["flops"]
-            print(format_row(row, fp32_flops, peaks), flush=True)
+    if not args.skip_steps:
+        steps_section(args)
     if args.ranks:
         distributed_section(args)
 

@@ -2,13 +2,17 @@
 peak RSS of a build and of a loader epoch at 10⁴ and 10⁵ frames (it must not grow with the corpus).
 
     .venv/bin/python benchmarks/bench_shards.py [--frames 4000] [--rss-frames 10000 100000] [--skip-rss]
+        [--skip-read] [--rounds 3] [--out benchmarks/results]
+
+Every figure goes through benchmarks/harness.py: arms alternated for `--rounds` rounds, ratios paired per
+round against the first arm of the same run, JSON (samples, load averages, machine, versions) in `--out`.
 
 1. Sharding throughput (frames/s, Ray already up, so start-up is not counted) with 1 and 2 Ray CPUs, for
    64-water periodic frames (192 atoms) and for a small molecule (rMD17 ethanol from ../shared/data when
-   present, else generated 9-atom molecules). Target: ≥ 1.8× with 2 workers on 2 cores.
+   present, else generated 9-atom molecules); each arm a fresh process. Target: ≥ 1.8× with 2 workers.
 2. Read rates over the same tars: the raw byte rate (tarfile, every member read, nothing decoded — the
    physical limit here) against ShardStream into batched radius graphs (samples/s, atoms/s, MB/s).
-3. Peak RSS (ru_maxrss of a fresh process) of `build_shards` (serial, in-process) and of one loader
+3. Peak RSS (the harness's os.wait4 rusage of a fresh process) of `build_shards` (serial, in-process) and of one loader
    epoch (2 workers, shuffle buffer 256), for 8-water frames written as a DeePMD system.
 """
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,14 +31,14 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))   # tests.helpers, and this tree before any installed copy
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-import numpy as np  # noqa: E402
+import numpy as np
+from harness import RATE, SIZE, Command, compare, emit
 
-from data_shards import keys as K  # noqa: E402
+from data_shards import keys as K
 
 SHARED_ETHANOL = REPO.parent / "shared" / "data" / "ethanol_rmd17" / "train.xyz"
-TARGET_SPEEDUP = 1.8
 
 
 def write_deepmd(root: Path, boxes: list[dict], frames: int, seed: int) -> Path:
@@ -52,7 +58,7 @@ def write_deepmd(root: Path, boxes: list[dict], frames: int, seed: int) -> Path:
         d.mkdir()
         np.save(d / "coord.npy", coord.astype(np.float32))
         np.save(d / "box.npy", np.tile(first[K.CELL].reshape(1, 9), (m, 1)).astype(np.float32))
-        np.save(d / "energy.npy", rng.normal(-470.0 * n / 3, 1.0, size=m).astype(np.float32))
+        np.save(d / "energy.npy", rng.normal(-470.0 * (n // 3), 1.0, size=m).astype(np.float32))
         np.save(d / "force.npy", rng.normal(scale=0.8, size=(m, 3 * n)).astype(np.float32))
     return root
 
@@ -77,41 +83,45 @@ def small_molecule_input(tmp: Path, frames: int) -> tuple[str, str]:
     return str(path), "generated 9-atom molecules"
 
 
-def time_build(inputs: list[str], out: Path, cpus: int, shard_size: int) -> tuple[float, int]:
+def build_child(inputs: list[str], out: str, cpus: int, shard_size: int) -> dict:
+    """In a fresh process: Ray up with `cpus` CPUs (start-up not timed), then one build; frames/s."""
     import ray
 
-    from data_shards.build import RAY_ENV, build_shards
+    from data_shards.build import build_shards
+    from data_shards.ray_tasks import RAY_ENV
 
     os.environ.update(RAY_ENV)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024**2,
              logging_level="ERROR")
     try:
-        ray.get(ray.remote(lambda: 0).remote())   # workers up before the clock starts
+        ray.get([ray.remote(lambda: 0).remote() for _ in range(cpus)])   # workers up before the clock starts
         t0 = time.perf_counter()
-        manifest = build_shards(inputs, str(out), shard_size=shard_size, split_fractions=(1.0, 0.0, 0.0),
+        manifest = build_shards(inputs, out, shard_size=shard_size, split_fractions=(1.0, 0.0, 0.0),
                                 progress=False)
-        return time.perf_counter() - t0, manifest["totals"]["frames_read"]
+        seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
+    shutil.rmtree(out, ignore_errors=True)
+    return {"frames_per_s": manifest["totals"]["frames_read"] / seconds, "frames": manifest["totals"]["frames_read"]}
 
 
-def sharding(tmp: Path, frames: int) -> None:
+def sharding(tmp: Path, frames: int, rounds: int, out: Path) -> Path:
     from tests.helpers.water_systems import water_box
 
     water = write_deepmd(tmp / "water64", [water_box(64, seed=s) for s in range(8)], frames, seed=1)
     molecule, label = small_molecule_input(tmp, 1000)
-    print(f"1. sharding throughput, Ray up ({os.cpu_count()} cores)")
     for tag, name, inputs, shard_size in (("water", "64-water frames (192 atoms)", [str(water)], max(frames // 16, 1)),
-                                          ("molecule", label, [molecule], 64)):
-        rates = {}
-        for cpus in (1, 2):
-            secs, n = time_build(inputs, tmp / f"out_{tag}_{cpus}", cpus, shard_size)
-            rates[cpus] = n / secs
-            print(f"   {name:40s} {cpus} worker(s): {n} frames in {secs:6.2f} s = {rates[cpus]:8.0f} frames/s")
-        print(f"   {name:40s} speed-up {rates[2] / rates[1]:.2f}× (target ≥ {TARGET_SPEEDUP}×)")
+                                          ("molecule", label, [molecule], 250)):
+        arms = {f"{cpus}worker": Command([sys.executable, __file__, "--child", "shard", json.dumps(inputs),
+                                          str(tmp / f"out_{tag}_{cpus}"), str(cpus), str(shard_size)])
+                for cpus in (1, 2)}
+        compare(f"Ray sharding, {name}, {frames if tag == 'water' else 'all'} frames, {shard_size} per task",
+                arms, "1worker", {"frames_per_s": RATE}, rounds=rounds, json_path=out / f"shards_{tag}.json",
+                notes={"command": " ".join(sys.argv)})
+    return water
 
 
-def raw_tar_rate(shard_dir: Path) -> tuple[float, int, int]:
+def raw_tar_rate(shard_dir: Path) -> dict:
     from data_shards.manifest import load_manifest, shard_paths
 
     t0, nbytes, members = time.perf_counter(), 0, 0
@@ -121,81 +131,96 @@ def raw_tar_rate(shard_dir: Path) -> tuple[float, int, int]:
                 if m.isfile():
                     nbytes += len(tar.extractfile(m).read())
                     members += 1
-    return time.perf_counter() - t0, nbytes, members
+    seconds = time.perf_counter() - t0
+    return {"samples_per_s": _samples(shard_dir) / seconds, "mb_per_s": nbytes / seconds / 1e6, "members": members}
 
 
-def read_rates(tmp: Path) -> None:
+def _samples(shard_dir: Path) -> int:
+    return json.loads((shard_dir / "manifest.json").read_text())["splits"]["train"]["samples"]
+
+
+def stream_rate(shard_dir: Path, workers: int) -> dict:
     from data_shards.stream import ShardStream
 
-    shards = tmp / "out_water_2"   # the 64-water set of step 1
-    meta = json.loads((shards / "manifest.json").read_text())
-    n_samples, n_atoms = meta["splits"]["train"]["samples"], meta["shards"][0]["atoms"] // meta["shards"][0]["samples"]
-    tar_bytes = sum(s["bytes"] for s in meta["shards"])
-    secs, nbytes, members = min((raw_tar_rate(shards) for _ in range(3)), key=lambda r: r[0])
-    print(f"2. reading {n_samples} 64-water samples ({tar_bytes / 1e6:.0f} MB of tars)")
-    print(f"   raw tar bytes (no decoding):            {nbytes / secs / 1e6:8.0f} MB/s = "
-          f"{n_samples / secs:8.0f} samples/s")
-    for workers in (0, 2):
-        t0 = time.perf_counter()
-        seen = sum(b.num_graphs for b in ShardStream(shards, "train", 16, 3.5, num_workers=workers))
-        s = time.perf_counter() - t0
-        assert seen == n_samples
-        print(f"   ShardStream → radius graphs, {workers} workers: {tar_bytes / s / 1e6:8.1f} MB/s = "
-              f"{seen / s:8.0f} samples/s = {seen * n_atoms / s:9.0f} atoms/s "
-              f"({(seen / s) / (n_samples / secs):.3f} of the raw rate)")
+    t0 = time.perf_counter()
+    seen = sum(b.num_graphs for b in ShardStream(shard_dir, "train", 16, 3.5, num_workers=workers))
+    seconds = time.perf_counter() - t0
+    if seen != _samples(shard_dir):
+        raise RuntimeError(f"streamed {seen} samples of {_samples(shard_dir)}")
+    tar_bytes = sum(s["bytes"] for s in json.loads((shard_dir / "manifest.json").read_text())["shards"])
+    return {"samples_per_s": seen / seconds, "mb_per_s": tar_bytes / seconds / 1e6}
 
 
-CHILD = r"""
-import json, os, resource, sys, time
-os.environ["TQDM_DISABLE"] = "1"
-sys.path.insert(0, {repo!r})
-mode, src, out = sys.argv[1:4]
-t0 = time.perf_counter()
-if mode == "build":
+def read_rates(tmp: Path, water: Path, rounds: int, out: Path) -> None:
     from data_shards.build import build_shards
-    m = build_shards([src], out, shard_size=2000, split_fractions=(1.0, 0.0, 0.0), use_ray=False, progress=False)
-    n = m["totals"]["samples_written"]
-else:
-    from data_shards.stream import ShardStream
-    n = sum(b.num_graphs for b in ShardStream(out, "train", 32, 3.5, num_workers=2, shuffle_buffer=256))
-children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({{"n": n, "s": time.perf_counter() - t0,
-                  "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "worker_rss_mb": children / 1024}}))
-"""
+
+    shards = tmp / "read_shards"
+    build_shards([str(water)], str(shards), shard_size=250, split_fractions=(1.0, 0.0, 0.0), use_ray=False,
+                 progress=False)
+    arms = {"raw_tar": lambda: raw_tar_rate(shards), "stream_0w": lambda: stream_rate(shards, 0),
+            "stream_2w": lambda: stream_rate(shards, 2)}
+    compare(f"reading {_samples(shards)} 64-water samples: raw tar bytes (nothing decoded) vs ShardStream → graphs",
+            arms, "raw_tar", {"samples_per_s": RATE}, rounds=rounds, json_path=out / "read_rates.json",
+            notes={"command": " ".join(sys.argv)})
 
 
-def peak_rss(tmp: Path, sizes: list[int]) -> None:
+def rss_child(mode: str, src: str, out: str) -> dict:
+    t0 = time.perf_counter()
+    if mode == "build":
+        from data_shards.build import build_shards
+        m = build_shards([src], out, shard_size=2000, split_fractions=(1.0, 0.0, 0.0), use_ray=False,
+                         progress=False)
+        n = m["totals"]["samples_written"]
+    else:
+        from data_shards.stream import ShardStream
+        n = sum(b.num_graphs for b in ShardStream(out, "train", 32, 3.5, num_workers=2, shuffle_buffer=256))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"frames": n, "frames_per_s": n / (time.perf_counter() - t0), "worker_rss_mb": children}
+
+
+def peak_rss(tmp: Path, sizes: list[int], rounds: int, out: Path) -> None:
     from tests.helpers.water_systems import water_box
 
     boxes = [water_box(8, seed=s) for s in range(16)]
-    print("3. peak RSS (fresh process each), 8-water frames (24 atoms)")
-    child = CHILD.format(repo=str(REPO))
-    base = {}
-    for n in sizes:
-        src = write_deepmd(tmp / f"rss_{n}", boxes, n, seed=n)
-        out = tmp / f"rss_{n}_shards"
-        for mode in ("build", "stream"):
-            res = subprocess.run([sys.executable, "-c", child, mode, str(src), str(out)], capture_output=True,
-                                 text=True, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            assert r["n"] == n, r
-            base.setdefault(mode, r["rss_mb"])
-            extra = f", workers {r['worker_rss_mb']:.0f} MB" if mode == "stream" else ""
-            print(f"   {mode:6s} {n:>7d} frames: {n / r['s']:8.0f} frames/s, peak RSS {r['rss_mb']:6.0f} MB{extra} "
-                  f"({r['rss_mb'] / base[mode]:.2f}× the {sizes[0]}-frame run)")
+    sources = {n: write_deepmd(tmp / f"rss_{n}", boxes, n, seed=n) for n in sizes}
+    for n, src in sources.items():   # the shards the stream arms read
+        subprocess.run([sys.executable, __file__, "--child", "rss", "build", str(src), str(tmp / f"rss_{n}_shards")],
+                       check=True, capture_output=True)
+    for mode in ("build", "stream"):
+        arms = {f"{n}_frames": Command([sys.executable, __file__, "--child", "rss", mode, str(sources[n]),
+                                        str(tmp / (f"rss_{n}_shards" if mode == "stream" else f"rss_{n}_again"))])
+                for n in sizes}
+        compare(f"peak RSS of a fresh process, {mode}, 8-water frames (it must not grow with the corpus)", arms,
+                f"{sizes[0]}_frames", {"peak_rss_mb": SIZE, "frames_per_s": RATE}, rounds=rounds,
+                json_path=out / f"rss_{mode}.json", notes={"command": " ".join(sys.argv)})
+        if mode == "build":
+            for n in sizes:
+                shutil.rmtree(tmp / f"rss_{n}_again", ignore_errors=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=4000, help="64-water frames for the sharding/read figures")
     p.add_argument("--rss-frames", type=int, nargs="+", default=[10000, 100000])
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-read", action="store_true")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.child:
+        if args.child[0] == "shard":
+            emit(build_child(json.loads(args.child[1]), args.child[2], int(args.child[3]), int(args.child[4])))
+        else:
+            emit(rss_child(*args.child[1:4]))
+        return
+    out = Path(args.out)
     with tempfile.TemporaryDirectory() as tmp:
-        sharding(Path(tmp), args.frames)
-        read_rates(Path(tmp))
+        water = sharding(Path(tmp), args.frames, args.rounds, out)
+        if not args.skip_read:
+            read_rates(Path(tmp), water, args.rounds, out)
         if not args.skip_rss:
-            peak_rss(Path(tmp), args.rss_frames)
+            peak_rss(Path(tmp), args.rss_frames, args.rounds, out)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from cluster.submit import (
 
 def _submit(args) -> int:
     cfg = load_cluster_config(args.config)
-    for warning in shared_fs_warnings(absolutised(cfg), pipeline_stages(cfg) if args.stage == "pipeline" else [args.stage]):
+    stages = pipeline_stages(cfg) if args.stage == "pipeline" else [args.stage]
+    for warning in shared_fs_warnings(absolutised(cfg), stages):
         print(warning, file=sys.stderr)
     try:
         jobs = submit(cfg, args.stage, dry_run=args.dry_run, force=args.force)
@@ -71,7 +72,8 @@ def add_commands(subparsers) -> None:
     s.add_argument("stage", choices=[*STAGES, "pipeline"])
     s.add_argument("--config", required=True, help="cluster YAML with slurm:, ray:, launch: sections")
     s.add_argument("--dry-run", action="store_true", help="print the scripts; write and submit nothing")
-    s.add_argument("--force", action="store_true", help="submit even from inside a SLURM job, or while jobs of this run dir are still queued/running")
+    s.add_argument("--force", action="store_true",
+                   help="submit even from inside a SLURM job, or while jobs of this run dir are still queued/running")
     s.set_defaults(func=_submit)
     for name, func, text in (("status", _status, "squeue state of the jobs recorded in RUN_DIR/jobs.json"),
                              ("cancel", _cancel, "scancel the recorded jobs that are still queued or running")):

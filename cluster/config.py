@@ -105,7 +105,8 @@ class RayClusterConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.worker_args, list) or not all(isinstance(a, str) for a in self.worker_args):
             raise ValueError(f"ray.worker_args must be a list of strings, got {self.worker_args!r}")
-        if isinstance(self.head_port, bool) or not isinstance(self.head_port, int) or not 1024 <= self.head_port <= 65535:
+        port = self.head_port
+        if isinstance(port, bool) or not isinstance(port, int) or not 1024 <= port <= 65535:
             raise ValueError(f"ray.head_port must be an integer in 1024..65535, got {self.head_port!r}")
         _check_positive("ray.num_cpus", self.num_cpus, allow_none=True)
         _check_positive("ray.object_store_memory", self.object_store_memory, allow_none=True)
@@ -116,7 +117,8 @@ class RayClusterConfig:
 class LaunchConfig:
     run_dir: str = "runs/cluster"          # sbatch scripts, logs and jobs.json go here
     python: str = "python"                 # the interpreter of the environment with maskpot installed
-    workdir: str | None = None             # cd here first (the repo, for relative config paths); None: run_dir's cwd at submit
+    workdir: str | None = None             # cd here first (the repo, for relative config paths);
+                                           # None: run_dir's cwd at submit
     preflight: bool = True                 # check inputs at submit time and imports on every node before the work
     pretrain_config: str | None = None
     pretrain_overrides: list[str] = field(default_factory=list)
@@ -141,10 +143,57 @@ class LaunchConfig:
 
 
 @dataclass
+class StageResources:
+    """What one stage's job asks for; unset keys come from the stage's default (see `stage_slurm`)."""
+    partition: str | None = None
+    nodes: int | None = None
+    ntasks_per_node: int | None = None
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem: str | None = None
+    time: str | None = None
+    exclusive: bool | None = None
+    constraint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.exclusive is not None and not isinstance(self.exclusive, bool):
+            raise ValueError(f"exclusive must be true or false, got {self.exclusive!r}")
+
+
+@dataclass
+class StagesConfig:
+    """Per-stage resources. Defaults: shards on CPUs only (no GPUs, not exclusive, slurm.nodes nodes, one
+    task each); finetune on one GPU (if slurm has GPUs), one task, one node, not exclusive; pretrain: `slurm`."""
+    shards: StageResources = field(default_factory=StageResources)
+    pretrain: StageResources = field(default_factory=StageResources)
+    finetune: StageResources = field(default_factory=StageResources)
+
+
+@dataclass
 class ClusterConfig:
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     ray: RayClusterConfig = field(default_factory=RayClusterConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+
+
+def stage_defaults(s: SlurmConfig, stage: str) -> dict:
+    """What a stage asks for unless `stages.<stage>` says otherwise."""
+    if stage == "shards":   # Ray on CPUs: a GPU node held exclusively for it would sit idle
+        return {"gpus_per_node": 0, "ntasks_per_node": 1, "exclusive": False, "mem": None}
+    if stage == "finetune":  # one process on one GPU: never a whole node
+        return {"nodes": 1, "ntasks_per_node": 1, "gpus_per_node": min(1, s.gpus_per_node), "exclusive": False,
+                "mem": None}
+    return {}
+
+
+def stage_slurm(cfg: ClusterConfig, stage: str) -> SlurmConfig:
+    """The effective SLURM settings of one stage's job: `slurm`, the stage's defaults, `stages.<stage>`."""
+    chosen = {k: v for k, v in dataclasses.asdict(getattr(cfg.stages, stage)).items() if v is not None}
+    try:
+        return dataclasses.replace(cfg.slurm, **{**stage_defaults(cfg.slurm, stage), **chosen})
+    except ValueError as e:
+        raise ValueError(f"stages.{stage}: {e}") from e
 
 
 def from_dict(cls, data, where: str = ""):
@@ -165,7 +214,7 @@ def from_dict(cls, data, where: str = ""):
     return cls(**kwargs)
 
 
-_DATACLASSES = {c.__name__: c for c in (SlurmConfig, RayClusterConfig, LaunchConfig)}
+_DATACLASSES = {c.__name__: c for c in (SlurmConfig, RayClusterConfig, LaunchConfig, StagesConfig, StageResources)}
 
 
 def load_cluster_config(path) -> ClusterConfig:
@@ -175,6 +224,9 @@ def load_cluster_config(path) -> ClusterConfig:
         raise FileNotFoundError(f"cluster config not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-        return from_dict(ClusterConfig, data)
+        cfg = from_dict(ClusterConfig, data)
+        for stage in ("shards", "pretrain", "finetune"):
+            stage_slurm(cfg, stage)  # each stage's effective settings are valid too
+        return cfg
     except (ValueError, TypeError, yaml.YAMLError) as e:
         raise ClusterConfigError(f"{path}: {e}") from e

@@ -9,9 +9,10 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
-from cluster.config import ClusterConfig
+from cluster.config import ClusterConfig, stage_slurm
 
 STAGES = ("shards", "pretrain", "finetune")
+CHECKPOINTS_ON_USR1 = ("pretrain", "finetune")  # stages whose step checkpoints and exits 0 on SIGUSR1
 PREFLIGHT_IMPORTS = {  # pretrain runs the distributed `python -m pretrain.preflight` instead
     "shards": ("data_shards.build", "ray"),
     "finetune": ("finetune.loop", "mlflow", "torch"),
@@ -37,14 +38,14 @@ def job_name(cfg: ClusterConfig, stage: str) -> str:
     return f"{cfg.slurm.job_name_prefix}-{stage}"
 
 
-def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
-            nodes: int | None = None, ntasks_per_node: int | None = None) -> list[str]:
-    s = cfg.slurm
-    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}", "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
-             f"#SBATCH --job-name={job_name(cfg, stage)}", f"#SBATCH --nodes={nodes or s.nodes}",
-             f"#SBATCH --ntasks-per-node={ntasks_per_node or s.ntasks_per_node}"]
-    if gpus_per_node:
-        lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+def _header(cfg: ClusterConfig, stage: str, purpose: str) -> list[str]:
+    s = stage_slurm(cfg, stage)
+    lines = ["#!/bin/bash", f"# maskpot {stage}: {purpose}",
+             "# Rendered by `maskpot submit`; edit the cluster YAML, not this file.",
+             f"#SBATCH --job-name={job_name(cfg, stage)}", f"#SBATCH --nodes={s.nodes}",
+             f"#SBATCH --ntasks-per-node={s.ntasks_per_node}"]
+    if s.gpus_per_node:
+        lines.append(f"#SBATCH --gpus-per-node={s.gpus_per_node}")
     lines.append(f"#SBATCH --cpus-per-task={s.cpus_per_task}")
     for flag, value in (("partition", s.partition), ("account", s.account), ("qos", s.qos),
                         ("constraint", s.constraint), ("mem", s.mem)):
@@ -55,7 +56,7 @@ def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
         lines.append("#SBATCH --exclusive")
     if s.signal_before_walltime is not None:
         lines.append(f"#SBATCH --signal=B:USR1@{s.signal_before_walltime}")
-    if s.requeue:
+    if s.requeue and stage in CHECKPOINTS_ON_USR1:
         lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]  # a requeued run appends to its log
     lines.append(f"#SBATCH --output={log_pattern(cfg)}")
     lines += [x if x.lstrip().startswith("#SBATCH") else f"#SBATCH {x.strip()}" for x in s.extra_sbatch]
@@ -63,7 +64,7 @@ def _header(cfg: ClusterConfig, stage: str, purpose: str, gpus_per_node: int,
 
 
 def _prologue(cfg: ClusterConfig, stage: str) -> list[str]:
-    lines = ["set -euo pipefail"]
+    lines = ["set -euo pipefail"] + _walltime_trap(cfg, stage)
     if cfg.launch.workdir:
         lines.append(f"cd {_q(cfg.launch.workdir)}")
     if cfg.slurm.setup:
@@ -80,44 +81,41 @@ def _prologue(cfg: ClusterConfig, stage: str) -> list[str]:
     return lines
 
 
-def _usr1_forwarding_trap(cfg: ClusterConfig) -> list[str]:
-    """Set before any srun, so an early walltime warning cannot kill the batch shell (USR1's default)."""
-    if cfg.slurm.signal_before_walltime is None:
+def _walltime_trap(cfg: ClusterConfig, stage: str) -> list[str]:
+    """Set first, before any srun: USR1's default action would kill the batch shell (and the job with it).
+
+    Stages that checkpoint on SIGUSR1 get it forwarded to their step (srun passes it to every task); the
+    job requeues itself once the step has exited 0. The shards build is not checkpointed: it is told and
+    carries on until the walltime.
+    """
+    seconds = cfg.slurm.signal_before_walltime
+    if seconds is None:
         return []
-    return ["", "# walltime warning (USR1 to this shell): forwarded to the training step, which checkpoints and exits 0",
+    if stage not in CHECKPOINTS_ON_USR1:
+        return ["", "# walltime warning (USR1 to this shell): logged; without this trap USR1 would kill the job",
+                f"on_walltime() {{ echo \"walltime in {seconds} s ($(date -Is)): the {stage} job is not "
+                'checkpointed, it runs on until the walltime"; }', "trap on_walltime USR1"]
+    return ["", "# walltime warning (USR1 to this shell): forwarded to the step, which checkpoints and exits 0",
             "WALLTIME=0 STEP=",
-            f"on_walltime() {{ echo \"walltime in {cfg.slurm.signal_before_walltime} s ($(date -Is)): checkpointing\"; "
+            f"on_walltime() {{ echo \"walltime in {seconds} s ($(date -Is)): checkpointing\"; "
             'WALLTIME=1; if [ -n "$STEP" ]; then kill -USR1 "$STEP" 2>/dev/null || true; fi; }',
             "trap on_walltime USR1"]
 
 
-def _run_step(cfg: ClusterConfig, command: str, checkpoints_on_usr1: bool = False) -> list[str]:
-    """Run `command` in the background so the USR1 walltime warning can be handled while it runs.
-
-    `checkpoints_on_usr1`: the step checkpoints and exits 0 on SIGUSR1 (pretraining), so the warning is
-    forwarded to it (srun passes USR1 on to every task) and the job requeues itself once the step is done.
-    """
+def _run_step(cfg: ClusterConfig, stage: str, command: str) -> list[str]:
+    """Run `command` in the background so the USR1 walltime warning can be handled while it runs; a
+    checkpointing stage that stopped on the warning requeues the job (slurm.requeue) to continue."""
     s = cfg.slurm
-    lines = []
-    if s.signal_before_walltime is not None and checkpoints_on_usr1:
-        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; scontrol requeue "$SLURM_JOB_ID"'
+    lines = ["", f"{command} &", "STEP=$!",
+             "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
+             'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
+             'echo "finished with status $rc at $(date -Is)"']
+    if s.signal_before_walltime is not None and stage in CHECKPOINTS_ON_USR1:
+        after = ('echo "requeueing job $SLURM_JOB_ID: it continues from its checkpoint"; '
+                 'scontrol requeue "$SLURM_JOB_ID"'
                  if s.requeue else 'echo "checkpoint written; no requeue configured (slurm.requeue)"')
-        lines += ["", f"{command} &", "STEP=$!",
-                  "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
-                  'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
-                  'echo "finished with status $rc at $(date -Is)"',
-                  f'if [ "$WALLTIME" = 1 ] && [ "$rc" = 0 ]; then {after}; fi', "exit $rc", ""]
-        return lines
-    if s.signal_before_walltime is not None:
-        action = ('scontrol requeue "$SLURM_JOB_ID"' if s.requeue
-                  else 'echo "no requeue configured: the job stops at the walltime"')
-        lines += ["", f"on_walltime() {{ echo \"walltime in {s.signal_before_walltime} s ($(date -Is))\"; {action}; }}",
-                  "trap on_walltime USR1"]
-    lines += ["", f"{command} &", "STEP=$!",
-              "# wait returns early (status > 128) when a trapped signal arrives: keep waiting for the step",
-              'while true; do wait "$STEP" && rc=0 || rc=$?; kill -0 "$STEP" 2>/dev/null || break; done',
-              'echo "finished with status $rc at $(date -Is)"', "exit $rc", ""]
-    return lines
+        lines.append(f'if [ "$WALLTIME" = 1 ] && [ "$rc" = 0 ]; then {after}; fi')
+    return lines + ["exit $rc", ""]
 
 
 def _override_args(overrides: list[str]) -> str:
@@ -132,42 +130,39 @@ def _require(value, name: str, stage: str):
 
 def render_pretrain(cfg: ClusterConfig) -> str:
     config = _require(cfg.launch.pretrain_config, "pretrain_config", "pretrain")
-    lines = _header(cfg, "pretrain", "DeepSpeed masked pretraining, one task (rank) per GPU",
-                    gpus_per_node=cfg.slurm.gpus_per_node)
+    lines = _header(cfg, "pretrain", "DeepSpeed masked pretraining, one task (rank) per GPU")
     lines += _prologue(cfg, "pretrain")
-    if cfg.slurm.gpus_per_node:
+    if stage_slurm(cfg, "pretrain").gpus_per_node:
         lines += ["", "# NCCL over InfiniBand: set the interface names of your fabric (slurm.setup), e.g.",
                   "#   export NCCL_SOCKET_IFNAME=ib0  NCCL_IB_HCA=mlx5  NCCL_DEBUG=WARN"]
     lines += ["", "# cluster.launch maps SLURM_PROCID/NTASKS/LOCALID → RANK/WORLD_SIZE/LOCAL_RANK, MASTER_ADDR =",
               "# first host of the nodelist, MASTER_PORT from the job id. A requeued job resumes from its checkpoints."]
     overrides = _override_args(cfg.launch.pretrain_overrides)
-    lines += _usr1_forwarding_trap(cfg)
     if cfg.launch.preflight:
         lines += ["", "# preflight on every rank: rendezvous, all-reduce, forward/backward on real batches, atoms/s",
                   f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain.preflight '
                   f'--config {_q(config)}{overrides}']
-    cmd = f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain --config {_q(config)}{overrides}'
-    return "\n".join(lines + _run_step(cfg, cmd, checkpoints_on_usr1=True))
+    cmd = (f'srun --kill-on-bad-exit=1 "$PYTHON" -m cluster.launch "$PYTHON" -m pretrain '
+           f'--config {_q(config)}{overrides}')
+    return "\n".join(lines + _run_step(cfg, "pretrain", cmd))
 
 
 def render_finetune(cfg: ClusterConfig) -> str:
     config = _require(cfg.launch.finetune_config, "finetune_config", "finetune")
-    lines = _header(cfg, "finetune", "energy + force finetuning (one process)",
-                    gpus_per_node=min(1, cfg.slurm.gpus_per_node),
-                    nodes=1, ntasks_per_node=1)
+    lines = _header(cfg, "finetune", "energy + force finetuning (one process); checkpoints on USR1, resumes")
     lines += _prologue(cfg, "finetune")
     cmd = f'srun --nodes=1 --ntasks=1 "$PYTHON" -m finetune --config {_q(config)}'
     if cfg.launch.finetune_init:
         cmd += f" --init {_q(cfg.launch.finetune_init)}"
-    return "\n".join(lines + _run_step(cfg, cmd + _override_args(cfg.launch.finetune_overrides)))
+    return "\n".join(lines + _run_step(cfg, "finetune", cmd + " --resume auto"
+                                        + _override_args(cfg.launch.finetune_overrides)))
 
 
 def render_shards(cfg: ClusterConfig) -> str:
     inputs = _require(cfg.launch.shards_inputs, "shards_inputs", "shards")
     out = _require(cfg.launch.shards_out, "shards_out", "shards")
     r = cfg.ray
-    lines = _header(cfg, "shards", "Ray-on-SLURM conversion to WebDataset shards (one Ray node per SLURM node)",
-                    gpus_per_node=0, ntasks_per_node=1)
+    lines = _header(cfg, "shards", "Ray-on-SLURM conversion to WebDataset shards (one Ray node per SLURM node)")
     lines += _prologue(cfg, "shards")
     start_opts = [f"--num-cpus={r.num_cpus}" if r.num_cpus else '--num-cpus="$SLURM_CPUS_PER_TASK"']
     if r.object_store_memory:

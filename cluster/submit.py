@@ -111,12 +111,14 @@ def _run(cmd: list[str]) -> str:
         raise SubmitError(f"{cmd[0]} not found on PATH: is this a SLURM login node?")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SubmitError(f"{' '.join(cmd)} failed with status {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+        output = proc.stderr.strip() or proc.stdout.strip()
+        raise SubmitError(f"{' '.join(cmd)} failed with status {proc.returncode}: {output}")
     return proc.stdout
 
 
 def _sbatch(script: Path, after_id: str | None) -> str:
-    cmd = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after_id}", "--kill-on-invalid-dep=yes"] if after_id else [])
+    dependency = [f"--dependency=afterok:{after_id}", "--kill-on-invalid-dep=yes"] if after_id else []
+    cmd = ["sbatch", "--parsable", *dependency]
     out = _run(cmd + [str(script)]).strip()
     return out.split(";")[0]  # "<id>[;cluster]"
 

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from data_shards.progress import progress as progress_bar
-
 from data_shards import dedup, readers
 from data_shards.chunk import (
     SHARD_NAME,
@@ -53,6 +51,9 @@ from data_shards.manifest import (
     load_manifest,
     write_json_atomic,
 )
+from data_shards.progress import progress as progress_bar
+from data_shards.ray_tasks import run_ray_tasks
+from data_shards.readers.deepmd import find_systems
 from data_shards.splits import assign_groups, shuffled_positions, split_ranges
 from data_shards.units import check_units_name
 
@@ -63,9 +64,6 @@ SHARD_PATTERN = re.compile(r"^shard-\d{6}\.tar$")
 TMP_PATTERN = re.compile(r"^\.shard-\d{6}\.tar(\.json)?\.tmp-")
 SIDECAR_PATTERN = re.compile(r"^shard-\d{6}\.tar\.json$")
 DEFAULT_STATS_CUTOFF = 5.0  # Å
-MAX_RETRIES = 3        # a chunk whose worker dies is rerun this many times
-OBJECT_STORE_BYTES = 256 * 1024**2
-RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 AUTO_SPLIT = "by_fraction"
 SPLIT_MODES = ("contiguous", "shuffled")
 # how inputs without a split= prefix are divided (see `plan`)
@@ -174,7 +172,6 @@ def _input_specs(cfg: BuildConfig) -> list[InputSpec]:
         fmt = readers.detect_format(path)
         paths = [path]
         if cfg.split_by == "input" and fmt == "deepmd":  # each system of a DeePMD folder is its own group
-            from data_shards.readers.deepmd import find_systems
             paths = [str(p) for p in find_systems(Path(path))]
         specs += [InputSpec(p, fmt, readers.count_frames(p, fmt), split, dataset) for p in paths]
     if cfg.split_by == "input":
@@ -188,6 +185,8 @@ def plan(cfg: BuildConfig) -> tuple[list[InputSpec], list[Chunk]]:
     `split_by` "input" gives every input without a split= prefix a whole split (`assign_groups`)."""
     specs, chunks = _input_specs(cfg), []
     for spec in specs:
+        if spec.frames == 0:
+            raise InputError(f"{spec.path}: no frames in this {spec.fmt} input (empty or blank?)")
         chunks += _split_chunks(spec, cfg, len(chunks))
     return specs, chunks
 
@@ -198,26 +197,8 @@ def _run_serial(chunks, cfg, on_result) -> None:
 
 
 def _run_ray(chunks, cfg, on_result) -> None:
-    for name, value in RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    import ray
-
-    started_here = not ray.is_initialized()
-    if started_here and cfg.ray_address:
-        ray.init(address=cfg.ray_address, logging_level=logging.WARNING)
-    elif started_here:
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(write_chunk)
-        pending = [task.remote(chunk, cfg.out_dir, cfg.chunk_options) for chunk in chunks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                on_result(ray.get(ref))
-    finally:
-        if started_here:
-            ray.shutdown()
+    run_ray_tasks(write_chunk, [(chunk, cfg.out_dir, cfg.chunk_options) for chunk in chunks], on_result,
+                  cfg.ray_address, cfg.num_cpus)
 
 
 def _version() -> str:
@@ -298,6 +279,17 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
     }
 
 
+def nothing_written(totals: dict, quarantine: list[dict], where: Path) -> str:
+    """One line: why a build wrote no sample (the commonest quarantine reasons, with their counts)."""
+    reasons: dict[str, int] = {}
+    for rec in quarantine:
+        reasons[f"{rec['field']}: {rec['reason']}"] = reasons.get(f"{rec['field']}: {rec['reason']}", 0) + 1
+    common = "; ".join(f"{n}× {r}" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:3])
+    return (f"no sample written: all {totals['frames_read']} frames read were quarantined "
+            f"({totals['quarantined']}) or duplicates ({totals['duplicates']}); {common or 'no reason recorded'} "
+            f"(details: {where})")
+
+
 def _remove_stale(out_dir: Path, keep: set[str], keep_sidecars: set[str]) -> None:
     """Shards (and sidecars) of an earlier build into the same folder that this build did not write, and
     dead tmp files."""
@@ -374,6 +366,10 @@ def build_shards(inputs: list[str], out_dir: str, shard_size: int = 1000,
     tmp = out / f".{QUARANTINE_NAME}.tmp-{os.getpid()}"
     tmp.write_text(quarantine)
     os.replace(tmp, out / QUARANTINE_NAME)
+    if manifest["totals"]["samples_written"] == 0:
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # no usable shard set: nothing downstream may read
+        raise InputError(nothing_written(manifest["totals"], [rec for r in ordered for rec in r.quarantine],
+                                         out / QUARANTINE_NAME))
     write_json_atomic(out / MANIFEST_NAME, manifest)
     t = manifest["totals"]
     log.info("built %d shards from %d frames in %.1f s (%.0f frames/s); %d quarantined, %d duplicates",

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import vesin
 from webdataset import TarWriter
 
 from data_shards import readers
@@ -107,8 +108,6 @@ class ChunkResult:
 
 def count_neighbours(frame, cutoff: float) -> int:
     """Directed pairs (periodic images included) closer than `cutoff` Å."""
-    import vesin
-
     box = np.asarray(frame.cell, dtype=np.float64) if np.any(frame.pbc) else np.zeros((3, 3))
     (i,) = vesin.NeighborList(cutoff=float(cutoff), full_list=False).compute(
         np.asarray(frame.positions, dtype=np.float64), box, np.asarray(frame.pbc, dtype=bool).tolist(), "i")

@@ -21,7 +21,8 @@ import yaml
 from data_shards import keys as K
 from data_shards.readers import extxyz
 
-ISOLATED_ATOM = "isolatedatom"   # config_type values compared lower-case without "_" / "-" (IsolatedAtom, isolated_atom)
+# config_type values compared lower-case without "_" / "-" (IsolatedAtom, isolated_atom)
+ISOLATED_ATOM = "isolatedatom"
 CONFIG_TYPE = "config_type"
 E0_FILE_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json", ".xyz": "extxyz", ".extxyz": "extxyz"}
 

@@ -4,10 +4,11 @@ Ranks can hold different numbers of samples (whole shards are dealt out; atom bu
 depend on structure sizes; a corrupt shard may be skipped). `ShardStream(equal_batches=True)` therefore
 ends every rank's epoch at the same batch count:
 
-- in a torch.distributed job (the process group initialised): lockstep, one all-reduce (MIN of "I have
-  a batch") per batch; the epoch ends for all ranks when the first runs dry. Robust to anything that
-  changes a rank's count at run time (skipped shards included);
-- without a process group: at the minimum of `batches_per_rank()` computed from the manifest, which
+- in a torch.distributed job, given `agree` (a collective "true on every rank?", in practice
+  `pretrain.distributed.agree`, which owns the communication and its device): lockstep, one agreement
+  ("I have a batch") per batch; the epoch ends for all ranks when the first runs dry. Robust to anything
+  that changes a rank's count at run time (skipped shards included);
+- without it: at the minimum of `batches_per_rank()` computed from the manifest, which
   needs exact counts (no atom budget over structures of mixed sizes).
 
 Samples after the cut are not lost: the next epoch deals a new order, and `state_dict()` counts only
@@ -16,26 +17,15 @@ the batches handed out.
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, TypeVar
-
-import torch
+from typing import Callable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 
-def process_group_ready() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def lockstep(batches: Iterator[T]) -> Iterator[T]:
-    """Yield while every rank of the process group has a batch (one MIN all-reduce per batch)."""
-    import torch.distributed as dist
-
-    flag = torch.zeros(1)
+def lockstep(batches: Iterator[T], agree: Callable[[bool], bool]) -> Iterator[T]:
+    """Yield while every rank has a batch (`agree(flag)`: true on every rank iff true on all; one per batch)."""
     for batch in itertools.chain(batches, [None]):
-        flag.fill_(0.0 if batch is None else 1.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        if batch is None or flag.item() == 0.0:
+        if not agree(batch is not None) or batch is None:
             return
         yield batch
 
@@ -43,7 +33,8 @@ def lockstep(batches: Iterator[T]) -> Iterator[T]:
 def at_most(batches: Iterator[T], counts: list[int], exact: bool) -> Iterator[T]:
     """The first min(counts) batches: every rank stops at the same count without communicating."""
     if not exact:
-        raise ValueError("equal_batches without a torch.distributed process group needs exact batch counts: "
+        raise ValueError("equal_batches without the lockstep (agree=) needs exact batch counts: "
                          "with max_atoms and structures of mixed sizes they are only known at run time; "
-                         "initialise the process group (torchrun) or drop max_atoms")
+                         "initialise the process group (torchrun), pass agree=pretrain.distributed.agree, "
+                         "or drop max_atoms")
     return itertools.islice(batches, min(counts))

@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from data_shards.manifest import write_json_atomic
-from data_shards.registry_sets import DataSet, get
+from data_shards.registry_sets import REGISTRY, DataSet, get
 
 CHUNK_BYTES = 1 << 20
 TIMEOUT_S = 120
@@ -77,7 +77,7 @@ def fetch(name: str, out_dir: str | Path, url_override: str | None = None, sha25
           registry: dict[str, DataSet] | None = None, shard_size: int = 1000, use_ray: bool = True,
           split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), progress: bool = True) -> dict:
     """Download, verify and shard data set `name`; returns the shard manifest."""
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     entry = get(name, registry)
     url = url_override or entry.url
@@ -119,8 +119,6 @@ def _fetch_cmd(args) -> int:
 
 
 def _list_cmd(args) -> int:
-    from data_shards.registry_sets import REGISTRY
-
     for s in REGISTRY.values():
         pinned = "pinned" if s.url and s.sha256 else ("no URL" if not s.url else "sha256 not pinned")
         print(f"{s.name}: {s.description} [{s.format}, {s.units}, {s.license}; {pinned}]\n    {s.citation}")

@@ -10,6 +10,47 @@ from data_shards.keys import MAX_Z
 
 MIN_PAIR_DISTANCE = 0.1  # Å; closer pairs are treated as corrupt input
 CLOSEST_PAIR_SEARCH = 1.0  # Å; neighbour-search radius of closest_pair (a cheap cell grid)
+# Shards store positions as float32 (spacing 6e-8 × |x|). Coordinates up to ORIGIN_FREE Å are stored as
+# given (rounding ≤ 4e-6 Å); larger ones relative to a per-frame origin (fully periodic frames: each atom
+# wrapped into the cell; others: minus the centroid). A frame still spanning more than MAX_EXTENT Å (a far-
+# away atom) or with a cell vector longer than that cannot keep its distances to 1e-4 Å in float32 (and
+# vesin's cell list dies with SIGFPE from ~1e6 Å): it is refused before any native call.
+ORIGIN_FREE = 100.0
+LABEL_KEYS_FOUND = "label_keys_found"  # Frame.info entry a reader sets when a label is missing: keys it saw
+MAX_EXTENT = 1000.0
+
+
+def check_extent(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> str | None:
+    """Why this geometry is too large to store or to build a neighbour list for, or None."""
+    positions, cell, pbc = np.asarray(positions), np.asarray(cell, dtype=np.float64), np.asarray(pbc, dtype=bool)
+    if not (np.isfinite(positions).all() and np.isfinite(cell).all()):
+        return "positions or cell contain NaN or infinite values"
+    lengths = np.linalg.norm(cell, axis=1)
+    if pbc.any() and lengths[pbc].max() > MAX_EXTENT:
+        return f"cell vector of {lengths[pbc].max():.6g} Å (limit {MAX_EXTENT:g} Å)"
+    open_axes = ~pbc if not pbc.all() else np.zeros(3, dtype=bool)
+    if len(positions) and open_axes.any():
+        span = positions[:, open_axes].max(axis=0) - positions[:, open_axes].min(axis=0)
+        if span.max() > MAX_EXTENT:
+            far = int(np.argmax(np.abs(positions - np.median(positions, axis=0)).max(axis=1)))
+            return (f"atoms span {span.max():.6g} Å (limit {MAX_EXTENT:g} Å): atom {far} at "
+                    f"{np.array2string(positions[far], precision=6)} Å is far from the rest")
+    return None
+
+
+def recentre(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> tuple[np.ndarray, list | None]:
+    """(positions to store, origin subtracted or None); ValueError when the geometry cannot be stored."""
+    positions = np.asarray(positions, dtype=np.float64)
+    problem = check_extent(positions, cell, pbc)
+    if problem is None and np.abs(positions).max(initial=0.0) <= ORIGIN_FREE:
+        return positions, None
+    if problem is None and np.all(pbc):
+        shift = np.floor(positions @ np.linalg.inv(cell)) @ cell   # whole lattice vectors per atom
+        return positions - shift, "wrapped"
+    if problem is None:
+        origin = positions.mean(axis=0)
+        return positions - origin, origin.tolist()
+    raise ValueError(problem)
 
 
 class FrameError(ValueError):
@@ -26,7 +67,7 @@ class FrameError(ValueError):
 
 def closest_pair(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, below: float):
     """((i, j), distance) of the closest pair nearer than `below` Å (periodic images included), or None."""
-    import vesin
+    import vesin  # startup: vesin (+9 s: it loads torch) only for the closest-pair check; readers stay light
 
     box = np.asarray(cell, dtype=np.float64) if np.any(pbc) else np.zeros((3, 3))
     # search at ≥ 1 Å: vesin's cell list has (box / cutoff)³ cells, 17 ms per 12 Å box at 0.1 Å, 0.1 ms at 1 Å
@@ -68,7 +109,7 @@ class Frame:
     def natoms(self) -> int:
         return int(self.species.shape[0])
 
-    def validate(self, require_labels: bool = True) -> "Frame":
+    def validate(self, require_labels: bool = True) -> Frame:
         """Raise FrameError naming source, frame and field on the first problem found."""
         src, i = self.source, self.index
 
@@ -93,20 +134,38 @@ class Frame:
             raise bad("pbc", f"shape {self.pbc.shape}, expected (3,)")
         if self.pbc.any() and abs(np.linalg.det(self.cell)) < 1e-6:
             raise bad("cell", "periodic frame with a singular (zero-volume) cell")
+        try:  # before any native call: vesin dies with SIGFPE on a far-away atom
+            positions, origin = recentre(self.positions, self.cell, self.pbc)
+        except ValueError as e:
+            raise bad("cell" if str(e).startswith("cell") else "positions", str(e)) from None
+        if origin is not None:
+            return dataclasses.replace(self, positions=positions,
+                                       info={**self.info, "origin": origin})._validate_rest(require_labels)
+        return self._validate_rest(require_labels)
+
+    def _validate_rest(self, require_labels: bool) -> Frame:
+        """Checks after the geometry is known to be storable (pairs, labels)."""
+        src, i, n = self.source, self.index, self.natoms
+
+        def bad(field_name: str, reason: str) -> FrameError:
+            return FrameError(src, i, field_name, reason)
+
         close = closest_pair(self.positions, self.cell, self.pbc, MIN_PAIR_DISTANCE)
         if close is not None:
             (a, b), distance = close
             raise bad("positions", f"atoms {a} and {b} are {distance:.3g} Å apart "
                                    f"(< {MIN_PAIR_DISTANCE} Å: overlapping or duplicated atoms)")
+        found = self.info.get(LABEL_KEYS_FOUND)
+        found = f" (keys in this frame: {', '.join(found) or 'none'})" if found is not None else ""
         if require_labels and self.energy is None:
-            raise bad("energy", "missing")
+            raise bad("energy", "missing" + found)
         if self.energy is not None and not np.isfinite(self.energy):
             raise bad("energy", f"not finite ({self.energy})")
         if self.forces is None and n == 1 and not self.pbc.any() and self.energy is not None:
             # an isolated atom (E0 reference files such as isolated_atoms.xyz): zero force by symmetry
-            return dataclasses.replace(self, forces=np.zeros((1, 3), dtype=np.float64)).validate(require_labels)
+            return dataclasses.replace(self, forces=np.zeros((1, 3), dtype=np.float64))._validate_rest(require_labels)
         if require_labels and self.forces is None:
-            raise bad("forces", "missing")
+            raise bad("forces", "missing" + found)
         if self.forces is not None:
             if self.forces.shape != (n, 3):
                 raise bad("forces", f"shape {self.forces.shape}, expected ({n}, 3)")

@@ -12,6 +12,7 @@ import vesin
 from torch_geometric.data import Batch, Data
 
 from data_shards import keys as K
+from data_shards.frame import check_extent
 
 PER_ATOM_FLOAT = (K.POSITIONS, K.FORCES, K.MASK_TARGET, K.NOISE_TARGET)
 PER_ATOM_INT = (K.SPECIES, K.MASK_FLAG)
@@ -25,6 +26,9 @@ def neighbour_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
     """
     pbc = np.asarray(pbc, dtype=bool)
     cell = np.asarray(cell, dtype=np.float64)
+    problem = check_extent(positions, cell, pbc)  # vesin dies with SIGFPE on a far-away atom
+    if problem is not None:
+        raise ValueError(f"cannot build a neighbour list: {problem}")
     box = cell if pbc.any() else np.zeros((3, 3))
     nl = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, shifts = nl.compute(np.asarray(positions, dtype=np.float64), box, pbc.tolist(), "ijS")

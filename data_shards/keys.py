@@ -28,6 +28,8 @@ NOISE_TARGET = "noise_target"  # (N, 3) float  Å, the Gaussian displacement add
 # --- model outputs -------------------------------------------------------------------------------
 PRED_ENERGY = "pred_energy"    # (B,) float   eV
 PRED_FORCES = "pred_forces"    # (N, 3) float  eV/Å (−∂E/∂r for energy-centric models)
+PRED_STRESS = "pred_stress"    # (B, 3, 3) float  eV/Å³, (1/V) ∂E/∂ε (ASE sign: negative under compression)
+PRED_VIRIAL = "pred_virial"    # (B, 3, 3) float  eV, −∂E/∂ε
 
 # --- bookkeeping carried next to the arrays ------------------------------------------------------
 SAMPLE_KEY = "key"             # str   content hash of the sample; WebDataset __key__

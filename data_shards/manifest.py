@@ -15,6 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import re
+import shlex
+import subprocess
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,7 @@ MANIFEST_DIR = "manifest_dir"  # added by load_manifest (absolute folder); never
 RANK_RTOL = 1e-10  # singular values of XᵀX below this fraction of the largest count as zero
 
 log = logging.getLogger(__name__)
+SAFE_SHARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\.tar$")
 
 
 class ManifestError(ValueError):
@@ -63,6 +68,12 @@ def parse_manifest(text: str | bytes, where: str) -> dict:
     for section in ("shards", "splits", "totals"):
         if section not in manifest:
             raise ManifestError(f"{where}: missing section {section!r}")
+    for shard in manifest["shards"]:
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SAFE_SHARD_NAME.match(name) or ".." in name:
+            # names become paths, URLs and `pipe:` commands: `../x.tar` or `x;rm -rf ~.tar` must never get there
+            raise ManifestError(f"{where}: shard name {name!r} is not a plain file name (letters, digits, ._-, "
+                                f"ending in .tar)")
     return manifest
 
 
@@ -291,12 +302,9 @@ def open_location(location: str):
     """A readable binary stream over a local file, an http(s) URL or the stdout of `pipe:COMMAND`."""
     location = str(location)
     if location.startswith(REMOTE_PREFIXES):
-        import urllib.request
 
         return urllib.request.urlopen(location, timeout=60)
     if location.startswith(PIPE_PREFIX):
-        import shlex
-        import subprocess
 
         proc = subprocess.Popen(shlex.split(location[len(PIPE_PREFIX):]), stdout=subprocess.PIPE)
         return _PipeStream(proc, location)

@@ -26,6 +26,7 @@ from webdataset import TarWriter
 
 from data_shards.build import SHARD_PATTERN, SIDECAR_PATTERN
 from data_shards.chunk import SHARD_NAME, TAR_MTIME, TAR_OWNER
+from data_shards.integrity import check_member_name
 from data_shards.manifest import (
     MANIFEST_DIR,
     MANIFEST_NAME,
@@ -68,6 +69,7 @@ def read_shard_samples(path: Path, sha256: str) -> Iterator[dict]:
     sample: dict | None = None
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for member in tar:
+            check_member_name(member.name, str(path))   # `../x.npz`, `a/b.npz`, `k.v.npz`: refused
             key, _, ext = member.name.partition(".")
             if sample is not None and sample["__key__"] != key:
                 yield sample
@@ -134,17 +136,14 @@ def reshard(src: str | Path, dst: str | Path, num_shards: int | None = None,
         raise ValueError(f"{dst}: reshard needs a destination other than the source folder")
     out.mkdir(parents=True, exist_ok=True)
     shards, written = [], set()
-    for split in SPLITS:
-        entries = shard_entries(source, split)
-        samples = (s for e in entries for s in read_shard_samples(folder / e["name"], e["sha256"]))
-        total = sum(e["samples"] for e in entries)
-        for group in _groups(samples, total, num_shards, max_shard_bytes):
-            name = SHARD_NAME.format(len(shards))
-            shards.append({**_write_tar(group, out / name), "split": split})
-            written.add(name)
-        got = sum(s["samples"] for s in shards if s["split"] == split)
-        if got != total:
-            raise ManifestError(f"{folder}: split {split} holds {got} samples in its shards, manifest says {total}")
+    try:
+        _write_splits(source, folder, out, num_shards, max_shard_bytes, shards, written)
+    except BaseException:
+        for name in written:   # no partial shard set left behind
+            (out / name).unlink(missing_ok=True)
+        for tmp in out.glob(".shard-*.tar.tmp-*"):
+            tmp.unlink()
+        raise
     for p in out.iterdir():
         if SIDECAR_PATTERN.match(p.name) or (SHARD_PATTERN.match(p.name) and p.name not in written):
             p.unlink()
@@ -158,3 +157,19 @@ def reshard(src: str | Path, dst: str | Path, num_shards: int | None = None,
         shutil.copyfile(folder / QUARANTINE_NAME, out / QUARANTINE_NAME)
     write_json_atomic(out / MANIFEST_NAME, manifest)
     return load_manifest(out)
+
+
+def _write_splits(source: dict, folder: Path, out: Path, num_shards: int | None, max_shard_bytes: int | None,
+                  shards: list, written: set) -> None:
+    """Every split's samples into new tars in `out`; appends to `shards` / `written` as it goes."""
+    for split in SPLITS:
+        entries = shard_entries(source, split)
+        samples = (s for e in entries for s in read_shard_samples(folder / e["name"], e["sha256"]))
+        total = sum(e["samples"] for e in entries)
+        for group in _groups(samples, total, num_shards, max_shard_bytes):
+            name = SHARD_NAME.format(len(shards))
+            written.add(name)
+            shards.append({**_write_tar(group, out / name), "split": split})
+        got = sum(s["samples"] for s in shards if s["split"] == split)
+        if got != total:
+            raise ManifestError(f"{folder}: split {split} holds {got} samples in its shards, manifest says {total}")

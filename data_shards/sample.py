@@ -15,6 +15,7 @@ import numpy as np
 
 from data_shards import keys as K
 from data_shards.frame import Frame
+from data_shards.integrity import CHECKSUM_FIELD, checksum
 
 KEY_HEX_CHARS = 16
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold; fixed for reproducibility
@@ -71,9 +72,13 @@ def encode_frame(frame: Frame, dataset: str = "") -> dict:
     }
     if dataset:
         meta[K.DATASET] = str(dataset)
+    if frame.info.get("origin") is not None:  # positions are stored relative to it (frame.recentre)
+        meta["origin"] = frame.info["origin"]
+    npz = _npz_bytes(arrays)
+    meta[CHECKSUM_FIELD] = checksum(npz, meta)  # checked on read (data_shards.integrity)
     return {
         "__key__": sample_key(species, positions, cell),
-        "npz": _npz_bytes(arrays),
+        "npz": npz,
         "json": json.dumps(meta, sort_keys=True).encode("utf-8"),
     }
 

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch_geometric.data import Batch
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from data_shards import equal_batches
+from data_shards import equal_batches, integrity
 from data_shards import keys as K
 from data_shards.batching import batch_by_budget
 from data_shards.graph import collate, sample_to_data
@@ -74,6 +74,7 @@ class StreamConfig:
     max_atoms: int | None = None
     verify: str = "off"
     equal_batches: bool = False
+    integrity: str = integrity.DEFAULT_POLICY   # per-sample checksums: fatal | skip | off (data_shards.integrity)
 
     def __post_init__(self):
         if self.split not in SPLITS:
@@ -93,6 +94,7 @@ class StreamConfig:
             raise ValueError(f"max_atoms must be >= 1 (atoms per batch) or None (no budget), got {self.max_atoms}")
         if self.verify not in VERIFY_MODES:
             raise ValueError(f"unknown verify mode {self.verify!r}; valid modes: {list(VERIFY_MODES)}")
+        integrity.policy(self.integrity)
 
     @property
     def workers_per_rank(self) -> int:
@@ -207,7 +209,8 @@ def raw_slot_samples(work: list[ShardWork], cfg: StreamConfig, epoch: int, slot:
     return iter(wds.DataPipeline(
         wds.SimpleShardList([w.path for w in mine]),
         lambda shards: _open_shards(shards, by_url, cfg.verify),
-        tar_file_expander, group_by_keys,
+        lambda streams: tar_file_expander(streams, handler=integrity.shard_read_error),
+        integrity.checked_members, group_by_keys,
         lambda samples: _select(samples, mine, whole, cfg.n_slots, slot),
         *stages,
     ))
@@ -235,6 +238,14 @@ class _SlotDataset(IterableDataset):
         self.work, self.cfg, self.epoch, self.transform, self.dtype = work, cfg, epoch, transform, dtype
         self.layout, self.skip = layout, skip
 
+    def _checked(self, raw: Iterator[dict]) -> Iterator[dict]:
+        """Samples passing their checksum; skipped ones ride on the next batch (`integrity_skipped`)."""
+        for sample in raw:
+            if integrity.check_sample(sample, self.cfg.integrity):
+                yield sample
+            else:
+                self.skipped += 1
+
     def _to_graph(self, raw: dict):
         sample = decode_sample(raw)
         if self.transform is not None:
@@ -250,11 +261,16 @@ class _SlotDataset(IterableDataset):
         slot = self.cfg.rank * self.cfg.workers_per_rank + (info.id if info is not None else 0)
         raw = layout_slot_samples(self.work, self.cfg, self.epoch, self.layout, slot)
         raw = itertools.islice(raw, self.skip.get(slot, 0), None)
-        groups = batch_by_budget(map(self._to_graph, raw), self.cfg.batch_size, self.cfg.max_atoms,
+        self.skipped = 0
+        groups = batch_by_budget(map(self._to_graph, self._checked(raw)), self.cfg.batch_size, self.cfg.max_atoms,
                                  self.cfg.drop_last)
         if info is None:
-            return ((slot, collate(g)) for g in groups)
-        return ((slot, NumpyBatch(collate(g))) for g in groups)   # cheap to send to the main process
+            return ((slot, self._counted(collate(g))) for g in groups)
+        return ((slot, NumpyBatch(self._counted(collate(g)))) for g in groups)   # cheap to send to the main process
+
+    def _counted(self, batch: Batch) -> Batch:
+        batch.integrity_skipped, self.skipped = self.skipped, 0
+        return batch
 
 
 def _pass_through(batch):
@@ -275,20 +291,25 @@ class ShardStream:
     `manifest_dir`: a folder, a manifest file or an http(s) URL; `base_url` overrides where shards are read
     (http(s) prefix, folder, or a template such as `pipe:cat /data/{name}`). `max_atoms` also closes a batch
     before its atom total would exceed the budget. `verify` ("off" | "skip" | "fatal") checks each shard's
-    sha256 before its samples are used. `state_dict()` / `load_state_dict()` resume mid-epoch exactly.
-    `equal_batches` ends every rank's epoch at the same batch count (data_shards.equal_batches).
+    sha256 before its samples are used; `integrity_policy` (fatal | skip | off, default $MASKPOT_INTEGRITY or
+    fatal) checks every sample's checksum (data_shards.integrity). `state_dict()` / `load_state_dict()` resume
+    mid-epoch exactly. `equal_batches` ends every rank's epoch at the same batch count (data_shards.equal_batches):
+    in lockstep through `agree` (a collective "true on every rank?", e.g. pretrain.distributed.agree) when given.
     """
 
     def __init__(self, manifest_dir, split: str, batch_size: int, cutoff: float, rank: int = 0,
                  world_size: int = 1, num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0,
                  transform: Transform | None = None, dtype: torch.dtype = torch.float32,
                  limit: int | None = None, drop_last: bool = False, max_atoms: int | None = None,
-                 verify: str = "off", base_url: str | None = None, equal_batches: bool = False):
+                 verify: str = "off", base_url: str | None = None, equal_batches: bool = False,
+                 agree: Callable[[bool], bool] | None = None,
+                 integrity_policy: str | None = None):
         self.cfg = StreamConfig(split, batch_size, cutoff, rank, world_size, num_workers, shuffle_buffer, seed,
-                                limit, drop_last, max_atoms, verify, equal_batches)
+                                limit, drop_last, max_atoms, verify, equal_batches, integrity.policy(integrity_policy))
+        self.integrity_skipped = 0   # samples left out by integrity="skip" (bad checksum), over this stream's life
         self.manifest = load_stream_manifest(manifest_dir, base_url)
         self.work = plan_work(self.manifest, split, limit)
-        self.transform, self.dtype, self.epoch = transform, dtype, 0
+        self.transform, self.dtype, self.epoch, self.agree = transform, dtype, 0, agree
         self._fresh_layout = Layout(world_size, num_workers)
         self._layout, self._offsets = self._fresh_layout, {}   # layout of this epoch, samples skipped per slot
         self._consumed: dict[int, int] = {}                      # handed out per slot by the current iteration
@@ -387,21 +408,23 @@ class ShardStream:
                                        collate_fn=_pass_through, persistent_workers=False))
         if not self.cfg.equal_batches or self.cfg.world_size == 1:
             return self._count(pairs)
-        if equal_batches.process_group_ready():
-            return self._count(equal_batches.lockstep(pairs))
+        if self.agree is not None:
+            return self._count(equal_batches.lockstep(pairs, self.agree))
         return self._count(equal_batches.at_most(pairs, self._remaining_batches(), self.batch_counts_exact))
 
     def _remaining_batches(self) -> list[int]:
         """Without a process group: every rank's batches left in this epoch, the same on all ranks (they all
         stopped at the same count); a resumed epoch has handed out ceil(offset / batch) per slot already."""
         if self._layout.n_slots != self.cfg.n_slots:
-            raise ValueError("equal_batches across a change of world size or workers needs a torch.distributed "
-                             "process group (lockstep): launch with torchrun")
+            raise ValueError("equal_batches across a change of world size or workers needs the lockstep: "
+                             "launch with torchrun and pass agree=pretrain.distributed.agree")
         size = self._graphs_per_batch()
         done = sum(math.ceil(self._offsets.get(s, 0) / size) for s in self._rank_slots())
         return [max(0, n - done) for n in (min(self.batches_per_rank()),)]
 
     def _count(self, pairs: Iterator[tuple[int, Batch]]) -> Iterator[Batch]:
         for slot, batch in pairs:
-            self._consumed[slot] = self._consumed.get(slot, 0) + batch.num_graphs
+            skipped = int(getattr(batch, "integrity_skipped", 0))
+            self.integrity_skipped += skipped
+            self._consumed[slot] = self._consumed.get(slot, 0) + batch.num_graphs + skipped
             yield batch

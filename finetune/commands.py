@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "its architecture replaces the config's model section")
     p.add_argument("--override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="e.g. train.max_steps=50 data.train_frames=30 tracking.uri=http://127.0.0.1:5000")
+    p.add_argument("--resume", default="auto", choices=["auto", "never"],
+                   help="auto (default): continue from OUT_DIR/checkpoint when there is one (written on "
+                        "SIGUSR1/SIGTERM and every train.checkpoint_every steps); never: start over")
 
 
 def add_command(subparsers) -> None:
@@ -32,7 +36,7 @@ def add_command(subparsers) -> None:
 
 
 def load_finetune_config(args: argparse.Namespace):
-    from finetune.config import FinetuneConfig
+    from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     overrides = parse_dotted_overrides(args.override)
     if args.init is not None:
@@ -41,12 +45,18 @@ def load_finetune_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.loop import RESULTS_FILE, run_finetune
+    from finetune.loop import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
+        RESULTS_FILE,
+        run_finetune,
+    )
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     cfg = load_finetune_config(args)
-    results = run_finetune(cfg)
+    results = run_finetune(cfg, args.resume)
+    if "preempted" in results:  # checkpointed on a signal: exit 0, a requeued job continues (--resume auto)
+        print(json.dumps(results))
+        return 0
     print(result_table(results, Path(cfg.train.out_dir) / RESULTS_FILE))
     return 0
 

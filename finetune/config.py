@@ -120,6 +120,7 @@ class TrainConfig:
     # one per core, ran 18x slower than 1 thread); 0: torch's default
     threads: int | None = None
     select: str = "force"               # best model by validation: force | energy | weighted (loss weights)
+    checkpoint_every: int = 0           # OUT_DIR/checkpoint every N steps (0: only on SIGUSR1/SIGTERM)
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -129,10 +130,13 @@ class TrainConfig:
         _require(self.device in DEVICES, f"train.device {self.device!r} is not one of {list(DEVICES)}")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
                  f"train.ema_decay must be in (0, 1) or null (off), got {self.ema_decay}")
+        _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = on signals only), "
+                 f"got {self.checkpoint_every}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                  f"train.early_stopping_patience must be >= 1 or null (off), got {self.early_stopping_patience}")
         _require(self.threads is None or self.threads >= 0,
-                 f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), got {self.threads}")
+                 f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), "
+                 f"got {self.threads}")
         _require(self.select in SELECT_METRICS, f"train.select {self.select!r} is not one of {list(SELECT_METRICS)}")
 
     def resolved_threads(self) -> int:

@@ -102,8 +102,9 @@ def refit_energy_offset(model: torch.nn.Module, batches: Iterable, device: torch
         for z, value in zip(elements, shift):
             model.e0[z] += float(value)
     before = float(np.mean(-r / np.concatenate(natoms)))
-    (log.debug if quiet else log.info)("energy offset refitted on %d training frames: mean error was %.1f meV/atom; E0 shifted by %s eV",
-             len(r), M.MILLI * before, {K.CHEMICAL_SYMBOLS[z]: round(float(v), 4) for z, v in zip(elements, shift)})
+    (log.debug if quiet else log.info)(
+        "energy offset refitted on %d training frames: mean error was %.1f meV/atom; E0 shifted by %s eV", len(r),
+        M.MILLI * before, {K.CHEMICAL_SYMBOLS[z]: round(float(v), 4) for z, v in zip(elements, shift)})
     return {"shift": {str(z): float(v) for z, v in zip(elements, shift)},
             "mean_error_before_mev_per_atom": M.MILLI * before, "frames": len(r)}
 

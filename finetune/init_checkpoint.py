@@ -13,6 +13,7 @@ manifest's E0), else the elements of the pretraining manifest if it is still the
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from pretrain.checkpoint import (
     tag_problem,
 )
 from pretrain.export import META_FILE, WEIGHTS_FILE, load_export, read_meta
+from pretrain.models import build_model
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -59,14 +61,13 @@ def load_init(init: str | Path) -> tuple[torch.nn.Module, dict]:
     """(model with the init weights, export-style meta)."""
     if not _is_checkpoint(init):
         return load_export(init)
-    from pretrain.models import build_model
 
     tag = checkpoint_tag(init)
     record = json.loads((tag / STATE_FILE).read_text())
     config = record.get("config", {})
     _check_loadable(tag, config)
     model = build_model(config["model.name"], config["model.params"])
-    states = torch.load(tag / MODEL_STATES, map_location="cpu", weights_only=True)
+    states = _read_model_states(tag / MODEL_STATES)
     weights = states.get("module") if isinstance(states, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"{tag / MODEL_STATES}: no 'module' weights in this DeepSpeed checkpoint file")
@@ -82,6 +83,20 @@ def load_init(init: str | Path) -> tuple[torch.nn.Module, dict]:
                         "pretrain_objective": config.get("objective.kind"),
                         "steps": record.get("train_state", {}).get("step"), "checkpoint": str(tag)}}
     return model, meta
+
+
+def _read_model_states(path: Path):
+    """torch.load(weights_only=True): a pickled object is refused (never run), a damaged file reported."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [x for x in str(e).splitlines() if "GLOBAL" in x or "Unsupported" in x]
+        what = (lines or ["pickled objects"])[0].strip()[:160]
+        raise ValueError(f"{path}: refused to load: not plain weights ({what}); nothing in it was executed. "
+                         f"Finetune from the run's export (RUN/export)") from None
+    except (RuntimeError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: unreadable DeepSpeed checkpoint file (truncated or corrupt: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
 
 
 def _is_checkpoint(init: str | Path) -> bool:

@@ -16,6 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import resource
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +43,7 @@ from data_shards.units import MAX_FORCE_RMS
 from finetune import adapt as A
 from finetune import energy as E
 from finetune import replay as R
+from finetune import resume as RS
 from finetune.config import FinetuneConfig, flatten_config
 from finetune.forcefield import metrics as M
 from finetune.forcefield import plots
@@ -47,6 +51,7 @@ from finetune.init_checkpoint import load_init, read_init_meta, weights_file
 from finetune.tracking import Tracker, lineage_tags
 from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
+from pretrain.loop import check_cutoff_fits_data
 from pretrain.models import build_model
 from pretrain.objectives import energy_force_loss
 
@@ -187,19 +192,6 @@ def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, 
                        transform=rereference if rereference.active else None)
 
 
-def endless_batches(stream: ShardStream):
-    epoch = 0
-    while True:
-        stream.set_epoch(epoch)
-        count = 0
-        for batch in stream:
-            count += 1
-            yield batch
-        if count == 0:
-            raise RuntimeError("the training stream yielded no batch")
-        epoch += 1
-
-
 def make_scheduler(cfg: FinetuneConfig, optimizer):
     o, total = cfg.optim, cfg.train.max_steps
 
@@ -230,16 +222,28 @@ class Best:
         return True
 
 
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train, keep the best model, test it, export it, track it; returns the content of results.json."""
+def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
+    """Train, keep the best model, test it, export it, track it; returns the content of results.json.
+
+    `resume`: auto continues from OUT_DIR/checkpoint when there is one (finetune.resume), never ignores it.
+    A run stopped by SIGUSR1/SIGTERM returns {"preempted": signal name, "step": …, "checkpoint": …}.
+    """
+    if resume not in RS.RESUME_MODES:
+        raise ValueError(f"--resume {resume!r} is not one of {list(RS.RESUME_MODES)}")
+    device = resolve_device(cfg.train.device)  # CUDA asked for without CUDA: refused before reading anything
     inputs = check_inputs(cfg)
     if cfg.train.resolved_threads():
         torch.set_num_threads(cfg.train.resolved_threads())
-    device = resolve_device(cfg.train.device)
     out_dir = Path(cfg.train.out_dir)
+    if resume == "auto" and (done := RS.finished_results(out_dir / RESULTS_FILE, cfg)) is not None:
+        log.warning("%s: this config already finished there; nothing to do (--resume never trains again)",
+                    out_dir / RESULTS_FILE)
+        return done   # a requeued job that had finished must not train again
+    checkpoint = RS.load_checkpoint(out_dir, cfg) if resume == "auto" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     model, arch = make_model(cfg, inputs)
+    check_cutoff_fits_data(arch["model"], arch["cutoff"], cfg.data.manifest_dir, cfg.data.train_split)
     model.to(device)
     refit = (E.refit_energy_offset(model, make_stream(cfg, cfg.data.train_split, arch["cutoff"], False,
                                                       limit=cfg.data.train_frames), device)
@@ -249,32 +253,40 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     config_path.write_text(f"# resolved finetune config; MLflow store: {cfg.tracking.resolved_uri(out_dir)}\n"
                            + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tracker = Tracker(cfg.tracking, out_dir)
-    params = flatten_config(cfg)
-    params.update({f"model.resolved.{k}": v for k, v in flatten_config(arch).items()})
-    tracker.start(params, {**tracking_tags(cfg, inputs), **{str(k): v for k, v in cfg.tracking.tags.items()}})
-    tracker.log_artifact(config_path)
+    if checkpoint is not None:   # the same MLflow run continues
+        tracker.restore(checkpoint.state["tracking"])
+        log.warning("resuming from %s at step %d (MLflow run %s)", out_dir / RS.CHECKPOINT_DIR,
+                    checkpoint.state["step"], tracker.run_id)
+    else:
+        params = flatten_config(cfg)
+        params.update({f"model.resolved.{k}": v for k, v in flatten_config(arch).items()})
+        tracker.start(params, {**tracking_tags(cfg, inputs), **{str(k): v for k, v in cfg.tracking.tags.items()}})
+        tracker.log_artifact(config_path)
     try:
-        results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir)
+        with RS.preemption_signals() as preempt:
+            results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir, checkpoint, preempt)
         results["energy_offset_refit"] = refit
     except BaseException:
         tracker.finish("FAILED")
         raise
+    if "preempted" in results:
+        tracker.flush()   # the run stays open: the resumed job continues it
+        return results
     if cfg.tracking.registered_model:
         results["registry"] = tracker.register_model(cfg.tracking.registered_model, MODEL_ARTIFACT)
     results["tracking"] = tracker.finish("FINISHED")
     (out_dir / RESULTS_FILE).write_text(_json(results))
+    RS.remove_checkpoint(out_dir)   # results.json now says where the run ended
     return results
 
 
 def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device, tracker: Tracker,
-                    out_dir: Path) -> dict:
+                    out_dir: Path, checkpoint: RS.Checkpoint | None, preempt) -> dict:
     t = cfg.train
     train_stream = make_stream(cfg, cfg.data.train_split, arch["cutoff"], training=True)
     val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
     optimizer = torch.optim.AdamW(A.optimizer_groups(model, cfg.optim, cfg.adapt), lr=cfg.optim.lr)
-    scheduler = make_scheduler(cfg, optimizer)
     freeze = A.BackboneFreeze(model, cfg.adapt.freeze_backbone_steps)
-    stopper = A.EarlyStopping(t.early_stopping_patience)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=False)
            if t.ema_decay else None)
     scored = ema.module if ema is not None else model   # the weights that are validated, kept, exported
@@ -285,9 +297,11 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
     replay = R.Replay(cfg, inputs.replay, arch["cutoff"]) if inputs.replay is not None else None
     refit_stream = (make_stream(cfg, cfg.data.train_split, arch["cutoff"], False, limit=cfg.data.train_frames)
                     if cfg.loss.refit_energy_offset else None)
-    best, history, train_curve = Best(scorer=lambda figures: E.selection_score(
-        figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight)), [], []
-    nonfinite_run = skipped = 0
+    best = Best(scorer=lambda figures: E.selection_score(
+        figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight))
+    L = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer), RS.EndlessBatches(train_stream), replay,
+                     tracker, best, A.EarlyStopping(t.early_stopping_patience))
+    scheduler, stopper, history, train_curve = L.scheduler, L.stopper, L.history, L.train_curve
     last_step, stopped_early = t.max_steps, False
     started = time.perf_counter()
 
@@ -309,12 +323,15 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         return stopper.should_stop(improved)
 
     bar = progress(total=t.max_steps, desc="finetune", unit="step")
-    validate(0)
-    batches = endless_batches(train_stream)
+    start = RS.restore(checkpoint, L, device) if checkpoint is not None else 0
+    step_sleep = float(os.environ.get(RS.STEP_SLEEP_ENV) or 0)
+    if checkpoint is None:
+        validate(0)
+    bar.update(start)
     model.train()
-    for step in range(1, t.max_steps + 1):
+    for step in range(start + 1, t.max_steps + 1):
         freeze.before_step(step)
-        batch = next(batches).to(device)
+        batch = next(L.batches).to(device)
         out = model(batch, compute_forces=True)
         loss = energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], out[K.PRED_FORCES], batch[K.FORCES],
                                  batch[K.NATOMS], cfg.loss.energy_weight, cfg.loss.force_weight,
@@ -324,13 +341,13 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         replay_loss = replay.loss(model, device) if replay is not None else None
         total = loss if replay_loss is None else loss + cfg.replay.weight * replay_loss
         if not torch.isfinite(total):
-            skipped, nonfinite_run = skipped + 1, nonfinite_run + 1
-            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, skipped)
-            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses: training diverged; "
+            L.skipped, L.nonfinite_run = L.skipped + 1, L.nonfinite_run + 1
+            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, L.skipped)
+            if L.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                raise FloatingPointError(f"{L.nonfinite_run} consecutive non-finite losses: training diverged; "
                                          f"lower optim.lr or raise optim.warmup_steps")
             continue
-        nonfinite_run = 0
+        L.nonfinite_run = 0
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         if cfg.optim.grad_clip:
@@ -357,6 +374,17 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
             model.train()
         elif step % t.log_every == 0:
             tracker.flush()
+        time.sleep(step_sleep)
+        stop = preempt.signal
+        if stop or (t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.max_steps):
+            where = RS.save_checkpoint(out_dir, cfg, *RS.capture(step, L, device))
+        if stop:
+            bar.close()
+            freeze.release()
+            name = signal.Signals(stop).name
+            log.warning("%s: stopped after step %d, checkpoint written to %s (continue with --resume auto)",
+                        name, step, where)
+            return {"preempted": name, "step": step, "checkpoint": str(where)}
     bar.close()
     freeze.release()
     train_seconds = time.perf_counter() - started
@@ -389,7 +417,7 @@ def _train_and_test(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, devi
         "history": history,
         "final_train_loss": train_curve[-1][1] if train_curve else None,
         "steps": last_step, "max_steps": t.max_steps, "stopped_early": stopped_early,
-        "stopped_at_step": last_step if stopped_early else None, "skipped_nonfinite": skipped,
+        "stopped_at_step": last_step if stopped_early else None, "skipped_nonfinite": L.skipped,
         "train_frames": train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -422,7 +450,6 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
 
 def system_metrics(started: float, step: int) -> dict:
     """Cheap process figures logged with each validation (MLflow `system/*`)."""
-    import resource
 
     elapsed = max(time.perf_counter() - started, 1e-9)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

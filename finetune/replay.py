@@ -27,8 +27,10 @@ from data_shards import keys as K
 from data_shards.manifest import file_sha256, load_manifest, rereference_transform
 from data_shards.stream import ShardStream
 from finetune.config import FinetuneConfig
+from finetune.resume import EndlessBatches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import normalisation_from_stats
+from pretrain.loop import make_transform
 from pretrain.objectives import cosine_mask_loss, denoise_loss
 
 log = logging.getLogger("finetune.replay")
@@ -59,8 +61,6 @@ def resolve_objective(cfg: FinetuneConfig, init_meta: dict | None) -> tuple[Obje
 
 
 def _transform(objective: ObjectiveConfig, seed: int):
-    from pretrain.loop import make_transform
-
     return make_transform(types.SimpleNamespace(objective=objective), seed)
 
 
@@ -109,20 +109,7 @@ class Replay:
                                   num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.train.seed,
                                   transform=rereference_transform(load_manifest(r.manifest_dir),
                                                                   _transform(self.plan.objective, self.cfg.train.seed)))
-        self.batches = self._endless()
-
-    def _endless(self):
-        epoch = 0
-        while True:
-            self.stream.set_epoch(epoch)
-            count = 0
-            for batch in self.stream:
-                count += 1
-                yield batch
-            if count == 0:
-                raise RuntimeError(f"the replay split {self.cfg.replay.split!r} of {self.cfg.replay.manifest_dir} "
-                                   "yielded no batch")
-            epoch += 1
+        self.batches = EndlessBatches(self.stream, what=f"the replay split {r.split!r} of {r.manifest_dir}")
 
     def loss(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
         """Pretext loss of the next replay batch (attached to the graph, not yet weighted)."""

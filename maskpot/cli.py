@@ -16,7 +16,7 @@ from data_shards.progress import quiet_libraries
 from finetune import commands as finetune_commands
 from finetune.forcefield import evaluate, md
 from maskpot import demo
-from maskpot.study import stages as study
+from maskpot.study import command as study
 from pretrain import cli as pretrain_cli
 from pretrain import preflight as pretrain_preflight
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from data_shards.config_io import load_config
+from pretrain import cli as pretrain_cli
 from pretrain.tracking_links import ui_command
 
 
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
                for name, init in (("scratch", None), ("pretrained", export))}
     labels = f"DFT water ({args.dft_water})" if args.dft_water else "TIP3P water (seed 1 trajectory)"
     print_table(results, scale, labels, time.perf_counter() - t0, out)
-    (out / f"demo_results_{labelled.name.removeprefix('labelled_')}.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
+    results_file = out / f"demo_results_{labelled.name.removeprefix('labelled_')}.json"
+    results_file.write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
     return 0
 
 
@@ -88,8 +91,8 @@ def _banner(text: str) -> None:
 
 
 def stage_shards(out: Path, scale: DemoScale, args) -> tuple[Path, Path]:
-    from data_shards.build import build_shards
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     # labelled shards and finetune runs are named by their label source, so runs on TIP3P and on DFT
     # labels can share one folder (and one pretrained export)
@@ -125,8 +128,6 @@ def stage_shards(out: Path, scale: DemoScale, args) -> tuple[Path, Path]:
 
 
 def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Path:
-    from pretrain.cli import run as run_pretrain
-
     run_dir = out / "pretrain"
     export = run_dir / "export"
     if (export / "model.json").is_file():
@@ -146,17 +147,16 @@ def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Pat
     _banner(f"3/4 masked pretraining with DeepSpeed on {nproc} processes: {scale.pretrain_steps} steps\n"
             f"    maskpot pretrain --config {path} --nproc {nproc}")
     args = argparse.Namespace(config=str(path), nproc=nproc, override=[], resume="auto",
-                              allow_config_change=False)
-    code = run_pretrain(args)
+                              allow_config_change=False, init=None)
+    code = pretrain_cli.run(args)
     if code != 0:
         raise RuntimeError(f"pretraining failed with exit code {code}; see the output above")
     return export
 
 
 def stage_finetune(out: Path, scale: DemoScale, labelled: Path, name: str, init: Path | None) -> dict:
-    from data_shards.config_io import load_config
-    from finetune.config import FinetuneConfig
-    from finetune.loop import run_finetune
+    from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from finetune.loop import run_finetune  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     source = labelled.name.removeprefix("labelled_")
     run_dir = out / f"finetune_{source}_{name}"

@@ -10,6 +10,7 @@ reported and the previous complete tag is tried (`load_newest_loadable`).
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import logging
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from pretrain import distributed as D
 from pretrain.config import PretrainConfig, resume_hash, resume_relevant
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -143,8 +144,6 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    import ast
-
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     random.setstate(ast.literal_eval(state["python"]))
     n = state["numpy"]
@@ -164,11 +163,11 @@ def save_checkpoint(engine, out_dir: str | Path, state: TrainState, cfg: Pretrai
     record = {"train_state": asdict(state), "config_hash": resume_hash(cfg),
               "config": resume_relevant(cfg), "manifest_sha256": manifest_hash}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=record)
-    rank = dist.get_rank()
+    rank = D.rank()
     (ckpt_dir / tag / f"rng-rank{rank}.json").write_text(json.dumps(_rng_state()))
     if ema is not None and rank == 0:
         ema.save(ckpt_dir / tag / EMA_FILE)
-    dist.barrier()
+    D.barrier()
     if rank == 0:
         record["files"] = _file_sizes(ckpt_dir / tag)
         (ckpt_dir / tag / STATE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
@@ -179,7 +178,7 @@ def save_checkpoint(engine, out_dir: str | Path, state: TrainState, cfg: Pretrai
         for old in complete_tags(ckpt_dir)[:-keep_last]:
             if old != keep:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    dist.barrier()
+    D.barrier()
     return ckpt_dir / tag
 
 
@@ -229,7 +228,7 @@ def load_checkpoint(engine, ckpt_dir: Path, tag: str, cfg: PretrainConfig, manif
         raise CorruptCheckpoint(f"{ckpt_dir / tag}: {type(err).__name__}: {err}") from err
     if path is None:
         raise CorruptCheckpoint(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
-    rng_file = ckpt_dir / tag / f"rng-rank{dist.get_rank()}.json"
+    rng_file = ckpt_dir / tag / f"rng-rank{D.rank()}.json"
     if rng_file.is_file():
         _set_rng_state(json.loads(rng_file.read_text()))
     return TrainState(**record["train_state"])
@@ -247,9 +246,7 @@ def load_newest_loadable(engine, ckpt_dir: Path, tags: list[str], cfg: PretrainC
             state = load_checkpoint(engine, ckpt_dir, tag, cfg, manifest_hash, allow_config_change, ema)
         except CorruptCheckpoint as err:
             error = str(err)
-        failed = torch.tensor([0.0 if error is None else 1.0])
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-        if not failed.item():
+        if not D.any_rank(error is not None):
             return tag, state
         log.error("checkpoint %s cannot be loaded (%s); falling back to the previous complete tag",
                   ckpt_dir / tag, error or "failed on another rank")

@@ -17,11 +17,12 @@ from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")
 ZERO_STAGES = (0, 1, 2)
 PRECISIONS = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 
 # Keys that may change between a checkpoint and its resume without changing the training trajectory.
 RESUME_HARMLESS_KEYS = (
     "train.max_steps", "train.log_every", "train.val_every", "train.checkpoint_every",
-    "train.keep_last", "train.out_dir", "train.linear_probe",
+    "train.keep_last", "train.out_dir", "train.linear_probe", "train.device",
     "tracking.enabled", "tracking.uri", "tracking.experiment", "tracking.run_name", "tracking.tags",
     "tracking.registered_model", "tracking.parent_run_id", "tracking.retry_every_s",
 )
@@ -77,7 +78,7 @@ class ModelConfig:
     params: dict = field(default_factory=dict)  # passed to build_model; holds the cutoff
 
     def __post_init__(self):
-        from pretrain.models import MODELS
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         _require(self.name in MODELS, f"model.name {self.name!r} is not one of {sorted(MODELS)}")
         config_cls, _ = MODELS[self.name]
@@ -180,6 +181,7 @@ class TrainConfig:
     out_dir: str = "runs/pretrain"
     linear_probe: bool = True       # labelled corpus: log a per-atom energy linear probe at each validation
     init: str | None = None         # an export to continue from (two-stage pretraining; `maskpot pretrain --init`)
+    device: str = "auto"            # auto (cuda:LOCAL_RANK when CUDA is present, nccl) | cpu (gloo) | cuda
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
@@ -190,6 +192,7 @@ class TrainConfig:
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
         _require(bool(self.out_dir), "train.out_dir is required")
         _require(self.init is None or bool(self.init), "train.init must be an export folder or null")
+        _require(self.device in DEVICES, f"train.device {self.device!r} is not one of {list(DEVICES)}")
 
 
 @dataclass

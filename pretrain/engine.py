@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from data_shards import keys as K
+from pretrain import checkpoint_engine
+from pretrain import distributed as D
 from pretrain.config import PretrainConfig
 
 STEPS_PER_PRINT_NEVER = 10**9
@@ -41,31 +41,13 @@ def deepspeed_config(cfg: PretrainConfig) -> dict:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join (or, run alone, create) the process group on `device` (auto | cpu | cuda); (rank, world_size).
 
-
-def init_distributed() -> tuple[int, int]:
-    """Join (or, run alone, create) the process group; returns (rank, world_size).
-
-    torchrun, the deepspeed launcher and `cluster.launch` set RANK/WORLD_SIZE/MASTER_*; a bare
-    `python -m pretrain` becomes a one-process group. CPU-only machines use gloo.
+    See `pretrain.distributed.init_process_group`: nccl for CUDA ranks, gloo for CPU ranks.
     """
-    if "RANK" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())})
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
-
-    # Otherwise the first initialize JIT-compiles a shared-memory allreduce (about 1-2 minutes on CPU).
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    rank, world_size, _ = D.init_process_group(device)
+    return rank, world_size
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -101,15 +83,17 @@ def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
 
 def build_engine(cfg: PretrainConfig, model: torch.nn.Module, run_dir: str | Path | None = None):
     """deepspeed.initialize with a torch AdamW (DeepSpeed's own Adam would JIT-compile) and LR schedule."""
-    import deepspeed
+    import deepspeed  # startup: deepspeed (and checkpoint_engine, which imports it) take seconds to import
+
 
     ds_config = deepspeed_config(cfg)
-    if run_dir is not None and torch.distributed.get_rank() == 0:
+    if run_dir is not None and D.rank() == 0:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         (Path(run_dir) / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     optimizer, scheduler = build_optimizer(cfg, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
+    checkpoint_engine.install(engine)  # loads with weights_only=True: nothing on disk is unpickled
     return engine
 
 
@@ -147,14 +131,14 @@ class WeightEMA:
         self.reset(engine)
 
     def reset(self, engine) -> None:
-        from pretrain.export import fp32_state_dict
+        from pretrain.export import fp32_state_dict  # startup: safetensors+torch
 
         names = {name for name, _ in engine.module.named_parameters()}
         self.shadow = {k: v.clone() for k, v in fp32_state_dict(engine).items() if k in names}
 
     @torch.no_grad()
     def update(self, engine) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # startup: deepspeed+mlflow+torch
 
         for name, param in engine.module.named_parameters():
             master = safe_get_full_fp32_param(param)
@@ -163,18 +147,18 @@ class WeightEMA:
 
     def state_dict(self, engine) -> dict[str, torch.Tensor]:
         """The model state with averaged parameters (buffers from the engine)."""
-        from pretrain.export import fp32_state_dict
+        from pretrain.export import fp32_state_dict  # startup: safetensors+torch
 
         return {**fp32_state_dict(engine), **{k: v.clone() for k, v in self.shadow.items()}}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # startup: safetensors+torch
 
         save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
                   metadata={"decay": str(self.decay)})
 
     def load(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # startup: safetensors+torch
 
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow):

@@ -11,7 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pretrain.models import build_model
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -53,14 +56,23 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
+def read_weights(path: Path, map_location: str = "cpu") -> dict[str, torch.Tensor]:
+    """safetensors tensors of `path`; a missing, truncated or foreign file is a one-line ValueError."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (an export holds {META_FILE} and {WEIGHTS_FILE})")
+    try:
+        return load_file(str(path), device=map_location)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or another format: "
+                         f"{str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+
+
 def load_export(directory: str | Path, map_location: str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the model from model.json and load its weights, strictly: every key must match."""
-    from pretrain.models import build_model
-
     directory = Path(directory)
     meta = read_meta(directory)
     model = build_model(meta["model"], meta["params"])
-    weights = load_file(str(directory / WEIGHTS_FILE), device=map_location)
+    weights = read_weights(directory / WEIGHTS_FILE, map_location)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
     if missing or unexpected:
@@ -96,7 +108,9 @@ def normalisation_from_stats(manifest: dict) -> dict:
 
 def fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     """The engine's model state with fp32 master weights. Collective under ZeRO / bf16: call on every rank."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,  # startup: deepspeed (+11 s over torch); finetune imports this module without it
+    )
 
     state = {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
     for name, param in engine.module.named_parameters():

@@ -8,7 +8,6 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_shards import keys as K
 from data_shards.config_io import (
@@ -17,6 +16,8 @@ from data_shards.config_io import (
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as D
+from pretrain import transforms as T
 from pretrain.config import PretrainConfig
 from pretrain.engine import (
     WeightEMA,
@@ -61,18 +62,40 @@ def check_objective_fits_data(cfg: PretrainConfig, manifest: dict) -> None:
 
 
 HYDROGEN, OXYGEN = 1, 8
+CUTOFF_OPTIONS = {"mace": "r_max"}  # the name of the graph radius in model.params, when not "cutoff"
+NEIGHBOUR_PROBE_RADIUS = 8.0  # Å, radius of the graph used to find the data's nearest-neighbour distance
+
+
+def nearest_neighbour_distance(manifest_dir: str, split: str, frames: int = 4) -> float | None:
+    """Shortest interatomic distance (Å, periodic images included) in the first `frames` structures of
+    `split`; None when the split is empty or no pair is closer than NEIGHBOUR_PROBE_RADIUS."""
+    stream = ShardStream(manifest_dir, split, frames, NEIGHBOUR_PROBE_RADIUS, limit=frames)
+    batch = next(iter(stream), None)
+    if batch is None or batch[K.EDGE_INDEX].shape[1] == 0:
+        return None
+    src, dst = batch[K.EDGE_INDEX]
+    pos = batch[K.POSITIONS].double()
+    return float((pos[dst] - pos[src] + batch[K.SHIFT_VECTORS].double()).norm(dim=-1).min())
+
+
+def check_cutoff_fits_data(model_name: str, cutoff: float, manifest_dir: str, split: str) -> None:
+    """A graph radius at or below the data's nearest-neighbour distance gives no atom a neighbour."""
+    nearest = nearest_neighbour_distance(manifest_dir, split)
+    if nearest is not None and cutoff <= nearest:
+        option = f"model.params.{CUTOFF_OPTIONS.get(model_name, 'cutoff')}"
+        raise ValueError(f"{option} {cutoff} Å is not larger than the nearest-neighbour distance {nearest:.3f} Å "
+                         f"of split {split!r} in {manifest_dir}: no atom would have a neighbour; use "
+                         f"{option} > {nearest:.3f} Å")
 
 
 def quiet_libraries(rank: int) -> None:
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
     quiet_warnings()
-    from deepspeed.utils import logger as ds_logger
+    from deepspeed.utils import logger as ds_logger  # startup: deepspeed+mlflow+torch
     ds_logger.setLevel(logging.WARNING)
 
 
 def make_transform(cfg: PretrainConfig, seed: int):
-    from pretrain import transforms as T
-
     o = cfg.objective
     if o.kind == "mask":
         return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
@@ -97,15 +120,10 @@ def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, see
 
 def agreed_signal(signum: int | None) -> int:
     """The (highest) preemption signal any rank received, 0 if none: every rank gets the same answer."""
-    t = torch.tensor([float(signum or 0)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
+    return int(D.all_reduce_scalar(float(signum or 0), "max"))
 
 
-def all_ranks(flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+all_ranks = D.agree  # true on every rank iff true on all
 
 
 class LockstepBatches:
@@ -162,9 +180,8 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
     """(finite on every rank, mean over ranks) with one all-reduce."""
     value = loss.detach().float().cpu()
     finite = bool(torch.isfinite(value))
-    t = torch.tensor([1.0 if finite else 0.0, value.item() if finite else 0.0], dtype=torch.float64)
-    dist.all_reduce(t)
-    world = dist.get_world_size()
+    t = D.all_reduce(torch.tensor([1.0 if finite else 0.0, value.item() if finite else 0.0], dtype=torch.float64))
+    world = D.world_size()
     return t[0].item() == world, t[1].item() / world
 
 
@@ -199,7 +216,7 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
     stream = make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1)
     probe = None
     if cfg.train.linear_probe and manifest.get("labelled"):
-        from pretrain.probe import make_probe
+        from pretrain.probe import make_probe  # startup: torch
 
         probe = make_probe(make_stream(cfg, split, rank, world_size, seed=cfg.train.seed + 1, pretext=False),
                            cfg.train.val_batches, sorted(int(z) for z in manifest.get("elements", {})))
@@ -217,7 +234,7 @@ def make_validator(cfg: PretrainConfig, manifest: dict, rank: int, world_size: i
             if not all_ranks(batch is not None):
                 break
             total += torch.tensor([pretext_loss(cfg, engine, batch).detach().item(), 1.0], dtype=torch.float64)
-        dist.all_reduce(total)
+        total = D.all_reduce(total)
         result = {"val_loss": total[0].item() / max(total[1].item(), 1.0)}
         if probe is not None:
             result.update(probe(engine))
@@ -252,7 +269,7 @@ class MetricsLog:
     def __init__(self, path: Path, rank: int, cfg: PretrainConfig):
         self.file = path.open("a") if rank == 0 else None
         self.every = cfg.train.log_every
-        self.structures_per_step = (cfg.data.batch_size * dist.get_world_size()
+        self.structures_per_step = (cfg.data.batch_size * D.world_size()
                                     * cfg.deepspeed.gradient_accumulation_steps)
         self.losses: list[float] = []
         self.seconds = 0.0

@@ -22,6 +22,12 @@ import sys
 import threading
 import time
 
+from data_shards import keys as K
+from data_shards.config_io import load_config, parse_dotted_overrides
+from pretrain import distributed as D
+from pretrain.cli import check_local_launch
+from pretrain.config import PretrainConfig
+
 EXIT_FAILED, EXIT_RENDEZVOUS_TIMEOUT = 1, 3
 HOST_BYTES = 64
 
@@ -39,8 +45,8 @@ def _fail(rank: str | int, message: str) -> None:
     print(f"preflight FAILED [rank {rank}]: {message}", file=sys.stderr, flush=True)
 
 
-def _rendezvous(timeout_s: float) -> tuple[int, int]:
-    from pretrain.engine import init_distributed
+def _rendezvous(timeout_s: float, device: str) -> tuple[int, int]:
+    from pretrain.engine import init_distributed  # startup: torch
 
     where = (f"MASTER_ADDR={os.environ.get('MASTER_ADDR', '?')} MASTER_PORT={os.environ.get('MASTER_PORT', '?')} "
              f"(RANK={os.environ.get('RANK', '?')} of WORLD_SIZE={os.environ.get('WORLD_SIZE', '?')})")
@@ -54,26 +60,21 @@ def _rendezvous(timeout_s: float) -> tuple[int, int]:
     watchdog.daemon = True
     watchdog.start()
     try:
-        return init_distributed()
+        return init_distributed(device)
     finally:
         watchdog.cancel()
 
 
 def check_all_reduce(rank: int, world_size: int) -> None:
-    import torch
-    import torch.distributed as dist
-
-    t = torch.tensor([rank + 1.0], dtype=torch.float64)
-    dist.all_reduce(t)
+    total = D.all_reduce_scalar(rank + 1.0)
     expected = world_size * (world_size + 1) / 2
-    if t.item() != expected:
-        raise RuntimeError(f"all-reduce of rank+1 gave {t.item()}, expected {expected}: the collective is broken")
+    if total != expected:
+        raise RuntimeError(f"all-reduce of rank+1 gave {total}, expected {expected}: the collective is broken")
 
 
 def objective_loss(cfg, out: dict, batch):
     """The configured pretext loss on a model output (as in training), else a plain force magnitude."""
-    from data_shards import keys as K
-    from pretrain.objectives import cosine_mask_loss, denoise_loss
+    from pretrain.objectives import cosine_mask_loss, denoise_loss  # startup: torch
 
     pred = out[K.PRED_FORCES].float()
     loss = pred.new_zeros(())
@@ -87,17 +88,18 @@ def objective_loss(cfg, out: dict, batch):
 
 def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> tuple[float, float, float]:
     """(atoms, seconds, last loss) of `n_batches` forward/backward passes on this rank's shard share."""
-    import torch
+    import torch  # startup: torch
 
-    from pretrain.export import normalisation_from_stats
-    from pretrain.loop import make_stream
-    from pretrain.models import build_model
+    from pretrain.distributed import resolve_device  # startup: torch
+    from pretrain.export import normalisation_from_stats  # startup: safetensors+torch
+    from pretrain.loop import make_stream  # startup: ase+safetensors+torch+vesin
+    from pretrain.models import build_model  # startup: torch
 
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.name, cfg.model.params)
     norm = normalisation_from_stats(manifest)
     model.set_normalisation(norm["energy_scale"], {int(z): v for z, v in norm["e0"].items()})
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.train.device)
     model.to(device).train()
     batches = iter(make_stream(cfg, cfg.data.train_split, rank, world_size))
     atoms, seconds, loss = 0, 0.0, float("nan")
@@ -124,13 +126,11 @@ def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> 
 
 def gather_rows(atoms: float, seconds: float, loss: float, ok: bool) -> list[dict]:
     """Every rank's (host, atoms, seconds, loss, ok) via all_gather of fixed-size tensors (no pickle)."""
-    import torch
-    import torch.distributed as dist
+    import torch  # startup: torch
+
 
     host = socket.gethostname().encode()[:HOST_BYTES].ljust(HOST_BYTES, b"\0")
-    mine = torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64)
-    rows = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(rows, mine)
+    rows = D.all_gather_rows(torch.tensor([atoms, seconds, loss, 1.0 if ok else 0.0, *host], dtype=torch.float64))
     return [{"rank": r, "host": bytes(int(b) for b in t[4:]).rstrip(b"\0").decode(errors="replace"),
              "atoms": t[0].item(), "seconds": t[1].item(), "loss": t[2].item(), "ok": bool(t[3].item())}
             for r, t in enumerate(rows)]
@@ -155,17 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank_env = os.environ.get("RANK", "0")
     try:
-        from data_shards.config_io import load_config, parse_dotted_overrides
-        from data_shards.manifest import load_manifest
-        from pretrain.config import PretrainConfig
+        from data_shards.manifest import load_manifest  # startup: ase
 
         cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
         manifest = load_manifest(cfg.data.manifest_dir)
     except (ValueError, FileNotFoundError, OSError) as e:
         _fail(rank_env, str(e))
         return EXIT_FAILED
-    rank, world_size = _rendezvous(args.timeout)
-    import torch.distributed as dist
+
+    try:
+        rank, world_size = _rendezvous(args.timeout, cfg.train.device)
+    except D.LaunchError as e:  # a setup that cannot work: one line, before any work
+        _fail(rank_env, str(e))
+        return 2
 
     error = None
     try:
@@ -182,15 +184,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preflight FAILED on rank(s) {failed}" if failed else
               f"preflight ok: {world_size} rank(s), all-reduce and forward/backward of {cfg.model.name} "
               f"on {cfg.data.manifest_dir}", flush=True)
-    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts otherwise)
-    dist.destroy_process_group()
+    D.destroy()  # a barrier first: no rank tears the group down while another still uses it
     return EXIT_FAILED if failed else 0
 
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
         "preflight", help="check a pretraining setup on N local ranks: rendezvous, all-reduce, forward/backward",
-        description="Runs `torchrun --standalone --nproc_per_node N -m pretrain.preflight`; prints per-rank "
+        description="Runs N ranks of `python -m pretrain.preflight` (pretrain.launch, rendezvous on 127.0.0.1); "
+                    "prints per-rank "
                     "throughput and exits non-zero on any failure. On SLURM the pretrain job runs it first.")
     p.add_argument("--config", required=True, help="pretraining YAML")
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks) on this machine (default 2)")
@@ -200,19 +202,20 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_shards.config_io import load_config, parse_dotted_overrides
-    from data_shards.manifest import load_manifest
-    from pretrain.config import PretrainConfig
+    from data_shards.manifest import load_manifest  # startup: ase
 
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
     load_manifest(cfg.data.manifest_dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-           "-m", "pretrain.preflight", "--config", str(args.config), "--timeout", str(args.timeout)]
+
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    if check_local_launch(cfg.train.device, args.nproc).type == "cpu":
+        env["DS_ACCELERATOR"] = "cpu"
+    cmd = [sys.executable, "-m", "pretrain.launch", "--nproc", str(args.nproc), "--", "-m", "pretrain.preflight",
+           "--config", str(args.config), "--timeout", str(args.timeout)]
     if args.override:
         cmd += ["--override", *args.override]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(cmd, env=env).returncode
 
 

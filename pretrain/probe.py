@@ -12,18 +12,27 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from data_shards import keys as K
+from pretrain import distributed as D
 from pretrain.engine import to_model_precision
 
 RIDGE = 1e-6  # relative to the mean feature variance; keeps the solve defined with few frames
 
 
+def feature_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose first input is the per-atom features: `model.feature_module()` or the energy head."""
+    return model.feature_module() if hasattr(model, "feature_module") else model.energy_head
+
+
+def feature_width(model: torch.nn.Module) -> int:
+    return int(getattr(model, "feature_width", 0)) or model.energy_head[0].in_features
+
+
 def _pooled_features(engine, batch, elements: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, F + len(elements)) float64 features and (B,) per-atom energies of one labelled batch."""
     captured = []
-    hook = engine.module.energy_head.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+    hook = feature_module(engine.module).register_forward_pre_hook(lambda _, args: captured.append(args[0]))
     try:
         with torch.no_grad():
             engine(to_model_precision(batch, engine), compute_forces=False)
@@ -40,16 +49,6 @@ def _pooled_features(engine, batch, elements: list[int]) -> tuple[torch.Tensor, 
     return x, batch[K.ENERGY].cpu().double() / natoms
 
 
-def _all_sum(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    out, start = [], 0
-    for t in tensors:
-        out.append(flat[start:start + t.numel()].reshape(t.shape))
-        start += t.numel()
-    return out
-
-
 def ridge_probe(fit_x: torch.Tensor, fit_y: torch.Tensor, eval_x: torch.Tensor,
                 eval_y: torch.Tensor) -> dict[str, float]:
     """Fit on (fit_x, fit_y) of all ranks, score on (eval_x, eval_y) of all ranks; RMSE in meV/atom.
@@ -57,18 +56,18 @@ def ridge_probe(fit_x: torch.Tensor, fit_y: torch.Tensor, eval_x: torch.Tensor,
     Collective: every rank must call it (with possibly empty tensors of the same width).
     """
     width = fit_x.shape[1]
-    n, sum_x, sum_y = _all_sum(torch.tensor([float(len(fit_y))], dtype=torch.float64), fit_x.sum(0), fit_y.sum())
+    n, sum_x, sum_y = D.all_sum(torch.tensor([float(len(fit_y))], dtype=torch.float64), fit_x.sum(0), fit_y.sum())
     nan = {"probe_energy_rmse_mev_per_atom": math.nan, "probe_baseline_rmse_mev_per_atom": math.nan}
     if n.item() < 2:  # n is all-reduced: every rank returns here together
         return {**nan, "probe_frames": int(n.item())}
     mean_x, mean_y = sum_x / n, sum_y / n
     xc, yc = fit_x - mean_x, fit_y - mean_y
-    gram, cross = _all_sum(xc.T @ xc, xc.T @ yc)
+    gram, cross = D.all_sum(xc.T @ xc, xc.T @ yc)
     ridge = RIDGE * gram.trace() / width + 1e-12
     w = torch.linalg.solve(gram + ridge * torch.eye(width, dtype=torch.float64), cross)
     residual = (eval_y - mean_y) - (eval_x - mean_x) @ w
     baseline = eval_y - mean_y
-    sq, base_sq, count = _all_sum(residual.pow(2).sum(), baseline.pow(2).sum(),
+    sq, base_sq, count = D.all_sum(residual.pow(2).sum(), baseline.pow(2).sum(),
                                   torch.tensor(float(len(eval_y)), dtype=torch.float64))
     if count.item() < 1:
         return {**nan, "probe_frames": int(n.item())}
@@ -81,19 +80,17 @@ def make_probe(stream, batches: int, elements: list[int]):
     """A callable engine → probe figures over `batches` batches per rank of `stream` (labelled, untransformed)."""
 
     def probe(engine) -> dict[str, float]:
-        from pretrain.loop import all_ranks
-
         stream.set_epoch(0)
         iterator = iter(stream)
         xs, ys = [], []
         for _ in range(batches):
             batch = next(iterator, None)
-            if not all_ranks(batch is not None):
+            if not D.agree(batch is not None):
                 break
             x, y = _pooled_features(engine, batch, elements)
             xs.append(x)
             ys.append(y)
-        width = engine.module.energy_head[0].in_features + len(elements)
+        width = feature_width(engine.module) + len(elements)
         x = torch.cat(xs) if xs else torch.zeros(0, width, dtype=torch.float64)
         y = torch.cat(ys) if ys else torch.zeros(0, dtype=torch.float64)
         return ridge_probe(x[0::2], y[0::2], x[1::2], y[1::2])

@@ -18,15 +18,16 @@ import json
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from data_shards.progress import progress
 from pretrain import checkpoint as ckpt
+from pretrain import distributed as D
 from pretrain import mixture, run_tracking, stages
 from pretrain.config import PretrainConfig
 from pretrain.engine import WeightEMA, build_engine, init_distributed
@@ -36,6 +37,7 @@ from pretrain.loop import (
     LockstepBatches,
     MetricsLog,
     agreed_signal,
+    check_cutoff_fits_data,
     check_objective_fits_data,
     keep_if_best,
     make_stream,
@@ -64,12 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, parse_dotted_overrides(args.override))
     preempt = ckpt.PreemptionFlag()
-    rank, world_size = init_distributed()
+    try:
+        rank, world_size = init_distributed(cfg.train.device)
+    except D.LaunchError as err:  # a setup that cannot work: one line, before any work
+        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        return 2
     quiet_libraries(rank)
     out_dir = Path(cfg.train.out_dir)
     sets = mixture.load_sets(cfg)
     manifest = sets[0].manifest
     mixture.check_objective_per_set(cfg, sets, check_objective_fits_data)
+    for shard_set in sets:
+        check_cutoff_fits_data(cfg.model.name, cfg.model.cutoff, shard_set.manifest_dir, cfg.data.train_split)
     stages.check_init(cfg)
     manifest_hash = mixture.sets_sha256(sets)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -142,6 +150,5 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
     metrics.close()
     run_tracking.finish(tracker, out_dir, preempted)
-    dist.barrier()
-    dist.destroy_process_group()
+    D.destroy()
     return 0

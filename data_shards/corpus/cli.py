@@ -39,8 +39,7 @@ def add_command(kinds, positive_int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # imports OpenMM (and Ray when used): only when the command runs, so `maskpot --help` stays fast
-    from data_shards.corpus.generate import generate_corpus
+    from data_shards.corpus.generate import generate_corpus  # startup: OpenMM (+3 s) off the maskpot CLI start
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = CorpusConfig(trajectories=args.trajectories, frames_per_trajectory=args.frames_per_trajectory,

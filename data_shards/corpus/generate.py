@@ -11,17 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from data_shards.build import MAX_RETRIES, OBJECT_STORE_BYTES, RAY_ENV
 from data_shards.corpus.conditions import CorpusConfig, Trajectory, plan
 from data_shards.corpus.simulate import run_trajectory
 from data_shards.manifest import write_json_atomic
+from data_shards.ray_tasks import run_ray_tasks
 
 log = logging.getLogger("data_shards.corpus")
 
@@ -53,26 +52,7 @@ def _run_serial(cfg, todo, out, on_result) -> None:
 
 
 def _run_ray(cfg, todo, out, on_result, ray_address: str | None, num_cpus: int | None) -> None:
-    for name, value in RAY_ENV.items():
-        os.environ.setdefault(name, value)
-    import ray  # imported here: ~2 s; `maskpot --help` and serial runs do without
-
-    started_here = not ray.is_initialized()
-    if started_here and ray_address:
-        ray.init(address=ray_address, logging_level=logging.WARNING)
-    elif started_here:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, logging_level=logging.WARNING)
-    try:
-        task = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(run_trajectory)
-        pending = [task.remote(cfg, traj, str(out)) for traj in todo]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                on_result(ray.get(ref))
-    finally:
-        if started_here:
-            ray.shutdown()
+    run_ray_tasks(run_trajectory, [(cfg, traj, str(out)) for traj in todo], on_result, ray_address, num_cpus)
 
 
 def cost_per_frame(results: list[dict]) -> dict:

@@ -61,6 +61,9 @@ def detect_format(path) -> str:
     for name, reader in READERS.items():
         if reader.detect(path):
             return name
+    problem = deepmd.missing_type_raw(path)
+    if problem:
+        raise ValueError(problem)
     raise ValueError(f"{path}: cannot tell its format; valid formats: {_formats_help()}")
 
 

@@ -8,11 +8,14 @@ Rows are fetched in pages of `PAGE_ROWS` by id range, so memory holds one page, 
 """
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Iterator
+from urllib.parse import quote
 
-import ase.db
 import numpy as np
+from ase.db.sqlite import SQLite3Database
 
 from data_shards import keys as K
 from data_shards.frame import Frame, FrameError, stress_matrix
@@ -32,14 +35,41 @@ def detect(path: Path) -> bool:
         return fh.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
 
 
+class _ReadOnlyDatabase(SQLite3Database):
+    """ase's SQLite database over a read-only connection: an input is never written (ase's own `connect`
+    opens read-write and creates its tables in any SQLite file that lacks them)."""
+
+    def _connect(self):
+        return sqlite3.connect(f"file:{quote(str(self.filename))}?mode=ro", uri=True, timeout=20)
+
+
+def _tables(path: Path) -> list[str]:
+    """Table names of an SQLite file, opened read-only; ValueError when it is no readable SQLite database."""
+    try:
+        with closing(sqlite3.connect(f"file:{quote(str(path))}?mode=ro", uri=True)) as con:
+            return sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+    except sqlite3.Error as e:
+        raise ValueError(f"{path}: not a readable SQLite database ({e})") from None
+
+
 def _connect(path: Path):
-    # type="db" makes ase read the file as SQLite whatever its suffix; append=True never truncates it
-    return ase.db.connect(str(path), type="db", create_indices=False, use_lock_file=False, append=True)
+    tables = _tables(path)
+    if "systems" not in tables:
+        raise ValueError(f"{path}: not an ASE database (no 'systems' table; tables found: {tables or 'none'})")
+    return _ReadOnlyDatabase(str(path), create_indices=False, use_lock_file=False)
+
+
+def _guarded(path: Path, what):
+    """Run `what()`; SQLite / ase errors (a damaged page, an old ase format) become one-line ValueErrors."""
+    try:
+        return what()
+    except (sqlite3.Error, OSError) as e:
+        raise ValueError(f"{path}: cannot read the ASE database ({type(e).__name__}: {e})") from None
 
 
 def count_frames(path: Path) -> int:
     """Rows in the database (one SQL COUNT)."""
-    return int(_connect(Path(path)).count())
+    return int(_guarded(Path(path), lambda: _connect(Path(path)).count()))
 
 
 def _lookup(row, key: str):
@@ -103,10 +133,9 @@ def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key:
     index, last_id = start, None
     while stop is None or index < stop:
         limit = PAGE_ROWS if stop is None else min(PAGE_ROWS, stop - index)
-        if last_id is None:
-            page = list(db.select(sort="id", offset=start, limit=limit))
-        else:
-            page = list(db.select(f"id>{last_id}", sort="id", limit=limit))
+        query = {"sort": "id", "limit": limit, **({"offset": start} if last_id is None else {})}
+        selection = None if last_id is None else f"id>{last_id}"
+        page = _guarded(path, lambda q=query, sel=selection: list(db.select(sel, **q)))
         for row in page:
             yield _to_frame(row, source, index, energy_key, forces_key, stress_key)
             index += 1

@@ -49,15 +49,29 @@ def _set_length(set_dir: Path) -> int:
     try:
         return int(np.load(coord, mmap_mode="r", allow_pickle=False).shape[0])
     except (ValueError, OSError, IndexError) as e:
-        raise FrameError(str(set_dir.parent), None, K.POSITIONS, f"{coord} is not a readable npy array: {e}")
+        raise FrameError(str(set_dir.parent), None, K.POSITIONS, f"{coord} is not a readable npy array: {e}") from e
 
 
 def _system_lengths(system: Path) -> list[int]:
     return [_set_length(s) for s in _sets(system)]
 
 
+def missing_type_raw(path: Path) -> str | None:
+    """The problem of a folder that looks like a DeePMD system (set.*/coord.npy) but has no type.raw."""
+    path = Path(path)
+    if path.is_dir() and not find_systems(path):
+        sets = [p for p in path.rglob(COORD) if p.parent.name.startswith("set.")]
+        if sets:
+            return (f"{sets[0].parent.parent}: DeePMD system without {TYPE_FILE} ({sets[0].parent.name}/{COORD} is "
+                    f"there, but {TYPE_FILE}, the atom types, is missing)")
+    return None
+
+
 def count_frames(path: Path) -> int:
     """Sum of coord.npy leading dimensions over all sets of all systems (reads npy headers only)."""
+    problem = missing_type_raw(path)
+    if problem:
+        raise ValueError(problem)
     return sum(sum(_system_lengths(system)) for system in find_systems(path))
 
 

@@ -4,21 +4,22 @@ Labels are looked up under `energy_key` / `forces_key` / `stress_key` in the fra
 moves the standard names there, in its calculator results (so the defaults find what ASE finds; a MACE file
 with `REF_energy`/`REF_forces` needs `energy_key="REF_energy"`, `forces_key="REF_forces"`). Stress may be
 given as 9 numbers or 6 (Voigt xx yy zz yz xz xy), eV/Å³. `label_fields(path)` lists what a file holds.
-A frame whose text cannot be parsed (bad natoms line, truncated atom block, unknown element symbol, malformed columns) is yielded as a FrameError; after a bad
-natoms line the frame boundaries are lost, so that error is the last item and counts as one frame.
+A frame whose text cannot be parsed (bad natoms line, truncated atom block, unknown element symbol, malformed
+columns) is yielded as a FrameError. A natoms line that is wrong (more or fewer atom lines follow, negative,
+not a number) costs exactly that frame: reading resumes at the next atom-count line (an integer alone).
 """
 from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from ase.io.extxyz import read_xyz
 
 from data_shards import keys as K
-from data_shards.frame import Frame, FrameError, stress_matrix
+from data_shards.frame import LABEL_KEYS_FOUND, Frame, FrameError, stress_matrix
 
 SUFFIXES = (".extxyz", ".xyz")
 DEFAULT_ENERGY_KEY = K.ENERGY
@@ -31,43 +32,100 @@ def detect(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in SUFFIXES
 
 
+def _is_header(line: bytes) -> bool:
+    """An atom-count line: one non-negative integer alone."""
+    return line.strip().isdigit()
+
+
+def _starts_frame(line: bytes) -> bool:
+    """A line in a frame's header position: one column alone (a count, valid or not)."""
+    return len(line.split()) == 1
+
+
+def _is_atom_line(line: bytes) -> bool:
+    """An atom line has at least 4 columns (symbol x y z ...); a header or blank line has fewer."""
+    return len(line.split()) >= 4
+
+
+class _Lines:
+    """File lines with push-back, so a broken frame's lines can be rescanned for the next header."""
+
+    def __init__(self, fh):
+        self._it, self._back = iter(fh), []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> bytes:
+        return self._back.pop() if self._back else next(self._it)
+
+    def push(self, lines: list[bytes]) -> None:
+        self._back.extend(reversed(lines))
+
+
+def _skip_to_header(lines: _Lines) -> int:
+    """Drop lines up to (not including) the next line that starts a frame; how many were dropped."""
+    dropped = 0
+    for line in lines:
+        if _starts_frame(line):
+            lines.push([line])
+            return dropped
+        dropped += 1
+    return dropped
+
+
+def _next_frame(lines: _Lines) -> tuple[bytes, list[bytes]] | str | None:
+    """(header, body lines) of the next well-formed frame, an error string for a broken one (its lines
+    consumed up to the next header), or None at the end of the file."""
+    for header in lines:
+        if header.strip():
+            break
+    else:
+        return None
+    if not _is_header(header):
+        skipped = _skip_to_header(lines)
+        return (f"natoms line {header[:60]!r} is not a non-negative integer "
+                f"({skipped + 1} lines up to the next frame skipped)")
+    natoms = int(header)
+    body = list(itertools.islice(lines, natoms + 1))
+    atom_lines = body[1:]
+    bad = next((k for k, line in enumerate(atom_lines) if _starts_frame(line)), None)  # the next header
+    if bad is not None or len(atom_lines) < natoms:
+        lines.push(body)   # the next frame's header may be inside: rescan from after this header
+        _skip_to_header(lines)
+        found = bad if bad is not None else len(atom_lines)
+        return f"natoms line says {natoms} but only {found} atom lines follow"
+    following = next(lines, None)
+    if following is not None:
+        lines.push([following])
+        if _is_atom_line(following):
+            extra = _skip_to_header(lines)
+            return f"natoms line says {natoms} but {natoms + extra} atom lines follow"
+    return header, body
+
+
 def _blocks(path: Path, start: int, stop: int | None, keep: bool) -> Iterator[tuple[int, bytes | str | None]]:
     """(frame index, block) for each frame; block is the frame's raw bytes for frames in [start, stop)
-    when `keep`, None for frames skipped, or an error string for a frame whose layout is broken."""
+    when `keep`, None for frames skipped, or an error string for a broken frame. After a broken frame
+    (wrong or unreadable atom count) reading resumes at the next atom-count line, so exactly that frame
+    is lost."""
     with open(path, "rb") as fh:
-        lines = iter(fh)
+        lines = _Lines(fh)
         index = 0
-        for header in lines:
-            if stop is not None and index >= stop:
+        while stop is None or index < stop:
+            item = _next_frame(lines)
+            if item is None:
                 return
-            if not header.strip():
-                continue  # blank separator lines between frames or at the end
-            try:
-                natoms = int(header)
-                if natoms < 0:
-                    raise ValueError
-            except ValueError:
-                yield index, f"natoms line {header[:60]!r} is not a non-negative integer; frames after it are lost"
-                return
-            wanted = keep and index >= start
-            body = list(itertools.islice(lines, natoms + 1)) if wanted else None
-            if body is None:
-                got = sum(1 for _ in itertools.islice(lines, natoms + 1))
+            if isinstance(item, str):
+                yield index, item
             else:
-                got = len(body)
-            if got < natoms + 1:
-                yield index, f"file ends after {max(got - 1, 0)} of {natoms} atom lines"
-                return
-            yield index, (header + b"".join(body)) if wanted else None
+                yield index, (item[0] + b"".join(item[1])) if keep and index >= start else None
             index += 1
 
 
 def count_frames(path: Path) -> int:
     """Frames in the file, counting a trailing broken frame as one (it is yielded as a FrameError)."""
-    n = 0
-    for n, _ in enumerate(_blocks(Path(path), 0, None, keep=False), start=1):
-        pass
-    return n
+    return sum(1 for _ in _blocks(Path(path), 0, None, keep=False))
 
 
 def _lookup(atoms, key: str):
@@ -84,7 +142,7 @@ def label_fields(path, frames: int = 20) -> list[str]:
     """Names of the per-frame (info) and per-atom (arrays) fields and calculator results in the first
     `frames` parseable frames: what a user can pass as --energy-key / --forces-key / --stress-key."""
     found: set[str] = set()
-    for index, block in _blocks(Path(path), 0, frames, keep=True):
+    for _index, block in _blocks(Path(path), 0, frames, keep=True):
         if not isinstance(block, bytes):
             break
         try:
@@ -119,6 +177,10 @@ def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str,
             return FrameError(source, index, K.STRESS, f"value under key '{stress_key}': {e}")
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in atoms.info.items()
             if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key, stress_key)}
+    if energy is None or forces is None:  # say which keys were there (e.g. REF_energy)
+        results = getattr(atoms.calc, "results", {}) if atoms.calc is not None else {}
+        info[LABEL_KEYS_FOUND] = sorted((set(atoms.info) | set(atoms.arrays) | set(results))
+                                        - {"numbers", "positions"})
     return Frame(
         species=np.asarray(atoms.numbers, dtype=np.int64),
         positions=np.asarray(atoms.positions, dtype=np.float64),
@@ -152,6 +214,6 @@ def iter_frames(path: Path, start: int = 0, stop: int | None = None, energy_key:
         if isinstance(block, str):
             if index >= start:
                 yield FrameError(source, index, K.NATOMS, block)
-            return
+            continue
         if block is not None:
             yield _parse(block, source, index, energy_key, forces_key, stress_key)

@@ -138,7 +138,7 @@ def _frame_layout(zf: zipfile.ZipFile, path: Path, opts: NpzOptions) -> tuple[in
         with zf.open(member + ".npy") as stream:
             shape = _read_header(stream)[0]
     except ValueError as e:
-        raise FrameError(str(path), None, K.POSITIONS, f"member '{member}' is not a readable npy array: {e}")
+        raise FrameError(str(path), None, K.POSITIONS, f"member '{member}' is not a readable npy array: {e}") from e
     if len(shape) == 2 and shape[1] == 3:
         return 1, True
     if len(shape) in (2, 3):
@@ -205,7 +205,7 @@ def _open_members(zf, path: Path, opts: NpzOptions, nframes: int, single: bool):
         try:
             m = _Member(zf, member)
         except ValueError as e:
-            raise FrameError(str(path), None, name, f"member '{member}' is not a readable npy array: {e}")
+            raise FrameError(str(path), None, name, f"member '{member}' is not a readable npy array: {e}") from e
         if _per_frame(name, m.shape, nframes, single):
             if not m.shape or m.shape[0] != nframes:
                 raise FrameError(str(path), None, name, f"member '{member}' has shape {m.shape}; "
@@ -217,7 +217,7 @@ def _open_members(zf, path: Path, opts: NpzOptions, nframes: int, single: bool):
         try:
             shared[K.SPECIES] = _species(shared[K.SPECIES], opts)
         except ValueError as e:
-            raise FrameError(str(path), None, K.SPECIES, f"member '{opts.member_of[K.SPECIES]}': {e}")
+            raise FrameError(str(path), None, K.SPECIES, f"member '{opts.member_of[K.SPECIES]}': {e}") from e
     return per_frame, shared
 
 

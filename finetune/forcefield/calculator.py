@@ -5,7 +5,8 @@ training loader (`data_shards.graph.sample_to_data` + `collate`), so the calcula
 model saw in training. Non-periodic Atoms get a zero cell. With `skin > 0` the neighbour list is built with
 cutoff + skin and reused while no atom has moved more than skin/2 since the build (cell, pbc and species
 unchanged); every call keeps only the pairs whose current distance is below the cutoff, so results equal
-a fresh build. Stress is not implemented.
+a fresh build. Stress (eV/Å³, ASE sign and Voigt order) comes from the strain derivative of the energy
+(`pretrain.models.strain`) for energy-centric models in a 3D-periodic cell; force-centric models have none.
 """
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from ase.calculators.calculator import (
     PropertyNotImplementedError,
     all_changes,
 )
+from ase.stress import full_3x3_to_voigt_6_stress
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
+from pretrain.models.strain import energy_forces_stress
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -31,15 +34,25 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 class CalculatorConfig:
     dtype: str = "float64"      # model and positions precision; float64 for energy-conserving MD
     skin: float = 0.0           # Å; 0 rebuilds the neighbour list at every call
-    device: str = "cpu"
+    device: str = "cpu"         # cpu | cuda | cuda:N | auto (cuda when available)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"calculator dtype {self.dtype!r} is not valid; valid: {sorted(DTYPES)}")
         if not self.skin >= 0:
             raise ValueError(f"calculator skin must be >= 0 Å, got {self.skin!r}")
-        if self.device != "cpu" and not self.device.startswith("cuda"):
-            raise ValueError(f"calculator device {self.device!r} is not valid; valid: 'cpu', 'cuda', 'cuda:N'")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' → a torch device; ValueError (one line) for CUDA without CUDA."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"device {name!r} is not valid; valid: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but torch sees no CUDA device; use 'cpu' or 'auto'")
+    return torch.device(name)
 
 
 class PerAtomEnergyProbe:
@@ -67,7 +80,7 @@ class PerAtomEnergyProbe:
 
 
 class MaskpotCalculator(Calculator):
-    implemented_properties = ["energy", "free_energy", "forces", "energies"]
+    implemented_properties = ["energy", "free_energy", "forces", "energies", "stress"]
 
     def __init__(self, model: str | Path | torch.nn.Module, dtype: str = "float64", skin: float = 0.0,
                  device: str = "cpu", cutoff: float | None = None, **kwargs):
@@ -78,7 +91,7 @@ class MaskpotCalculator(Calculator):
         super().__init__(**kwargs)
         self.config = CalculatorConfig(dtype, float(skin), device)
         if isinstance(model, (str, Path)):
-            from pretrain.export import load_export
+            from pretrain.export import load_export  # startup: safetensors+torch
 
             model, meta = load_export(model)
             self.meta, self.cutoff = meta, float(meta["cutoff"])
@@ -90,11 +103,12 @@ class MaskpotCalculator(Calculator):
             if not self.cutoff > 0:
                 raise ValueError("a model object without config.cutoff needs cutoff=… (Å)")
         self.dtype = DTYPES[self.config.dtype]
-        self.device = torch.device(self.config.device)
+        self.device = resolve_device(self.config.device)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.probe = PerAtomEnergyProbe(self.model)
-        if not self.probe.available:
-            self.implemented_properties = ["energy", "free_energy", "forces"]
+        self.implemented_properties = [p for p in self.implemented_properties
+                                       if (p != "energies" or self.probe.available)
+                                       and (p != "stress" or not getattr(self.model, "force_centric", False))]
         self.neighbour_builds = 0           # how often the list was (re)built; for tests and logs
         self._graph = None                  # Data with the cutoff + skin list, and what it was built for
         self._built_for: tuple | None = None
@@ -127,10 +141,20 @@ class MaskpotCalculator(Calculator):
             data[K.SHIFT_VECTORS] = data[K.SHIFT_VECTORS][keep]
         return collate([data]).to(self.device)
 
+    def _no_stress(self) -> str:
+        return (f"stress needs an energy-centric model (forces = −∂E/∂r, e.g. egnn, mace); "
+                f"{type(self.model).__name__} is force-centric: its forces do not derive from its energy")
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        if name == "stress" and getattr(self.model, "force_centric", False):
+            raise PropertyNotImplementedError(self._no_stress())  # ASE's own message names no reason
+        return super().get_property(name, atoms, allow_calculation)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        if "stress" in properties:
-            raise PropertyNotImplementedError("MaskpotCalculator does not compute stress")
+        want_stress = "stress" in properties
+        if want_stress and getattr(self.model, "force_centric", False):
+            raise PropertyNotImplementedError(self._no_stress())
         if "energies" in properties and not self.probe.available:
             raise PropertyNotImplementedError(f"{type(self.model).__name__} exposes no per-atom energies "
                                               f"(needs energy_head, energy_scale and e0)")
@@ -138,14 +162,23 @@ class MaskpotCalculator(Calculator):
         pbc = np.asarray(atoms.pbc, dtype=bool)
         cell = np.asarray(atoms.cell.array, dtype=np.float64) if pbc.any() else np.zeros((3, 3))
         numbers = np.asarray(atoms.numbers, dtype=np.int64)
+        if want_stress and not pbc.all():
+            raise PropertyNotImplementedError(f"stress needs a cell periodic in 3D; these Atoms have "
+                                              f"pbc={pbc.tolist()}")
         batch = self.graph(np.asarray(atoms.positions, dtype=np.float64), numbers, cell, pbc)
-        with torch.no_grad():
-            out = self.model(batch, compute_forces=True)
+        if want_stress:
+            out = energy_forces_stress(self.model, batch)
+        else:
+            with torch.no_grad():
+                out = self.model(batch, compute_forces=True)
         energy = float(out[K.PRED_ENERGY].sum())
         forces = out[K.PRED_FORCES].double().cpu().numpy()
         if not (np.isfinite(energy) and np.isfinite(forces).all()):
             raise FloatingPointError(f"the model gave a non-finite energy or forces for {atoms.get_chemical_formula()}"
                                      f" (energy {energy})")
         self.results = {"energy": energy, "free_energy": energy, "forces": forces}
+        if want_stress:
+            stress = out[K.PRED_STRESS][0].detach().double().cpu().numpy()
+            self.results["stress"] = full_3x3_to_voigt_6_stress(stress)
         if self.probe.available:
             self.results["energies"] = self.probe.energies(batch[K.SPECIES])

@@ -15,6 +15,9 @@ from typing import Iterator
 
 from data_shards import keys as K
 from data_shards.frame import Frame, FrameError
+from data_shards.progress import progress
+from finetune.forcefield import metrics as M
+from finetune.forcefield import plots
 
 # torch, the graph code and plotting are imported where used: `maskpot --help` stays fast
 
@@ -31,9 +34,8 @@ def frame_sample(frame: Frame) -> dict:
 
 def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iterator:
     """Validated labelled frames of `path` as graph batches; the first bad frame raises its FrameError."""
-    from data_shards.graph import collate, sample_to_data
-    from data_shards.progress import progress
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.graph import collate, sample_to_data  # startup: ase+torch+vesin
+    from data_shards.readers import count_frames, iter_frames  # startup: ase
 
     total = count_frames(path, fmt)
     if total == 0:
@@ -50,14 +52,14 @@ def frame_batches(path, fmt: str | None, batch_size: int, cutoff: float) -> Iter
         yield collate(pending)
 
 
-def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float):
+def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: float, integrity: str | None = None):
     data = Path(data)
     if (data / MANIFEST).is_file():
-        from data_shards.stream import ShardStream
+        from data_shards.stream import ShardStream  # startup: ase+torch+vesin
 
         if split not in SPLITS:
             raise ValueError(f"--split {split!r} is not valid; valid: {list(SPLITS)}")
-        stream = ShardStream(data, split, batch_size, cutoff)
+        stream = ShardStream(data, split, batch_size, cutoff, integrity_policy=integrity)
         if not stream.manifest["splits"].get(split, {}).get("samples"):
             raise ValueError(f"{data / MANIFEST}: split {split!r} is empty")
         return stream
@@ -65,8 +67,6 @@ def data_batches(data, fmt: str | None, split: str, batch_size: int, cutoff: flo
 
 
 def markdown_table(figures: dict, model: str, data: str) -> str:
-    from finetune.forcefield import metrics as M
-
     per_element = figures[M.FORCE_RMSE_PER_ELEMENT]
     rows = [("energy RMSE", "meV/atom", figures[M.ENERGY_RMSE]),
             ("energy RMSE, offset-corrected", "meV/atom", figures[M.ENERGY_RMSE_CORRECTED]),
@@ -82,22 +82,20 @@ def markdown_table(figures: dict, model: str, data: str) -> str:
 
 
 def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str = "test", batch_size: int = 8,
-                   device: str = "cpu") -> dict:
+                   device: str = "auto", integrity: str | None = None) -> dict:
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
-    import torch
-
-    from finetune.forcefield import metrics as M
-    from finetune.forcefield import plots
-    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions
-    from pretrain.export import load_export
+    from finetune.forcefield.calculator import resolve_device  # startup: ase+torch+vesin
+    from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions  # startup: torch
+    from pretrain.export import load_export  # startup: safetensors+torch
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    where = resolve_device(device)  # CUDA asked for without CUDA: one line, before any work
     model, meta = load_export(model_dir)
-    model.to(device)
-    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]))
+    model.to(where)
+    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]), integrity)
     recorder = Recorder(model)
-    figures = M.evaluate(recorder, batches, device=torch.device(device))
+    figures = M.evaluate(recorder, batches, device=where)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = write_predictions(recorder.structures, figures[M.ARRAYS], out_dir / PREDICTIONS)
@@ -106,6 +104,8 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     summary = {**M.without_arrays(figures), "model": str(model_dir), "data": str(data),
                "split": split if (Path(data) / MANIFEST).is_file() else None,
                "plots": [p.name for p in plot_paths], "predictions": predictions.name}
+    if hasattr(batches, "integrity_skipped"):  # shards: samples left out for a bad checksum (integrity=skip)
+        summary["integrity"] = {"policy": batches.cfg.integrity, "skipped": batches.integrity_skipped}
     (out_dir / METRICS_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / METRICS_MD).write_text(markdown_table(figures, str(model_dir), str(data)))
     return summary
@@ -125,12 +125,18 @@ def add_command(subparsers) -> None:
     p.add_argument("--split", default="test", help="split of a shard folder (default: test)")
     p.add_argument("--out", default="evaluation", metavar="DIR", help="output folder (default: ./evaluation)")
     p.add_argument("--batch-size", type=int, default=8, help="structures per forward pass (default: 8)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available; default) | cpu | cuda | cuda:N")
+    p.add_argument("--integrity", choices=["fatal", "skip", "off"], default=None,
+                   help="shards: a sample failing its checksum stops the run (fatal, default; or $MASKPOT_INTEGRITY), "
+                        "is left out and counted (skip), or is not checked (off)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device)
+    summary = evaluate_model(args.model, args.data, args.out, args.format, args.split, args.batch_size, args.device,
+                             args.integrity)
     print((Path(args.out) / METRICS_MD).read_text(), end="")
+    if summary.get("integrity", {}).get("skipped"):
+        print(f"integrity: {summary['integrity']['skipped']} sample(s) failed their checksum and were left out")
     print(f"written: {Path(args.out) / METRICS_JSON}, {', '.join(summary['plots'])}, {summary['predictions']}")
     return 0

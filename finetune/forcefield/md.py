@@ -1,9 +1,18 @@
-"""`maskpot md MODEL STRUCTURE`: molecular dynamics with an exported model (ASE Langevin or NVE Verlet).
+"""`maskpot md MODEL STRUCTURE`: molecular dynamics with an exported model (ASE Langevin, NVE Verlet, or
+NPT with the isotropic Martyna–Tobias–Klein barostat and Nosé–Hoover chains).
 
 Writes the trajectory (extxyz, energies and forces per frame), a log next to it (`<out>.log`: step, time,
-potential / kinetic / total energy, temperature) and, with `--rdf`, the O–O radial distribution function
-of the trajectory (`<out>_rdf_oo.png` + `.csv`). Units: fs, K, eV, Å. Safety checks (runaway temperature,
-overlapping atoms, NVE energy drift) warn, then stop the run: finetune.forcefield.md_guards.
+potential / kinetic / total energy, temperature, volume, density) and, with `--rdf`, the O–O radial
+distribution function of the trajectory (`<out>_rdf_oo.png` + `.csv`). Units: fs, K, eV, Å, bar, g/cm³.
+Safety checks (runaway temperature, overlapping atoms, NVE energy drift) warn, then stop the run:
+finetune.forcefield.md_guards.
+
+NPT: ASE 3.29's `IsotropicMTKNPT`, not `NPTBerendsen` or `NPT`. Berendsen's weak coupling relaxes the
+volume but does not sample the isothermal–isobaric ensemble (volume fluctuations are wrong, so is any
+compressibility read from them); ase.md.npt.NPT (Melchionna) is documented as unstable for small cells and
+needs an upper-triangular cell. MTK generates the NPT ensemble with a time-reversible integrator; isotropic
+cell fluctuations suit a liquid. The barostat reads the stress, which the calculator takes from the
+strain derivative of the energy (energy-centric models only).
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_shards.progress import progress
 from finetune.forcefield import md_guards
 from finetune.forcefield.md_guards import MDGuards, MDUnstable
 
@@ -26,10 +36,11 @@ if TYPE_CHECKING:
 
 # ase, matplotlib and the calculator (torch) are imported where used: `maskpot --help` stays fast
 
-ENSEMBLES = ("langevin", "nve")
+ENSEMBLES = ("langevin", "nve", "npt")
 OXYGEN = 8
 EXIT_UNSTABLE = 3   # a safety check stopped the run (user errors exit 2)
-LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K")
+LOG_COLUMNS = ("step", "time_fs", "epot_eV", "ekin_eV", "etot_eV", "temperature_K", "volume_A3", "density_g_cm3")
+GRAMS_PER_AMU_CM3_PER_A3 = 1.66053906660  # 1 amu/Å³ = 1.6605 g/cm³
 
 
 @dataclass
@@ -43,6 +54,9 @@ class MDConfig:
     seed: int = 0
     skin: float = 0.5               # Å, neighbour-list skin of the calculator
     dtype: str = "float64"
+    pressure: float = 1.01325       # bar, NPT only
+    tdamp: float = 100.0            # fs, NPT thermostat time scale (ASE suggests ~100 time steps)
+    pdamp: float = 1000.0           # fs, NPT barostat time scale (ASE suggests ~1000 time steps)
 
     def __post_init__(self):
         if self.ensemble not in ENSEMBLES:
@@ -51,7 +65,7 @@ class MDConfig:
             raise ValueError(f"--steps must be a positive integer, got {self.steps!r}")
         if not (isinstance(self.every, int) and self.every >= 1):
             raise ValueError(f"--every must be a positive integer, got {self.every!r}")
-        for name in ("timestep", "friction"):
+        for name in ("timestep", "friction", "tdamp", "pdamp"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name} must be > 0, got {getattr(self, name)!r}")
         if not self.temperature >= 0:
@@ -60,9 +74,9 @@ class MDConfig:
 
 def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     """Frame `index` of anything the readers understand (extxyz, DeePMD, …) as ASE Atoms."""
-    from ase import Atoms
+    from ase import Atoms  # startup: ase
 
-    from data_shards.readers import count_frames, iter_frames
+    from data_shards.readers import count_frames, iter_frames  # startup: ase
 
     total = count_frames(path, fmt)
     if not 0 <= index < total:
@@ -74,18 +88,42 @@ def load_structure(path, fmt: str | None = None, index: int = 0) -> Atoms:
     return Atoms(numbers=frame.species, positions=frame.positions, cell=frame.cell, pbc=frame.pbc)
 
 
+def density_g_cm3(atoms: Atoms) -> float:
+    """Mass density of a periodic box in g/cm³ (NaN without a cell volume)."""
+    volume = abs(float(np.linalg.det(atoms.cell.array)))
+    return float(atoms.get_masses().sum()) * GRAMS_PER_AMU_CM3_PER_A3 / volume if volume > 0 else float("nan")
+
+
+def make_dynamics(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, rng: np.random.Generator):
+    """The ASE integrator of `cfg.ensemble`; NPT is refused for force-centric models and non-3D-periodic cells."""
+    from ase import units  # startup: ase
+    from ase.md.langevin import Langevin  # startup: ase
+    from ase.md.nose_hoover_chain import IsotropicMTKNPT  # startup: ase
+    from ase.md.verlet import VelocityVerlet  # startup: ase
+
+    dt = cfg.timestep * units.fs
+    if cfg.ensemble == "langevin":
+        return Langevin(atoms, dt, temperature_K=cfg.temperature, friction=cfg.friction / (1000 * units.fs),
+                        fixcm=False, rng=rng)
+    if cfg.ensemble == "nve":
+        return VelocityVerlet(atoms, dt)
+    if "stress" not in calc.implemented_properties:
+        raise ValueError(f"--ensemble npt needs the stress, which {type(calc.model).__name__} (force-centric) "
+                         f"does not have; use an energy-centric model (egnn, mace) or --ensemble langevin")
+    if not atoms.pbc.all():
+        raise ValueError(f"--ensemble npt needs a structure periodic in 3D, got pbc={atoms.pbc.tolist()}")
+    return IsotropicMTKNPT(atoms, dt, temperature_K=cfg.temperature, pressure_au=cfg.pressure * units.bar,
+                           tdamp=cfg.tdamp * units.fs, pdamp=cfg.pdamp * units.fs)
+
+
 def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path,
            guards: MDGuards | None = None) -> dict:
     """Integrate `cfg.steps` steps from `atoms` (changed in place); returns timings and energy figures.
     `guards` (default: MDGuards() with its default limits) raise MDUnstable when the run goes wrong."""
     guards = MDGuards() if guards is None else guards
-    from ase import units
-    from ase.io import write
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import Stationary, thermalize_momenta
-    from ase.md.verlet import VelocityVerlet
+    from ase.io import write  # startup: ase
+    from ase.md.velocitydistribution import Stationary, thermalize_momenta  # startup: ase
 
-    from data_shards.progress import progress
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,12 +132,7 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
     rng = np.random.default_rng(cfg.seed)
     thermalize_momenta(atoms, temperature_K=cfg.temperature, rng=rng)
     Stationary(atoms)
-    dt = cfg.timestep * units.fs
-    if cfg.ensemble == "langevin":
-        dyn = Langevin(atoms, dt, temperature_K=cfg.temperature, friction=cfg.friction / (1000 * units.fs),
-                       fixcm=False, rng=rng)
-    else:
-        dyn = VelocityVerlet(atoms, dt)
+    dyn = make_dynamics(atoms, calc, cfg, rng)
     rows: list[tuple] = []
 
     def record() -> None:
@@ -107,7 +140,8 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
         if not np.isfinite(epot):
             raise FloatingPointError(f"non-finite potential energy at step {dyn.nsteps}")
         step = dyn.nsteps
-        rows.append((step, step * cfg.timestep, epot, ekin, epot + ekin, atoms.get_temperature()))
+        rows.append((step, step * cfg.timestep, epot, ekin, epot + ekin, atoms.get_temperature(),
+                     abs(float(np.linalg.det(atoms.cell.array))), density_g_cm3(atoms)))
         write(out, atoms, format="extxyz", append=step > 0)
         log.write(" ".join(f"{v:.8g}" if isinstance(v, float) else str(v) for v in rows[-1]) + "\n")
         log.flush()
@@ -129,7 +163,10 @@ def run_md(atoms: Atoms, calc: MaskpotCalculator, cfg: MDConfig, out: str | Path
             bar.close()
         seconds = time.perf_counter() - started
     etot = np.array([r[4] for r in rows])
-    return {"steps": cfg.steps, "seconds": seconds, "steps_per_second": cfg.steps / seconds,
+    density = np.array([r[7] for r in rows])
+    return {"initial_density_g_cm3": float(density[0]), "final_density_g_cm3": float(density[-1]),
+            "mean_density_second_half_g_cm3": float(density[len(density) // 2:].mean()),
+            "steps": cfg.steps, "seconds": seconds, "steps_per_second": cfg.steps / seconds,
             "atoms": len(atoms), "trajectory": str(out), "log": str(log_path),
             "max_abs_etot_change_eV": float(np.abs(etot - etot[0]).max()),
             "final_temperature_K": rows[-1][5], "neighbour_builds": calc.neighbour_builds,
@@ -146,8 +183,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
     Returns (bin centres in Å, g). r_max must not exceed half the smallest perpendicular box width.
     """
-    from ase.geometry import get_distances
-    from ase.io import read
+    from ase.geometry import get_distances  # startup: ase
+    from ase.io import read  # startup: ase
 
     frames = read(trajectory, index=":") if isinstance(trajectory, (str, Path)) else list(trajectory)
     if not frames:
@@ -178,8 +215,8 @@ def rdf_oo(trajectory, r_max: float, bins: int = 100) -> tuple[np.ndarray, np.nd
 
 
 def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # startup: matplotlib
+    from matplotlib.figure import Figure  # startup: matplotlib
 
     path = Path(path)
     fig = Figure(figsize=(5, 4))
@@ -195,7 +232,7 @@ def plot_rdf(r: np.ndarray, g: np.ndarray, path) -> Path:
 
 def add_command(subparsers) -> None:
     p = subparsers.add_parser(
-        "md", help="molecular dynamics with an exported model (ASE Langevin or NVE), trajectory + log + RDF",
+        "md", help="molecular dynamics with an exported model (ASE Langevin, NVE or MTK NPT), trajectory + log + RDF",
         description="Run MD from frame --frame of STRUCTURE (extxyz, DeePMD, …) with an export folder. Writes "
                     "--out (extxyz), <out>.log and with --rdf <out>_rdf_oo.png/.csv.")
     p.add_argument("model", metavar="MODEL", help="export folder (model.json + model.safetensors)")
@@ -207,12 +244,15 @@ def add_command(subparsers) -> None:
     p.add_argument("--timestep", type=float, default=0.5, help="fs (default 0.5)")
     p.add_argument("--ensemble", default="langevin", help=f"one of {list(ENSEMBLES)} (default langevin)")
     p.add_argument("--friction", type=float, default=1.0, help="Langevin friction, 1/ps (default 1)")
+    p.add_argument("--pressure", type=float, default=1.01325, help="NPT pressure, bar (default 1 atm)")
+    p.add_argument("--tdamp", type=float, default=100.0, help="NPT thermostat time scale, fs (default 100)")
+    p.add_argument("--pdamp", type=float, default=1000.0, help="NPT barostat time scale, fs (default 1000)")
     p.add_argument("--out", default="md.extxyz", help="trajectory file (default md.extxyz)")
     p.add_argument("--every", type=int, default=10, help="write a frame every N steps (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skin", type=float, default=0.5, help="neighbour-list skin, Å (default 0.5)")
     p.add_argument("--dtype", default="float64", help="float64 (default) or float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto (cuda when available; default) | cpu | cuda | cuda:N")
     p.add_argument("--rdf", action="store_true", help="also compute and plot the O–O g(r) of the trajectory")
     p.add_argument("--rdf-rmax", type=float, default=None, help="Å (default: 6 Å or half the box)")
     md_guards.add_arguments(p)
@@ -220,10 +260,11 @@ def add_command(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from finetune.forcefield.calculator import MaskpotCalculator
+    from finetune.forcefield.calculator import MaskpotCalculator, resolve_device  # startup: ase+torch+vesin
 
+    resolve_device(args.device)  # CUDA asked for without CUDA: one line, before any work
     cfg = MDConfig(args.steps, args.temperature, args.timestep, args.ensemble, args.friction, args.every,
-                   args.seed, args.skin, args.dtype)
+                   args.seed, args.skin, args.dtype, args.pressure, args.tdamp, args.pdamp)
     atoms = load_structure(args.structure, args.format, args.frame)
     if args.rdf and not atoms.pbc.all():
         raise ValueError(f"--rdf needs a structure periodic in 3D; {args.structure} has pbc={atoms.pbc.tolist()}")
@@ -237,6 +278,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result['steps']} steps of {result['atoms']} atoms in {result['seconds']:.1f} s "
           f"({result['steps_per_second']:.1f} steps/s); final T {result['final_temperature_K']:.0f} K; "
           f"trajectory {result['trajectory']}, log {result['log']}")
+    if atoms.pbc.all():
+        print(f"density {result['initial_density_g_cm3']:.4f} → {result['final_density_g_cm3']:.4f} g/cm³ "
+              f"(mean over the second half {result['mean_density_second_half_g_cm3']:.4f} g/cm³)")
     if args.rdf:
         widths = atoms.get_volume() / np.linalg.norm(np.cross(atoms.cell[[1, 2, 0]], atoms.cell[[2, 0, 1]]), axis=1)
         r_max = args.rdf_rmax or min(6.0, 0.5 * float(widths.min()))

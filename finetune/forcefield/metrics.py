@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from data_shards import keys as K
+from pretrain.models.strain import energy_forces_stress
 
 MILLI = 1000.0
 
@@ -22,6 +23,7 @@ ENERGY_RMSE_CORRECTED = "energy_rmse_offset_corrected_mev_per_atom"  # RMSE afte
 FORCE_RMSE = "force_rmse_mev_per_a"
 FORCE_MAE = "force_mae_mev_per_a"
 FORCE_RMSE_PER_ELEMENT = "force_rmse_per_element_mev_per_a"   # {"1": ..., "8": ...}
+STRESS_RMSE = "stress_rmse_mev_per_a3"   # only when the labels carry stress (energy-centric models)
 STRUCTURES = "structures"
 ATOMS = "atoms"
 ARRAYS = "arrays"   # {"energy_per_atom_ref", "energy_per_atom_pred" (B,), "forces_ref", "forces_pred" (N,3),
@@ -71,7 +73,7 @@ def evaluate(model: torch.nn.Module, stream: Iterable, max_batches: int | None =
     """
     was_training = model.training
     model.eval()
-    e_pred, e_ref, f_pred, f_ref, species = [], [], [], [], []
+    e_pred, e_ref, f_pred, f_ref, species, s_pred, s_ref = [], [], [], [], [], [], []
     try:
         with torch.no_grad():
             for index, batch in enumerate(stream):
@@ -81,7 +83,12 @@ def evaluate(model: torch.nn.Module, stream: Iterable, max_batches: int | None =
                     raise ValueError(f"batch {index} of the evaluation stream has no {K.ENERGY}/{K.FORCES} "
                                      f"labels (sources: {sorted(set(getattr(batch, K.SOURCE, [])))})")
                 batch = batch.to(device)
-                out = model(batch, compute_forces=True)
+                if K.STRESS in batch:   # strain derivative: needs autograd inside no_grad
+                    out = energy_forces_stress(model, batch)
+                    s_pred.append(out[K.PRED_STRESS].double().cpu().numpy())
+                    s_ref.append(batch[K.STRESS].reshape(-1, 3, 3).double().cpu().numpy())
+                else:
+                    out = model(batch, compute_forces=True)
                 natoms = batch[K.NATOMS].double()
                 e_pred.append((out[K.PRED_ENERGY].double() / natoms).cpu().numpy())
                 e_ref.append((batch[K.ENERGY].double() / natoms).cpu().numpy())
@@ -97,6 +104,9 @@ def evaluate(model: torch.nn.Module, stream: Iterable, max_batches: int | None =
               "species": np.concatenate(species)}
     result = summarize(arrays["energy_per_atom_pred"], arrays["energy_per_atom_ref"], arrays["forces_pred"],
                        arrays["forces_ref"], arrays["species"])
+    if s_ref:
+        arrays["stress_ref"], arrays["stress_pred"] = np.concatenate(s_ref), np.concatenate(s_pred)
+        result[STRESS_RMSE] = MILLI * rmse(arrays["stress_pred"], arrays["stress_ref"])
     result[ARRAYS] = arrays
     return result
 

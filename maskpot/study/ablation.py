@@ -3,7 +3,8 @@
 Each ablation (`ablations:` in the study YAML, maskpot.study.config.AblationConfig) re-runs some variants
 on DFT water with a changed pretraining and/or finetuning, at its own budgets and seeds. What it needs from
 the main study (corpus, DFT shards, unchanged pretrainings, unchanged scratch runs) is run or reused; its
-own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models), next to the main runs, so that the report (maskpot.study.report) can set
+own runs are named VARIANT@NAME (an ablation that only swaps `models` adds ordinary runs of those models),
+next to the main runs, so that the report (maskpot.study.report) can set
 each beside its baseline: scratch@NAME when the finetune budget changed, else the main scratch runs.
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ import yaml
 
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
+from maskpot.study.finetunes import Timings, finetune_config, run_finetunes
+from maskpot.study.pretraining import pretrain_one, water_objective
+from maskpot.study.stages import stage_corpus, stage_dft_shards
 
 
 def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
@@ -29,8 +33,6 @@ def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
 
 def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path) -> list:
     """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
-    from maskpot.study.stages import finetune_config, pretrain_one, water_objective
-
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
     on_dft = a.pretrain_data == "dft_train"
@@ -86,13 +88,6 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
 
 
 def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
-    from maskpot.study.stages import (
-        Timings,
-        run_finetunes,
-        stage_corpus,
-        stage_dft_shards,
-    )
-
     if not cfg.dft_water.enabled:
         raise ValueError("ablations run on DFT water: dft_water.enabled must be true")
     out.mkdir(parents=True, exist_ok=True)
@@ -102,5 +97,5 @@ def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
     shards = stage_dft_shards(cfg, out)
     for name in names:
-        jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))
-        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))
+        jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))  # noqa: B023 - run at once
+        timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))  # noqa: B023 - run at once

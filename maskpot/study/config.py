@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import ConfigError, from_dict, merge
+from data_shards.corpus.conditions import CorpusConfig as Conditions  # numpy only: no OpenMM, no torch
 
 # variant name → pretraining objective (None: no pretraining, the baseline). "supervised" pretrains on the
 # corpus's own TIP3P energies and forces: a reference for what labels, not a pretext task, give.
@@ -100,7 +101,7 @@ class FinetuneStageConfig:
                  f"finetune.converge_steps must be 0 (off) or >= finetune.steps ({self.steps}), "
                  f"got {self.converge_steps}")
         _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
-        from finetune.config import (  # the finetune's own checks, before any run starts
+        from finetune.config import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
             AdaptConfig,
             ReplayConfig,
         )
@@ -185,7 +186,7 @@ class AblationConfig:
         _require(bool(self.seeds), "seeds: name at least one")
         _require(self.pretrain_data in ("corpus", "dft_train"),
                  f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
-        from pretrain.models import MODELS
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
@@ -193,8 +194,6 @@ class AblationConfig:
 
 def _conditions(name: str, mapping: dict, frames: int) -> None:
     """Validate a `maskpot generate corpus` conditions mapping (data_shards.corpus CorpusConfig)."""
-    from data_shards.corpus.conditions import CorpusConfig as Conditions
-
     c = from_dict(Conditions, {**mapping, "trajectories": 1}, where=name)
     _require(frames % c.frames_per_trajectory == 0,
              f"{name}: corpus sizes must be multiples of frames_per_trajectory ({c.frames_per_trajectory}), "
@@ -276,9 +275,7 @@ class StudyConfig:
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
 
     def __post_init__(self):
-        from pretrain.models import (
-            MODELS,  # torch: only when a config is built, not for `maskpot --help`
-        )
+        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         unknown = [m for m in self.models if m not in MODELS]
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")

@@ -20,25 +20,25 @@ import dataclasses
 from pathlib import Path
 
 from data_shards.config_io import from_dict
+from data_shards.corpus.conditions import CorpusConfig as Conditions
+from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import _banner, finetune_config, run_finetunes
+from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
 
 GENERATED = Path("data") / "generated"
 
 
 def conditions(mapping: dict, frames: int):
     """data_shards.corpus CorpusConfig of `frames` frames from a conditions mapping (no `trajectories`)."""
-    from data_shards.corpus.conditions import CorpusConfig as Conditions  # OpenMM-free, but only when run
-
     fpt = from_dict(Conditions, {**mapping, "trajectories": 1}).frames_per_trajectory
     return from_dict(Conditions, {**mapping, "trajectories": frames // fpt})
 
 
 def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes: list[int]) -> dict[int, Path]:
     """Generate corpus `name` with max(sizes) frames (resumable), shard its first N frames for each size N."""
-    from data_shards.build import build_shards
-    from data_shards.corpus.conditions import plan
-    from data_shards.corpus.generate import generate_corpus
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.corpus.generate import generate_corpus  # startup: OpenMM (+1 s) off the maskpot CLI start
 
     full = conditions(mapping, max(sizes))
     gen = out / GENERATED / name
@@ -59,8 +59,6 @@ def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes
 
 def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budgets, models) -> list:
     """Pretrain each variant on each corpus (tag → shards) and finetune it on DFT water as VARIANT@TAG."""
-    from maskpot.study.stages import pretrain_one, water_objective
-
     jobs = []
     for model, params in (models or cfg.models).items():
         for tag, shards in corpora.items():
@@ -75,8 +73,6 @@ def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budget
 
 def _main_jobs(cfg, out, dft, variants, budgets, models) -> list:
     """The main runs (scratch, corpus-only VARIANT) an experiment compares with, at its budgets."""
-    from maskpot.study.stages import pretrain_one, pretrain_run_name, water_objective
-
     jobs = []
     for model, params in (models or cfg.models).items():
         for variant in ["scratch", *variants]:
@@ -90,14 +86,13 @@ def _main_jobs(cfg, out, dft, variants, budgets, models) -> list:
 
 
 def two_stage_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
-    from maskpot.study.stages import pretrain_one, water_objective
-
     t = cfg.two_stage
     jobs = _main_jobs(cfg, out, dft, t.variants, t.budgets, {})
     second = dataclasses.replace(cfg.pretrain, lr=t.lr, min_lr=min(cfg.pretrain.min_lr, t.lr))
     for model, params in cfg.models.items():
         for variant in t.variants:
-            objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}  # DeePMD: O, then H
+            # DeePMD lists all O before all H: molecules by nearest oxygen
+            objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}
             corpus_export = out / "pretrain" / f"{model}_{variant}" / "export"
             runs = {"twostage": (t.steps, second, corpus_export), "dftpos": (cfg.pretrain.steps, cfg.pretrain, None)}
             for tag, (steps, stage, init) in runs.items():
@@ -155,8 +150,9 @@ def describe_plan(cfg: StudyConfig, out: Path) -> str:
              f"lr {cfg.finetune.lr:g} (cosine to {cfg.finetune.min_lr:g}); finetune seeds {seeds}",
              f"  {_readouts(cfg)}",
              f"1. corpus: {cfg.corpus.frames} TIP3P frames × {cfg.corpus.molecules} H2O (seed {cfg.corpus.seed})",
-             f"2. pretraining: {models} × {pre} × pretraining seeds {pseeds if cfg.dft_water.enabled else [cfg.pretrain.seed]}"
-             f" × {cfg.pretrain.steps} steps on {cfg.pretrain.nproc} ranks"]
+             f"2. pretraining: {models} × {pre} × pretraining seeds "
+             f"{pseeds if cfg.dft_water.enabled else [cfg.pretrain.seed]} × {cfg.pretrain.steps} steps on "
+             f"{cfg.pretrain.nproc} ranks"]
     total, step = 0, 3
     if cfg.dft_water.enabled:
         n_pre = sum(1 for v in cfg.variants if VARIANTS[v] is not None)

@@ -239,13 +239,15 @@ def convergence_markdown(rows: list[dict]) -> list[str]:
         return []
     lines = ["At convergence (early stopping on the validation force RMSE, step cap in study.yaml):", "",
              "| model | labelled frames | variant | runs | F at budget (meV/Å) | F at convergence (meV/Å) | "
-             "mean steps | stopped early | ΔF vs scratch at convergence |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+             "mean steps | stopped early | ΔF vs scratch at convergence |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         steps = "—" if r["steps_conv_mean"] is None else f"{r['steps_conv_mean']:.0f}"
         change = "—" if r["variant"] == "scratch" else r["conv_vs_scratch"]
         lines.append(f"| {r['model']} | {r['budget']} | {r['variant']} | {r['seeds']} | "
-                     f"{_fmt(r['force_mean'], r['force_std'], 1)} | {_fmt(r['force_conv_mean'], r['force_conv_std'], 1)}"
-                     f" | {steps} | {r['stopped_early']} | {change} |")
+                     f"{_fmt(r['force_mean'], r['force_std'], 1)} | "
+                     f"{_fmt(r['force_conv_mean'], r['force_conv_std'], 1)} | {steps} | {r['stopped_early']} | "
+                     f"{change} |")
     return lines + [""]
 
 
@@ -257,7 +259,8 @@ def markdown(summary: dict, images: dict[str, list[str]]) -> str:
     for setting, data in summary.items():
         lines += [f"## {SETTING_TITLES.get(setting, setting)}", ""] + convergence_markdown(data["rows"]) + [
                   "At the fixed finetune budget:", "",
-                  "| model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) | ΔF vs scratch |",
+                  "| model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) "
+                  "| ΔF vs scratch |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         for r in data["rows"]:
             change = "—" if r["variant"] == "scratch" or not math.isfinite(r["force_change_vs_scratch_pct"]) \

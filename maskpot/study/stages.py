@@ -10,82 +10,20 @@ one MLflow run in one experiment, tagged with its setting, variant, budget, seed
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from data_shards.config_io import parse_dotted_overrides, to_dict
-from maskpot.study import ablation as study_ablation
+from data_shards.config_io import to_dict
 from maskpot.study import grid
-from maskpot.study.config import (
-    ETHANOL_VARIANTS,
-    VARIANTS,
-    PretrainStageConfig,
-    StudyConfig,
-    load_study,
-)
-from maskpot.study.finetunes import (  # ablation and tests import these from here too
-    FinetuneJob,
-    Timings,
-    _banner,
-    finetune_config,
-    run_finetunes,
-)
-from maskpot.study.grid import describe_plan
+from maskpot.study.config import ETHANOL_VARIANTS, VARIANTS, StudyConfig
+from maskpot.study.finetunes import FinetuneJob, Timings, _banner, finetune_config, run_finetunes
+from maskpot.study.grid import describe_plan  # the plan printed first; tests import it from here too
+from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"
-
-
-def add_command(subparsers) -> None:
-    p = subparsers.add_parser(
-        "study", help="the reproduction study: corpus → pretraining variants → finetunes × budgets × seeds → report",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None,
-                   help="study YAML (default: the shipped configs/study/water.yaml, package data maskpot.configs)")
-    p.add_argument("--scale", default="small",
-                   help="a scale defined in the YAML: tiny (CI, ~3 min, no claims), small (~90 min on 2 cores, "
-                        "the numbers in REPORT.md), full (the whole grid: many hours, or a GPU), paper "
-                        "(258-water boxes, paper epochs: a GPU cluster). Default small")
-    p.add_argument("--out", default=None, help="run folder (default: out_dir from the YAML, with the scale)")
-    p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")
-    p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
-    p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
-    p.add_argument("--ablation", action="append", default=[], metavar="NAME",
-                   help="run ablation NAME from the YAML's `ablations` instead of the main grid (repeatable; "
-                        "'all' for every one): only the stages it needs, on DFT water, its runs named "
-                        "VARIANT@NAME in the same run folder; the report gains report/ablations.md")
-    p.set_defaults(func=run)
-
-
-def resolve_config_path(path: str | None) -> Path:
-    """`path`, or the shipped study config (package data) when none is given."""
-    if path is None:
-        return Path(str(resources.files("maskpot.configs") / "study" / "water.yaml"))
-    return Path(path)
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = load_study(resolve_config_path(args.config), args.scale, parse_dotted_overrides(args.override))
-    out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
-    names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []
-    if args.plan:
-        print(study_ablation.describe(cfg, names) if names else describe_plan(cfg, out))
-        return 0
-    from maskpot.study import report as study_report
-
-    if not args.report_only:
-        if names:
-            study_ablation.run_ablations(cfg, out, names)
-        else:
-            run_study(cfg, out)
-    summary = study_report.write_report(out)
-    print(summary, flush=True)
-    return 0
 
 
 def run_study(cfg: StudyConfig, out: Path) -> None:
@@ -113,8 +51,8 @@ def run_study(cfg: StudyConfig, out: Path) -> None:
 
 
 def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     c = cfg.corpus
     shards = out / "shards" / "corpus"
@@ -129,7 +67,7 @@ def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     shards = out / "shards" / "dft_water"
     if not (shards / "manifest.json").is_file():
@@ -148,8 +86,8 @@ def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
 
 
 def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards
-    from data_shards.tip3p import generate_tip3p
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
 
     shards = out / "shards" / "tip3p_labels"
     if not (shards / "manifest.json").is_file():
@@ -159,63 +97,6 @@ def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
                              seed=c.seed + 1, steps_between_frames=c.steps_between_frames)
         build_shards([str(xyz)], str(shards), shard_size=100, split_fractions=(0.6, 0.2, 0.2))
     return shards
-
-
-def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str, params: dict,
-                 objective: dict, steps: int, batch_size: int, stage: PretrainStageConfig | None = None,
-                 init: Path | None = None) -> Path:
-    """One DeepSpeed pretraining (resumed if a checkpoint exists); returns its export folder.
-    `stage` (default: the study's pretrain section) gives the learning rates, ranks, ZeRO stage and seed;
-    `init` an export to continue from (two-stage pretraining, pretrain train.init)."""
-    from pretrain.cli import run as run_pretrain
-
-    export = run_dir / "export"
-    if (export / "model.json").is_file():
-        return export
-    p = stage or cfg.pretrain
-    config = {
-        "data": {"manifest_dir": str(manifest_dir), "batch_size": batch_size, "shuffle_buffer": 256},
-        "model": {"name": model, "params": params},
-        "objective": objective,
-        "optim": {"lr": p.lr, "warmup_steps": max(steps // 20, 1), "min_lr": p.min_lr},
-        "deepspeed": {"zero_stage": p.zero_stage, "precision": "fp32"},
-        "train": {"max_steps": steps, "log_every": max(steps // 20, 1), "val_every": max(steps // 5, 1),
-                  "val_batches": 4, "checkpoint_every": max(steps // 4, 1), "out_dir": str(run_dir),
-                  "seed": p.seed, **({"init": str(init)} if init else {})},
-        # the pretraining is a run of the study's experiment; its finetunes nest under it (finetune_config)
-        "tracking": {"enabled": True, "uri": f"sqlite:///{out_root(run_dir) / 'mlflow.db'}",
-                     "experiment": cfg.experiment, "run_name": f"pretrain/{run_dir.name}",
-                     "tags": {"study.scale": cfg.scale, "study.stage": "pretrain", "study.model": model}},
-    }
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
-            f"    maskpot pretrain --config {path} --nproc {p.nproc}")
-    code = run_pretrain(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto", init=None,
-                                           allow_config_change=False))
-    if code != 0:
-        raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
-    return export
-
-
-def out_root(run_dir: Path) -> Path:
-    """The study folder of a pretraining run folder (STUDY/pretrain/NAME or STUDY/<stage>/pretrain/NAME):
-    where the study's mlflow.db is."""
-    for parent in run_dir.parents:
-        if parent.name == "pretrain":
-            return parent.parent
-    return run_dir.parent
-
-
-
-def water_objective(p: PretrainStageConfig, variant: str) -> dict:
-    return {"kind": VARIANTS[variant], "mask_ratio": p.mask_ratio, "noise_sigma": p.noise_sigma}
-
-
-def pretrain_run_name(cfg: StudyConfig, model: str, variant: str, seed: int) -> str:
-    """MODEL_VARIANT for the study's pretrain.seed, MODEL_VARIANT_pSEED for another pretraining seed."""
-    return f"{model}_{variant}" + ("" if seed == cfg.pretrain.seed else f"_p{seed}")
 
 
 def stage_pretrain_water(cfg: StudyConfig, out: Path, corpus: Path) -> dict[tuple[str, str, int], Path]:
@@ -252,7 +133,7 @@ def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants
 
 
 def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
     e = cfg.ethanol
     shards = out / "shards" / "ethanol"

@@ -63,3 +63,20 @@ class ReferenceEnergyModel(nn.Module):
         reference = torch.zeros(num_graphs, dtype=torch.float64, device=atom_energy.device).index_add_(
             0, graph_index, self.e0.index_select(0, species))
         return network, network.double() + reference
+
+
+class EnergyCentricModel(ReferenceEnergyModel):
+    """A model whose forces are −∂E/∂r (EGNN, the paper's EGNN, MACE). `_forward(batch, compute_forces,
+    create_graph)` computes energy (and forces by autograd); `forward` enables the gradient the forces need
+    even under `torch.no_grad()` (evaluation, MD) and keeps the graph for a force loss only while training."""
+
+    def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
+        grad_enabled = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad_enabled or compute_forces):
+            out = self._forward(batch, compute_forces, create_graph=grad_enabled and self.training)
+        if not grad_enabled:
+            out = {name: value.detach() for name, value in out.items()}
+        return out
+
+    def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
+        raise NotImplementedError

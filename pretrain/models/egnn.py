@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from data_shards import keys as K
-from pretrain.models.base import ReferenceEnergyModel
+from pretrain.models.base import EnergyCentricModel
 
 
 @dataclass
@@ -156,7 +156,7 @@ class EGNNLayer(nn.Module):
         return h, vectors
 
 
-class EGNN(ReferenceEnergyModel):
+class EGNN(EnergyCentricModel):
     head_parameter_prefixes = ("energy_head.",)
 
     def __init__(self, config: EGNNConfig):
@@ -172,14 +172,6 @@ class EGNN(ReferenceEnergyModel):
             for k in range(config.layers)
         )
         self.energy_head = nn.Sequential(nn.Linear(hidden, hidden), SiLU(), nn.Linear(hidden, 1))
-
-    def forward(self, batch, compute_forces: bool = True) -> dict[str, torch.Tensor]:
-        grad_enabled = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad_enabled or compute_forces):
-            out = self._forward(batch, compute_forces, create_graph=grad_enabled and self.training)
-        if not grad_enabled:
-            out = {name: value.detach() for name, value in out.items()}
-        return out
 
     def _forward(self, batch, compute_forces: bool, create_graph: bool) -> dict[str, torch.Tensor]:
         species = batch[K.SPECIES]

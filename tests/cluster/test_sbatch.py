@@ -1,6 +1,7 @@
 """Cluster YAML validation, sbatch rendering (golden files), dry-run submission and the in-job guard.
 
-Set MASKPOT_UPDATE_GOLDEN=1 to rewrite slurm/*.sbatch (the one golden copy, the examples users read) after an intended change.
+Set MASKPOT_UPDATE_GOLDEN=1 to rewrite slurm/*.sbatch (the one golden copy, the examples users read) after an
+intended change.
 """
 import json
 import os
@@ -13,7 +14,7 @@ import yaml
 
 from cluster.config import ClusterConfig, ClusterConfigError, LaunchConfig, SlurmConfig, load_cluster_config
 from cluster.sbatch import render, render_pipeline
-from cluster.submit import load_jobs, record_jobs, refuse_inside_job, submit, SubmittedJob
+from cluster.submit import SubmittedJob, load_jobs, record_jobs, refuse_inside_job, submit
 from tests.helpers.paths import REPO
 
 EXAMPLE = REPO / "configs" / "cluster" / "gpu.yaml"
@@ -84,7 +85,8 @@ def test_bad_slurm_sections_are_clear_errors(tmp_path, section, message):
 def test_unknown_keys_list_the_valid_ones(tmp_path):
     with pytest.raises(ClusterConfigError, match=r"launch: unknown key\(s\) \['runs_dir'\].*'run_dir'"):
         load_cluster_config(_write(tmp_path, {"launch": {"runs_dir": "x"}}))
-    with pytest.raises(ClusterConfigError, match=r"unknown key\(s\) \['sbatch'\].*\['launch', 'ray', 'slurm'\]"):
+    with pytest.raises(ClusterConfigError,
+                       match=r"unknown key\(s\) \['sbatch'\].*\['launch', 'ray', 'slurm', 'stages'\]"):
         load_cluster_config(_write(tmp_path, {"sbatch": {}}))
 
 
@@ -137,8 +139,8 @@ def test_cli_dry_run_prints_the_chained_scripts(tmp_path):
     data["launch"].update(workdir=str(tmp_path), python=sys.executable, preflight=False)
     cfg_path = _write(tmp_path, data)
     env = dict(os.environ, SLURM_JOB_ID="")
-    out = subprocess.run([sys.executable, "-m", "cluster", "submit", "pipeline", "--config", str(cfg_path), "--dry-run"],
-                         capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run([sys.executable, "-m", "cluster", "submit", "pipeline", "--config", str(cfg_path),
+                          "--dry-run"], capture_output=True, text=True, env=env, cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("#!/bin/bash") == 3 and "finetune.sbatch (after pretrain succeeds)" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "cluster", "submit", "pretrain", "--config", str(tmp_path / "no.yaml")],
@@ -166,7 +168,8 @@ def test_multinode_run_dir_on_a_node_local_path_is_warned_about(tmp_path):
     assert shared_fs_warnings(ClusterConfig(launch=LaunchConfig(run_dir="/tmp/run")), ["pretrain"]) == []
     mounts = tmp_path / "mounts"
     mounts.write_text("overlay / overlay rw 0 0\ntmpfs /work/fast tmpfs rw 0 0\n")
-    assert _mount_fstype("/work/fast/run", str(mounts)) == "tmpfs" and _mount_fstype("/work/x", str(mounts)) == "overlay"
+    assert _mount_fstype("/work/fast/run", str(mounts)) == "tmpfs"
+    assert _mount_fstype("/work/x", str(mounts)) == "overlay"
 
 
 def test_ray_worker_args_reach_only_the_worker_nodes_and_replace_the_temp_dir():

@@ -59,7 +59,8 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, two_node_shards, 
     cfg = {
         "slurm": {"nodes": 2, "ntasks_per_node": 1, "cpus_per_task": 1, "time": "15", "cpu_only": True,
                   "signal_before_walltime": None, "job_name_prefix": "mp-test",
-                  "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",  # virtual nodes n1/n2 share 127.0.0.1
+                  # virtual nodes n1/n2 share 127.0.0.1
+                  "setup": ["export DS_ACCELERATOR=cpu", "export MASTER_ADDR=127.0.0.1",
                             "export OMP_NUM_THREADS=1 TQDM_DISABLE=1 MLFLOW_DISABLE_TELEMETRY=true"]},
         "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO),
                    "pretrain_config": "configs/pretrain/tiny.yaml",
@@ -138,11 +139,12 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
                                "RAY_raylet_start_wait_time_s=180"]},
            "ray": {"head_port": head_port, "num_cpus": 1, "object_store_memory": 80_000_000, "temp_dir": ray_tmp,
                    "wait_nodes_s": 120,
-                   "worker_args": [f"--temp-dir={worker_tmp}", "--node-ip-address=127.0.0.1", f"--node-manager-port={nm}",
-                                   f"--object-manager-port={om}",
+                   "worker_args": [f"--temp-dir={worker_tmp}", "--node-ip-address=127.0.0.1",
+                                   f"--node-manager-port={nm}", f"--object-manager-port={om}",
                                    # below the ephemeral range (32768-60999) the other ports come from, and
                                    # above Ray's default 10002-19999 that the head's workers use
-                                   "--min-worker-port=21000", "--max-worker-port=21999", f"--dashboard-agent-listen-port={agent}",
+                                   "--min-worker-port=21000", "--max-worker-port=21999",
+                                   f"--dashboard-agent-listen-port={agent}",
                                    f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
                                    f"--runtime-env-agent-port={rt_env}"]},
            "launch": {"run_dir": str(tmp_path / "run"), "python": sys.executable, "workdir": str(REPO),
@@ -160,7 +162,8 @@ def test_shards_job_runs_ray_head_on_n1_and_a_worker_on_n2(slurm, tmp_path):
         print(log[-4000:])
         assert slurm.job_state(job["job_id"]).startswith("COMPLETED"), log
         deadline = time.monotonic() + 30  # SIGTERM lets each raylet drain
-        while time.monotonic() < deadline and (leftovers := _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp)):
+        while time.monotonic() < deadline and (
+                leftovers := _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp)):
             time.sleep(1)
     finally:
         for pid in _processes_mentioning(ray_tmp) + _processes_mentioning(worker_tmp):
@@ -269,3 +272,49 @@ def test_walltime_warning_checkpoints_requeues_and_resumes(slurm, two_node_shard
     steps = [r["step"] for r in records if "loss" in r]
     assert max(steps) == 12 and steps.count(stop["step"] + 1) == 1  # resumed after the checkpoint, not from 0
     assert (pre_out / "export" / "model.safetensors").is_file()
+
+
+def test_walltime_warning_checkpoints_and_requeues_a_finetune_that_resumes(slurm, two_node_shards, tmp_path):
+    """The finetune job on a real SLURM: USR1 to the batch shell (as `--signal=B:USR1@N` sends it) →
+    forwarded to `python -m finetune` → checkpoint, exit 0 → `scontrol requeue` → the requeued job resumes
+    at the checkpoint (`--resume auto`), finishes, and its MLflow run is the one the first start opened."""
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    ft_out, run_dir = tmp_path / "finetune", tmp_path / "run"
+    cfg = {"slurm": {"time": "15", "cpu_only": True, "signal_before_walltime": 60, "requeue": True,
+                     "job_name_prefix": "mp-ft-requeue",
+                     "setup": ["export OMP_NUM_THREADS=1 TQDM_DISABLE=1 MLFLOW_DISABLE_TELEMETRY=true",
+                               "export MASKPOT_TEST_STEP_SLEEP_S=1"]},  # slow steps: the signal lands mid-run
+           "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO), "preflight": False,
+                      "finetune_config": "configs/finetune/tiny.yaml",
+                      "finetune_overrides": [f"data.manifest_dir={two_node_shards}", f"train.out_dir={ft_out}",
+                                             "train.max_steps=12", "train.eval_every=4", "train.log_every=1",
+                                             "train.checkpoint_every=2"]}}
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}
+    sub = _maskpot(env, "submit", "finetune", "--config", str(tmp_path / "cluster.yaml"), module="cluster")
+    assert sub.returncode == 0, sub.stderr
+    [job] = json.loads((run_dir / "jobs.json").read_text())
+    job_id, state = job["job_id"], ft_out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not state.is_file():  # the periodic checkpoint at step 2
+        time.sleep(0.5)
+    assert state.is_file(), Path(job["log"]).read_text() if Path(job["log"]).is_file() else "no log"
+    run_id = json.loads(state.read_text())["tracking"]["run_id"]
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True, timeout=30)
+    slurm.wait_for_jobs([job_id], timeout_s=400)
+    log = Path(job["log"]).read_text()
+    print(log[-5000:])
+    show = slurm.run(["scontrol", "show", "job", job_id], check=False).stdout
+    assert slurm.job_state(job_id).startswith("COMPLETED"), log
+    assert "Restarts=1" in show, show
+    assert "requeueing job" in log and '"preempted": "SIGUSR1"' in log and "resuming from" in log
+    results = json.loads((ft_out / "results.json").read_text())
+    assert results["steps"] == 12 and results["tracking"]["run_id"] == run_id
+    client = MlflowClient(tracking_uri=f"sqlite:///{ft_out / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, 13))  # each step once: resumed at the checkpoint, not from 0

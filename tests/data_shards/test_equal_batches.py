@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_shards.stream import ShardStream
+from pretrain.distributed import agree
 from tests.helpers.net import free_port
 
 CUTOFF = 3.0
@@ -55,7 +56,7 @@ def _rank_main(rank: int, world_size: int, port: int, shard_dir: str, results) -
         counts = {}
         for equal in (False, True):
             stream = ShardStream(shard_dir, "train", 5, CUTOFF, rank=rank, world_size=world_size,
-                                 max_atoms=40, shuffle_buffer=4, equal_batches=equal)
+                                 max_atoms=40, shuffle_buffer=4, equal_batches=equal, agree=agree)
             counts[equal] = sum(1 for _ in stream)
             if equal:
                 dist.barrier()   # would hang, not pass, if a rank were still inside the lockstep

@@ -163,7 +163,8 @@ def test_npz_gamd_layout_converts_units_with_type_map(tmp_path):
     assert [f.index for f in back] == [3, 4]
 
 
-@pytest.mark.parametrize("box", [np.array(7.5), np.eye(3) * 7.5, np.full((4, 3), 7.5), np.tile(np.eye(3).ravel() * 7.5, (4, 1))])
+@pytest.mark.parametrize("box", [np.array(7.5), np.eye(3) * 7.5, np.full((4, 3), 7.5),
+                                 np.tile(np.eye(3).ravel() * 7.5, (4, 1))])
 def test_npz_cell_shapes_shared_or_per_frame(tmp_path, box):
     a = water_arrays(np.random.default_rng(4), 4)
     path = tmp_path / "cells.npz"
@@ -233,8 +234,9 @@ def n2p2_block(rng: np.random.Generator, periodic: bool = True, natoms_lines: li
     lines = ["begin", "comment water monomer  from RuNNer"]
     if periodic:
         lines += ["lattice " + " ".join(map(repr, r.tolist())) for r in cell]  # repr: exact round trip
-    atom_lines = natoms_lines or [f"atom {' '.join(map(repr, p.tolist()))} {s} 0.0 0.0 {' '.join(map(repr, f.tolist()))}"
-                                  for s, p, f in zip(species, pos, forces)]
+    atom_lines = natoms_lines or [
+        f"atom {' '.join(map(repr, p.tolist()))} {s} 0.0 0.0 {' '.join(map(repr, f.tolist()))}"
+        for s, p, f in zip(species, pos, forces)]
     lines += atom_lines
     if energy is not None:
         lines.append(f"energy {energy}")

@@ -130,7 +130,7 @@ def test_extxyz_bad_frame_names_file_frame_field(tmp_path, case, atom_lines, hea
     expect_frame_error(path, 1, field_name)
 
 
-def test_extxyz_broken_layout_is_one_last_error(tmp_path):
+def test_extxyz_broken_layout_costs_its_frame_only(tmp_path):
     truncated = write_extxyz_text(tmp_path / "cut.extxyz", [GOOD_FRAME, GOOD_FRAME[:-40]])
     assert readers.count_frames(truncated) == 2
     items = list(readers.iter_frames(truncated))
@@ -138,8 +138,9 @@ def test_extxyz_broken_layout_is_one_last_error(tmp_path):
     expect_frame_error(truncated, 1, K.NATOMS)
 
     garbage = write_extxyz_text(tmp_path / "garbage.extxyz", [GOOD_FRAME, "three\n", GOOD_FRAME])
-    assert readers.count_frames(garbage) == 2
+    assert readers.count_frames(garbage) == 3  # issue 12.5: the good frame after a broken count line is kept
     assert "three" in str(expect_frame_error(garbage, 1, K.NATOMS))
+    assert isinstance(list(readers.iter_frames(garbage))[2], Frame)
 
 
 # ------------------------------------------------------------------------------------------ deepmd

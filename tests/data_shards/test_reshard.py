@@ -13,9 +13,8 @@ from data_shards.build import build_shards
 from data_shards.cli import main as cli_main
 from data_shards.manifest import ManifestError, load_manifest, shard_paths, verify_shards
 from data_shards.reshard import reshard
-from tests.helpers.water_systems import water_atoms
-
 from tests.helpers.shards import assert_manifest_matches_disk
+from tests.helpers.water_systems import water_atoms
 
 
 def _raw_members(manifest: dict, split: str) -> list[tuple[str, bytes]]:

@@ -21,8 +21,7 @@ from data_shards import readers
 from data_shards.build import InputError, build_shards, split_ranges
 from data_shards.cli import main as cli_main
 from data_shards.frame import Frame
-from data_shards.manifest import (ManifestError, StatsPartial, finalize_stats,
-                                  load_manifest, shard_paths, verify_shards)
+from data_shards.manifest import ManifestError, StatsPartial, finalize_stats, load_manifest, shard_paths, verify_shards
 from data_shards.sample import decode_sample, encode_frame
 from tests.helpers.net import free_port
 from tests.helpers.shards import assert_manifest_matches_disk, tar_samples, write_xyz
@@ -129,11 +128,12 @@ def test_wrong_shape_frame_is_quarantined(tmp_path):
     np.save(system / "set.000" / "box.npy", np.tile(np.eye(3).ravel() * 8.0, (3, 1)))
     np.save(system / "set.000" / "energy.npy", np.array([-14.0, -14.1, -14.2]))
     np.save(system / "set.000" / "force.npy", rng.normal(size=(3, 6)))   # 2 atoms' forces for 3 atoms
-    manifest = build_shards([f"train={system}"], tmp_path / "out", use_ray=False, progress=False)
+    # issue 12.9: a build that writes nothing fails with the reason (it used to exit 0 with an empty set)
+    with pytest.raises(InputError, match=r"no sample written: all 3 frames read were quarantined \(3\).*forces"):
+        build_shards([f"train={system}"], tmp_path / "out", use_ray=False, progress=False)
     records = [json.loads(line) for line in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
-    assert manifest["totals"]["frames_read"] == 3 and manifest["totals"]["samples_written"] == 0
     assert len(records) == 3 and {r["field"] for r in records} == {"forces"}
-    assert manifest["shards"] == []
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_missing_input_and_manifest_errors_name_the_file(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -181,13 +180,14 @@ def test_bad_stream_arguments_are_user_errors(many_shards):
     assert list(ShardStream(many_shards, "val", 4, CUTOFF)) == []
 
 
-def test_stream_dft_water_throughput(shared_data, tmp_path):
-    """64-water DFT frames (192 atoms) at the EGNN cutoff: the loader must outrun the model by far."""
+def test_stream_delivers_every_dft_water_frame_as_a_graph(shared_data, tmp_path):
+    """64-water DFT frames (192 atoms) at the EGNN cutoff through 2 workers: each frame exactly once, whole, with
+    its neighbour graph (the loader's throughput is measured in benchmarks/bench_data.py, not asserted here)."""
     root = shared_data / "water_deepmd" / "data"
     build_shards([f"val={root / 'data_2'}"], tmp_path, shard_size=20, use_ray=False, progress=False)
     stream = ShardStream(tmp_path, "val", 16, 3.5, num_workers=2, shuffle_buffer=32)
-    t0 = time.perf_counter()
-    n = sum(b.num_graphs for b in stream)
-    rate = n / (time.perf_counter() - t0)
-    print(f"stream: {rate:.0f} samples/s (192 atoms, cutoff 3.5 Å, batch 16, 2 workers, incl. worker start)")
-    assert n == 80
+    batches = list(stream)
+    keys = [k for b in batches for k in b.key]
+    assert len(keys) == len(set(keys)) == 80
+    assert all(b.num_nodes == 192 * b.num_graphs for b in batches)
+    assert all(b.edge_index.shape[1] > 0 for b in batches)

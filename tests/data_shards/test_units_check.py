@@ -10,13 +10,13 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from data_shards import keys as K
 from data_shards.build import build_shards
+from data_shards.chunk import InputError
 from data_shards.cli import main as cli_main
 from data_shards.frame import Frame, FrameError
 from data_shards.manifest import shard_paths
-from data_shards.units import (BOHR_TO_ANGSTROM, HARTREE_TO_EV, MAX_FORCE_RMS, check_plausible, energy_bound)
-from tests.helpers.water_systems import water_atoms
-
+from data_shards.units import BOHR_TO_ANGSTROM, HARTREE_TO_EV, MAX_FORCE_RMS, check_plausible, energy_bound
 from tests.helpers.shards import tar_samples
+from tests.helpers.water_systems import water_atoms
 
 EV_PER_KCAL_MOL = 0.0433641
 WATER_EV = -469.4     # total DFT energy of one water molecule with a pseudopotential code, eV
@@ -41,8 +41,9 @@ def _n2p2_in_ev(path, n: int, rng) -> str:
 
 def test_ev_file_read_as_hartree_is_quarantined_with_a_units_hint(tmp_path):
     path = _n2p2_in_ev(tmp_path / "input.data", 4, np.random.default_rng(0))
-    manifest = build_shards([f"train={path}"], tmp_path / "wrong", use_ray=False, progress=False)
-    assert manifest["totals"]["quarantined"] == 4 and manifest["shards"] == []
+    with pytest.raises(InputError, match=r"no sample written: all 4 frames read were quarantined.*"
+                                         r"did you mean --units angstrom_ev"):
+        build_shards([f"train={path}"], tmp_path / "wrong", use_ray=False, progress=False)
     records = _quarantine(tmp_path / "wrong")
     assert [r["frame"] for r in records] == [0, 1, 2, 3]
     assert all(r["source"] == path and r["field"] == "energy" for r in records)

@@ -2,7 +2,6 @@
 molecules without a cell and periodic boxes, rotation equivariance, and the neighbour-list skin."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -11,8 +10,9 @@ from ase import Atoms
 from data_shards import keys as K
 from finetune.forcefield.calculator import MaskpotCalculator
 from pretrain.export import load_export
-from tests.helpers.water_systems import random_rotation, to_batch, water_box, water_dimer
 from tests.helpers.paths import TINY_EXPORT
+from tests.helpers.water_systems import random_rotation, to_batch, water_box, water_dimer
+
 
 def as_atoms(sample: dict) -> Atoms:
     return Atoms(numbers=sample[K.SPECIES], positions=sample[K.POSITIONS], cell=sample[K.CELL], pbc=sample[K.PBC])

@@ -10,6 +10,7 @@ import pytest
 import torch
 from ase.io import read
 
+from finetune.forcefield.calculator import MaskpotCalculator
 from finetune.forcefield.md import MDConfig, run_md
 from finetune.forcefield.md_guards import MDGuards, MDUnstable
 from maskpot.cli import main
@@ -56,6 +57,10 @@ def test_evaluate_writes_predictions_extxyz_matching_the_metrics(water, tmp_path
         assert atoms.info["maskpot_energy_error_per_atom"] == pytest.approx((pe - frame.energy) / len(atoms), abs=1e-6)
         np.testing.assert_allclose(atoms.arrays["maskpot_force_error"], np.linalg.norm(pf - frame.forces, axis=1),
                                    atol=1e-5)
+        check = atoms.copy()   # the stress column: the calculator's strain-derivative stress (eV/Å³)
+        check.calc = MaskpotCalculator(str(export_dir))
+        np.testing.assert_allclose(atoms.info["maskpot_stress"].reshape(3, 3), check.get_stress(voigt=False),
+                                   rtol=1e-4, atol=1e-7)
         e_err.append((pe - frame.energy) / len(atoms))
         f_err.append(pf - frame.forces)
     assert metrics["energy_rmse_mev_per_atom"] == pytest.approx(1000 * np.sqrt(np.mean(np.square(e_err))), rel=1e-4)

@@ -14,9 +14,9 @@ from ase.io import read
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
 from finetune.forcefield import metrics as M
-from maskpot.cli import main
 from finetune.forcefield.evaluate import evaluate_model, frame_sample
 from finetune.forcefield.md import MDConfig, rdf_oo, read_log, run_md
+from maskpot.cli import main
 from pretrain.export import load_export, save_export
 from pretrain.models import build_model
 from tests.helpers.paths import TINY_EXPORT
@@ -201,5 +201,5 @@ def test_rdf_of_an_ideal_gas_is_one_and_of_a_lattice_is_a_spike():
 def test_md_user_errors_exit_2(tmp_path, capsys):
     assert main(["md", str(TINY_EXPORT), str(tmp_path / "none.extxyz"), "--steps", "5", "--temperature", "300"]) == 2
     assert "no such file" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="'npt'.*langevin"):
-        MDConfig(5, ensemble="npt")
+    with pytest.raises(ValueError, match="'nph'.*langevin"):
+        MDConfig(5, ensemble="nph")

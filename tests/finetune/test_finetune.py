@@ -71,20 +71,20 @@ def test_labels_in_the_wrong_units_fail_before_training(water_shards, tmp_path):
     import ase.io
 
     from data_shards.build import build_shards
+    from data_shards.chunk import InputError
     from finetune.loop import run_finetune
 
-    # the same frames with forces in meV/Å: every frame is quarantined, and the finetune says why
+    # the same frames with forces in meV/Å: every frame is quarantined and the build itself says why
     frames = ase.io.read(next((water_shards.parent / "data").glob("*.extxyz")), ":")
     for atoms in frames:
         atoms.calc.results["forces"] = atoms.calc.results["forces"] * 1000.0
     ase.io.write(tmp_path / "mev.extxyz", frames, format="extxyz")
     shards = tmp_path / "mev_shards"
-    build_shards([str(tmp_path / "mev.extxyz")], str(shards), shard_size=8, split_fractions=(0.6, 0.2, 0.2),
-                 use_ray=False, progress=False)
+    with pytest.raises(InputError, match=r"no sample written: all 40 frames read were quarantined.*"
+                                         r"force RMS .* wrong units"):
+        build_shards([str(tmp_path / "mev.extxyz")], str(shards), shard_size=8, split_fractions=(0.6, 0.2, 0.2),
+                     use_ray=False, progress=False)
     out = tmp_path / "run"
-    with pytest.raises(ValueError, match=r"the shards hold no samples; 40 frame\(s\) were quarantined.*"
-                                         r"field forces: force RMS .* wrong units"):
-        run_finetune(cfg_with(where(shards, out)))
     # a manifest whose statistics say the forces are not eV/Å (e.g. built before the per-frame check)
     copy = tmp_path / "copied"
     shutil.copytree(water_shards, copy)
@@ -231,8 +231,8 @@ def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path)
 def test_unreachable_tracking_server_warns_keeps_training_and_buffers(water_shards, tmp_path, caplog):
     from mlflow import MlflowClient
 
-    from finetune.tracking import PENDING_FILE, replay_pending
     from finetune.loop import run_finetune
+    from finetune.tracking import PENDING_FILE, replay_pending
 
     out = tmp_path / "run"
     dead = f"http://127.0.0.1:{free_port()}"

@@ -7,8 +7,9 @@
 All checks run in float64 on small water systems; the model's cutoff is read from `model.config.cutoff`.
 Force-centric models (class attribute `force_centric = True`: forces from a decoder, not −∂E/∂x, and no
 built-in rotation equivariance, e.g. GNS, ForceNet) are checked in force-centric mode: the rotation errors of
-energy and forces are measured and recorded (`record_property`, printed) instead of asserted, the forces must
-*not* be the energy's gradient (independent heads), and the net force of an isolated molecule is not checked.
+energy and forces are measured, recorded (`record_property`, printed) and held under the bounds the test class
+sets (`rotation_bounds`, from measured figures), and must vanish with the rotation angle; the forces must *not*
+be the energy's gradient (independent heads), and the net force of an isolated molecule is not checked.
 """
 from __future__ import annotations
 
@@ -22,7 +23,18 @@ from tests.helpers.paths import FINETUNE_TINY
 from tests.helpers.water_systems import make_sample, random_rotation, to_batch, water_box, water_dimer
 
 ENERGY_ATOL = 1e-9   # eV, float64 round-off for invariances
+SMALL_ANGLE = 1e-4   # rad
+# untrained force-centric models: forces are uncorrelated under rotation (max|F(Rx) - RF(x)| / max|F| measured
+# 2.07-2.35 over the GNS and ForceNet tests): this bound catches a blow-up; energies carry per-model bounds
+ROTATION_FORCE_BOUND = 3.0
 FORCE_ATOL = 1e-9    # eV/Å
+
+
+def small_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    """Rotation by `angle` about `axis` (Rodrigues)."""
+    k = axis / np.linalg.norm(axis)
+    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
+    return np.eye(3) + np.sin(angle) * cross + (1.0 - np.cos(angle)) * cross @ cross
 
 
 class ModelTestMixin:
@@ -79,15 +91,13 @@ class ModelTestMixin:
             expected = ref[K.PRED_FORCES] @ torch.as_tensor(rotation).T
             torch.testing.assert_close(rot[K.PRED_FORCES], expected, rtol=0, atol=FORCE_ATOL)
 
-    def measure_rotation_errors(self, model, record_property, rotations: int = 4) -> dict[str, float]:
-        """Worst relative errors over random rotations: |ΔE| / |E - E0 sum| and max|F(Rx) - R F(x)| / max|F|."""
-        rng = np.random.default_rng(3)
+    def rotation_errors(self, model, rotations: list[np.ndarray]) -> dict[str, float]:
+        """Worst relative errors over `rotations`: |ΔE| / |E - E0 sum| and max|F(Rx) - R F(x)| / max|F|."""
         energy_error = force_error = 0.0
         for sample in self.systems():
             ref = self.predict(model, [sample])
             reference = float(model.e0[torch.as_tensor(sample[K.SPECIES])].sum())
-            for _ in range(rotations):
-                rotation = random_rotation(rng)
+            for rotation in rotations:
                 rot = self.predict(model, [self.replace(sample, POSITIONS=sample[K.POSITIONS] @ rotation.T,
                                                         CELL=sample[K.CELL] @ rotation.T)])
                 expected = ref[K.PRED_FORCES] @ torch.as_tensor(rotation).T
@@ -95,11 +105,28 @@ class ModelTestMixin:
                                                      / ref[K.PRED_FORCES].abs().max()))
                 energy_error = max(energy_error, float((rot[K.PRED_ENERGY] - ref[K.PRED_ENERGY]).abs().max())
                                    / abs(float(ref[K.PRED_ENERGY][0]) - reference))
-        errors = {"rotation_energy_rel_error": energy_error, "rotation_force_rel_error": force_error}
-        assert all(np.isfinite(v) for v in errors.values()), errors
-        for name, value in errors.items():
-            record_property(name, value)
-        print(f"{type(model).__name__} untrained rotation errors: {errors}")
+        return {"energy": energy_error, "force": force_error}
+
+    def measure_rotation_errors(self, model, record_property, rotations: int = 4) -> dict[str, float]:
+        """Force-centric models: rotation errors measured and bounded (class attributes `rotation_bounds`,
+        relative energy and force error over random rotations, about twice the untrained model's measured
+        figures); rotating by a tiny angle must give a proportionally tiny error (the model is a smooth
+        function of the positions and the measure is exact: the identity gives 0)."""
+        rng = np.random.default_rng(3)
+        errors = self.rotation_errors(model, [random_rotation(rng) for _ in range(rotations)])
+        axis = rng.normal(size=3)
+        tiny = self.rotation_errors(model, [small_rotation(axis, SMALL_ANGLE)])
+        identity = self.rotation_errors(model, [np.eye(3)])
+        for name, value in {**errors, **{f"{k}_at_{SMALL_ANGLE}_rad": v for k, v in tiny.items()}}.items():
+            record_property(f"rotation_{name}_rel_error", value)
+        print(f"{type(model).__name__} untrained rotation errors: {errors}, at {SMALL_ANGLE} rad: {tiny}")
+        assert identity == {"energy": 0.0, "force": 0.0}, identity
+        bounds = getattr(self, "rotation_bounds", None)
+        assert bounds is not None, "a force-centric model's test class sets rotation_bounds (measured)"
+        for name, bound in bounds.items():
+            assert errors[name] < bound, f"{name} rotation error {errors[name]:.3g} over the bound {bound}"
+            if errors[name] > 1e-9:   # non-equivariance grows with the angle: 1e-4 rad errs ~1e-4 times as much
+                assert tiny[name] < 1e-2 * errors[name], (name, tiny[name], errors[name])
         return errors
 
     def test_translation_invariance_with_wrapping(self):

@@ -9,7 +9,6 @@ import pytest
 from tests.helpers.paths import REPO
 
 
-
 def maskpot(*args, cwd=None, timeout=600):
     env = dict(os.environ, TQDM_DISABLE="1", DS_ACCELERATOR="cpu")
     return subprocess.run([sys.executable, "-m", "maskpot.cli", *map(str, args)], cwd=cwd or REPO, env=env,
@@ -53,9 +52,16 @@ def test_demo_tiny_runs_the_whole_chain(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "| scratch " in out.stdout and "| pretrained " in out.stdout and "mlflow ui" in out.stdout
     results = json.loads((out_dir / "demo_results_tip3p.json").read_text())
+    labelled = json.loads((out_dir / "shards" / "labelled_tip3p" / "manifest.json").read_text())
     for name in ("scratch", "pretrained"):
         test = results[name]["test"]
-        assert test["force_rmse_mev_per_a"] > 0 and test["energy_rmse_mev_per_atom"] >= 0
+        # scored on the whole test split, and the printed table carries the recorded figures
+        assert test["structures"] == labelled["splits"]["test"]["samples"] > 0
+        assert test["energy_rmse_mev_per_atom"] > 0 and test["force_rmse_mev_per_a"] > 0
+        row = next(line for line in out.stdout.splitlines() if line.startswith(f"| {name} "))
+        energy, force = (float(cell) for cell in row.strip("|").split("|")[3:5])
+        assert energy == pytest.approx(test["energy_rmse_mev_per_atom"], abs=0.005)
+        assert force == pytest.approx(test["force_rmse_mev_per_a"], abs=0.05)
     manifest = json.loads((out_dir / "shards" / "corpus" / "manifest.json").read_text())
     tars = sorted(p.name for p in (out_dir / "shards" / "corpus").glob("shard-*.tar"))
     assert tars == sorted(s["name"] for s in manifest["shards"]) and len(tars) >= 2

@@ -7,16 +7,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data_shards.config_io import ConfigError
-from maskpot.study import finetunes
+from data_shards.config_io import ConfigError, merge
+from maskpot.study import finetunes, grid
 from maskpot.study import report as study_report
 from maskpot.study import report_grid as G
 from maskpot.study.config import load_study
-from maskpot.study.grid import describe_plan, two_stage_jobs
+from maskpot.study.grid import describe_plan, run_experiments, two_stage_jobs
 from maskpot.study.stages import water_jobs
 from tests.helpers.paths import REPO
 
 STUDY = REPO / "configs" / "study" / "water.yaml"
+# the tiny scale runs without the experiment arms (its end-to-end test stays short); these switch them on
+GRID = {"scaling": {"sizes": [8, 16]}, "diversity": {"frames": 16}, "two_stage": {"enabled": True}}
+
+
+def tiny_grid(overrides: dict | None = None):
+    return load_study(STUDY, "tiny", merge(GRID, overrides or {}))
 
 
 @pytest.fixture
@@ -49,7 +55,7 @@ def fake_pretrain(monkeypatch) -> dict:
 ])
 def test_bad_grid_settings_fail_when_the_config_is_read(overrides, needle):
     with pytest.raises(ConfigError) as err:
-        load_study(STUDY, "tiny", overrides)
+        tiny_grid(overrides)
     assert needle in str(err.value)
 
 
@@ -83,7 +89,7 @@ def test_pretraining_seeds_name_their_runs_and_exports(tmp_path):
 
 
 def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, fake_pretrain):
-    cfg = load_study(STUDY, "tiny")
+    cfg = tiny_grid()
     jobs = {Path(j.run_dir).name: j for j in two_stage_jobs(cfg, tmp_path, tmp_path / "dft")}
     second, paper = fake_pretrain["egnn_mask@twostage"], fake_pretrain["egnn_mask@dftpos"]
     assert second["train"]["init"] == str(tmp_path / "pretrain" / "egnn_mask" / "export")
@@ -92,6 +98,52 @@ def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, fa
     assert second["data"]["manifest_dir"] == str(tmp_path / "dft")
     assert second["objective"]["water_grouping"] == "nearest_oxygen"
     assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask_n8_s0", "egnn_mask@twostage_n8_s0", "egnn_mask@dftpos_n8_s0"}
+
+
+def test_tiny_runs_no_experiment_arm_and_the_plan_counts_them_when_on():
+    off = describe_plan(load_study(STUDY, "tiny"), Path("runs/x"))
+    assert not any(k in off for k in ("two-stage:", "scaling:", "diversity at")), off
+    on = describe_plan(tiny_grid({"tip3p": {"enabled": True}, "ethanol": {"enabled": True}}), Path("runs/x"))
+    order = [on.index(k) for k in ("HEADLINE dft_water", "tip3p:", "two-stage:", "scaling:", "diversity at 16",
+                                   "ethanol:")]
+    assert order == sorted(order), on
+    assert "budgets [8] → 2 new finetunes" in on and "→ 1 new finetunes" in on
+
+
+def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, monkeypatch, fake_pretrain):
+    """The tiny grid's experiments, run in order without training: corpora are not generated, pretrainings
+    write an export (fake_pretrain), finetunes are recorded."""
+    generated, finetuned = [], {}
+
+    def stage_generated(cfg, out, name, mapping, sizes):
+        generated.append((name, sizes, mapping["molecules"]))
+        return {n: out / "shards" / f"{name}{n}" for n in sizes}
+
+    def run_finetunes(cfg, jobs, what):
+        finetuned[what] = sorted(Path(j.run_dir).name for j in jobs)
+
+    monkeypatch.setattr(grid, "stage_generated", stage_generated)
+    monkeypatch.setattr(grid, "run_finetunes", run_finetunes)
+    cfg = tiny_grid()
+    timings = finetunes.Timings(tmp_path / "timings.json")
+    run_experiments(cfg, tmp_path, timings, tmp_path / "shards" / "corpus", tmp_path / "dft")
+    assert list(finetuned) == ["two_stage finetunes", "scaling finetunes", "diversity finetunes"]
+    assert finetuned["two_stage finetunes"] == ["egnn_mask@dftpos_n8_s0", "egnn_mask@twostage_n8_s0",
+                                                "egnn_mask_n8_s0", "egnn_scratch_n8_s0"]
+    assert finetuned["scaling finetunes"] == ["egnn_mask@corpus16_n8_s0", "egnn_mask@corpus8_n8_s0",
+                                              "egnn_scratch_n8_s0"]
+    assert finetuned["diversity finetunes"] == ["egnn_mask@corpus16_n8_s0", "egnn_mask@single16_n8_s0",
+                                                "egnn_scratch_n8_s0"]
+    # one sampled-conditions corpus serves the curve and the diversity pair; the single condition is its own
+    assert generated == [("corpus", [8, 16], [16, 24]), ("corpus", [8, 16], [16, 24]), ("single", [16], [16, 16])]
+    assert sorted(fake_pretrain) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8", "egnn_mask@dftpos",
+                                     "egnn_mask@single16", "egnn_mask@twostage"]   # corpus16: pretrained once
+    for tag in ("corpus8", "corpus16", "single16"):
+        config = fake_pretrain[f"egnn_mask@{tag}"]
+        assert config["data"]["manifest_dir"] == str(tmp_path / "shards" / tag)
+        assert config["train"]["max_steps"] == cfg.pretrain.steps   # fixed pretraining compute for every size
+    assert set(timings.data) == {f"{n}_{s}" for n in ("two_stage", "scaling", "diversity")
+                                 for s in ("pretrain", "finetune")}
 
 
 def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp_path, monkeypatch):

@@ -3,9 +3,9 @@ import torch
 
 from data_shards import keys as K
 from data_shards.config_io import ConfigError
-from tests.helpers.model_mixin import ModelTestMixin
 from pretrain.models import MODELS, build_model
 from pretrain.models.egnn import EGNN, EGNNConfig, cosine_envelope, silu
+from tests.helpers.model_mixin import ModelTestMixin
 from tests.helpers.water_systems import to_batch, water_box, water_dimer
 
 SMALL = {"hidden": 16, "layers": 3, "coord_init_gain": 1.0}  # large coordinate updates: exercise them
@@ -39,7 +39,7 @@ def rbf_term(layer, dist2):
 
 def test_registry_lists_valid_names_and_params():
     assert MODELS["egnn"] == (EGNNConfig, EGNN)
-    with pytest.raises(ValueError, match=r"unknown model 'gnss'.*\['egnn', 'forcenet', 'gns'\]"):
+    with pytest.raises(ValueError, match=r"unknown model 'gnss'.*\['egnn', 'egnn_paper', 'forcenet', 'gns', 'mace'\]"):
         build_model("gnss", {})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['hiden'\].*valid keys.*'hidden'"):
         build_model("egnn", {"hiden": 8})

@@ -85,7 +85,8 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path):
     weights.pop(gone)
     weights["stray.bias"] = torch.zeros(2)
     save_file(weights, str(tmp_path / WEIGHTS_FILE))
-    with pytest.raises(ValueError, match=r"missing keys \['energy_head\.0\.weight'\].*unexpected keys \['stray\.bias'\]"):
+    with pytest.raises(ValueError,
+                       match=r"missing keys \['energy_head\.0\.weight'\].*unexpected keys \['stray\.bias'\]"):
         load_export(tmp_path)
 
 

@@ -39,8 +39,8 @@ def test_validation_logs_a_finite_probe_next_to_the_pretext_loss(one_rank, tiny_
     from data_shards.manifest import load_manifest
     from pretrain import checkpoint as ckpt
     from pretrain.engine import build_engine
-    from pretrain.models import build_model
     from pretrain.loop import MetricsLog, keep_if_best, make_validator
+    from pretrain.models import build_model
 
     manifest = load_manifest(tiny_shards)
     assert manifest["labelled"]

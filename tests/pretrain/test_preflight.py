@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from pretrain.preflight import format_table
-from tests.helpers.paths import PRETRAIN_TINY as TINY, REPO
 from tests.helpers.net import free_port
+from tests.helpers.paths import PRETRAIN_TINY as TINY
+from tests.helpers.paths import REPO
 from tests.helpers.shards import write_water_frames
-
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pretrain.engine import deepspeed_config, lr_factor, param_groups
 from tests.helpers.paths import PRETRAIN_TINY
 from tests.helpers.pretraining import ListStream, cfg_with, run_pretrain, tiny_engine, train_losses, train_tiny
 
-
 # --- config ------------------------------------------------------------------------------------------
 
 def test_tiny_config_loads_with_model_cutoff():
@@ -30,7 +29,7 @@ def test_tiny_config_loads_with_model_cutoff():
     ({"objective": {"mask_ratio": 0.0}}, ["mask_ratio", "(0, 1]"]),
     ({"objective": {"kind": "jigsaw"}}, ["jigsaw", "mask+denoise"]),
     ({"model": {"params": {"hiden": 8}}}, ["hiden", "hidden"]),
-    ({"model": {"name": "mace"}}, ["mace", "egnn"]),
+    ({"model": {"name": "schnet"}}, ["schnet", "egnn", "mace"]),
     ({"data": {"batch_size": 0}}, ["batch_size"]),
 ])
 def test_bad_config_fails_naming_the_key_and_options(sections, expected):
@@ -182,8 +181,8 @@ def test_nonfinite_loss_is_skipped_and_counted(one_rank, tiny_shards, tmp_path):
     from data_shards.stream import ShardStream
     from pretrain import checkpoint as ckpt
     from pretrain.engine import build_engine
-    from pretrain.models import build_model
     from pretrain.loop import LockstepBatches, make_transform, train_step
+    from pretrain.models import build_model
 
     cfg = cfg_with(data={"manifest_dir": str(tiny_shards)}, train={"out_dir": str(tmp_path)})
     stream = ShardStream(tiny_shards, "train", 2, cfg.model.cutoff, transform=make_transform(cfg, 0))

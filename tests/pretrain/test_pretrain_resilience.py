@@ -17,8 +17,7 @@ import torch
 from data_shards.config_io import ConfigError
 from pretrain.config import LATER_KEY_DEFAULTS, resume_relevant
 from tests.helpers.paths import PRETRAIN_TINY as TINY
-from tests.helpers.pretraining import (ListStream, cfg_with, run_pretrain, tiny_engine, train_losses,
-                                      train_tiny)
+from tests.helpers.pretraining import ListStream, cfg_with, run_pretrain, tiny_engine, train_losses, train_tiny
 
 
 def fake_manifest(tmp_path: Path, labelled: bool = True) -> Path:
@@ -52,8 +51,8 @@ def test_later_keys_at_their_defaults_stay_out_of_the_resume_hash():
 
 
 def test_objective_kinds_build_their_transform_and_supervised_needs_labels(tmp_path):
-    from pretrain.transforms import HydrogenMasking
     from pretrain.loop import check_objective_fits_data, make_transform
+    from pretrain.transforms import HydrogenMasking
 
     cfg = cfg_with(objective={"kind": "hmask", "h_mask_p": 0.25, "h_mask_radius": 3.0})
     transform = make_transform(cfg, 7)
@@ -80,9 +79,9 @@ def test_supervised_and_hmask_steps_train_on_real_batches(one_rank, tiny_shards,
     from data_shards.stream import ShardStream
     from pretrain import checkpoint as ckpt
     from pretrain.engine import build_engine
+    from pretrain.loop import LockstepBatches, make_transform, pretext_loss, train_step
     from pretrain.models import build_model
     from pretrain.objectives import energy_force_loss
-    from pretrain.loop import LockstepBatches, make_transform, pretext_loss, train_step
 
     for kind in ("supervised", "hmask"):
         cfg = cfg_with(objective={"kind": kind}, data={"manifest_dir": str(tiny_shards)},
@@ -199,6 +198,7 @@ def test_weight_ema_averages_swaps_and_resumes(one_rank, tmp_path):
 
 def start_pretrain(shards: Path, out_dir: Path, *overrides: str, step_sleep: float) -> subprocess.Popen:
     import argparse
+
     from pretrain.cli import add_command, launch_command
 
     parser = argparse.ArgumentParser()

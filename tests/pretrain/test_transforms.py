@@ -3,8 +3,7 @@ import pytest
 
 from data_shards import keys as K
 from data_shards.frame import FrameError
-from pretrain.transforms import (Compose, Denoising, HydrogenMasking, MaskDenoise, WaterMasking,
-                                 minimum_image)
+from pretrain.transforms import Compose, Denoising, HydrogenMasking, MaskDenoise, WaterMasking, minimum_image
 from tests.helpers.water_systems import make_sample, water_box, water_dimer
 
 
