@@ -222,3 +222,17 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
     assert "| pretrain | 2.000 | 4.000 |" in text and "| corpus | 0.010 | nan |" in text
     assert not (tmp_path / "report" / "ablations.md").exists(), "experiment runs are not ablations"
     assert math.isnan(G.mean_std([])[0])
+
+
+@pytest.mark.slow
+def test_generated_corpus_is_made_once_and_sharded_by_prefix(tmp_path):
+    """The scaling curve's corpora, for real at tiny size (OpenMM, Ray): the largest is generated, each size
+    N shards its first N frames; asking again generates and shards nothing."""
+    cfg = tiny_grid()
+    shards = grid.stage_generated(cfg, tmp_path, "corpus", cfg.scaling.conditions, [8, 16])
+    assert set(shards) == {8, 16}
+    read = {n: json.loads((p / "manifest.json").read_text())["totals"]["frames_read"] for n, p in shards.items()}
+    assert read == {8: 8, 16: 16}
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert grid.stage_generated(cfg, tmp_path, "corpus", cfg.scaling.conditions, [8, 16]) == shards
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
