@@ -16,15 +16,9 @@ import yaml
 
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.stages import (
-    Timings,
-    finetune_config,
-    pretrain_one,
-    run_finetunes,
-    stage_corpus,
-    stage_dft_shards,
-    water_objective,
-)
+from maskpot.study.finetunes import Timings, finetune_config, run_finetunes
+from maskpot.study.pretraining import pretrain_one, water_objective
+from maskpot.study.stages import stage_corpus, stage_dft_shards
 
 
 def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import ConfigError, from_dict, merge
+from data_shards.corpus.conditions import CorpusConfig as Conditions  # numpy only: no OpenMM, no torch
 
 # variant name → pretraining objective (None: no pretraining, the baseline). "supervised" pretrains on the
 # corpus's own TIP3P energies and forces: a reference for what labels, not a pretext task, give.
@@ -87,10 +88,18 @@ class FinetuneStageConfig:
                                                # (e.g. {backbone_lr_mult: 0.25}); scratch has nothing to adapt
     replay: dict = field(default_factory=dict)  # FinetuneConfig `replay` section for pretrained water variants,
                                                 # e.g. {weight: 0.1, fraction: 0.25}; manifest_dir = the corpus
+    # the second read-out of every finetune, "at convergence": the same run again with early stopping on the
+    # validation force RMSE (`patience` validations without a new best) and at most `converge_steps` steps
+    # (the LR schedule spans the cap); 0: only the fixed-budget read-out
+    converge_steps: int = 0
+    patience: int = 10
 
     def __post_init__(self):
-        _positive("finetune.steps/batch_size/eval_every/jobs",
-                  [self.steps, self.batch_size, self.eval_every, self.jobs])
+        _positive("finetune.steps/batch_size/eval_every/jobs/patience",
+                  [self.steps, self.batch_size, self.eval_every, self.jobs, self.patience])
+        _require(self.converge_steps == 0 or self.converge_steps >= self.steps,
+                 f"finetune.converge_steps must be 0 (off) or >= finetune.steps ({self.steps}), "
+                 f"got {self.converge_steps}")
         _require(0 <= self.min_lr <= self.lr, f"finetune: need 0 <= min_lr <= lr, got {self.min_lr}, {self.lr}")
         from finetune.config import (  # startup: imports torch (+7 s); kept off the maskpot CLI start
             AdaptConfig,
@@ -183,6 +192,66 @@ class AblationConfig:
         _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
 
 
+def _conditions(name: str, mapping: dict, frames: int) -> None:
+    """Validate a `maskpot generate corpus` conditions mapping (data_shards.corpus CorpusConfig)."""
+    c = from_dict(Conditions, {**mapping, "trajectories": 1}, where=name)
+    _require(frames % c.frames_per_trajectory == 0,
+             f"{name}: corpus sizes must be multiples of frames_per_trajectory ({c.frames_per_trajectory}), "
+             f"got {frames}")
+
+
+@dataclass
+class ScalingConfig:
+    """Test force RMSE vs corpus size at fixed pretraining compute (the study's pretrain.steps for every
+    size). The largest corpus is generated once with sampled conditions (`maskpot generate corpus`); a
+    size-N corpus is its first N / frames_per_trajectory trajectories."""
+    sizes: list[int] = field(default_factory=list)          # corpus frames; empty: no scaling curve
+    variants: list[str] = field(default_factory=lambda: ["mask", "denoise"])
+    budgets: list[int] = field(default_factory=lambda: [30])
+    conditions: dict = field(default_factory=dict)           # data_shards.corpus CorpusConfig, no trajectories
+    models: dict = field(default_factory=dict)               # name → params; empty: the study's models
+
+    def __post_init__(self):
+        _positive("scaling.sizes/budgets", [*self.sizes, *self.budgets])
+        bad = [v for v in self.variants if VARIANTS.get(v) is None or v == "supervised"]
+        _require(not bad, f"scaling.variants: {bad} are not pretext objectives; valid: "
+                          f"{[v for v in VARIANTS if VARIANTS[v] and v != 'supervised']}")
+        for n in self.sizes:
+            _conditions("scaling.conditions", self.conditions, n)
+
+
+@dataclass
+class DiversityConfig:
+    """Equal corpus size: one condition (`single`) against the scaling curve's sampled conditions."""
+    frames: int = 0                                          # 0: off; else one of scaling.sizes
+    variants: list[str] = field(default_factory=lambda: ["mask"])
+    budgets: list[int] = field(default_factory=lambda: [30])
+    single: dict = field(default_factory=lambda: {"models": ["tip3p"], "temperature_k": [300.0, 300.0],
+                                                  "density_g_cm3": [1.0, 1.0], "molecules": [64, 64]})
+
+    def __post_init__(self):
+        _positive("diversity.budgets", self.budgets)
+        bad = [v for v in self.variants if VARIANTS.get(v) is None or v == "supervised"]
+        _require(not bad, f"diversity.variants: {bad} are not pretext objectives")
+
+
+@dataclass
+class TwoStageConfig:
+    """Corpus → the target's unlabelled DFT train positions (pretrain train.init) against corpus-only,
+    the paper recipe (pretraining on the DFT positions only, pretrain.steps) and scratch."""
+    enabled: bool = False
+    variants: list[str] = field(default_factory=lambda: ["mask"])
+    budgets: list[int] = field(default_factory=lambda: [30, 240])
+    steps: int = 500                    # second-stage pretraining steps on the DFT positions
+    lr: float = 3.0e-4                  # second-stage peak LR (cosine to pretrain.min_lr)
+
+    def __post_init__(self):
+        _positive("two_stage.budgets/steps", [*self.budgets, self.steps])
+        bad = [v for v in self.variants if VARIANTS.get(v) is None or v == "supervised"]
+        _require(not bad, f"two_stage.variants: {bad} are not pretext objectives")
+        _require(self.lr > 0, f"two_stage.lr must be > 0, got {self.lr}")
+
+
 @dataclass
 class StudyConfig:
     experiment: str = "maskpot-study-water"    # one MLflow experiment for every run of the study
@@ -198,6 +267,12 @@ class StudyConfig:
     tip3p: Tip3pSetting = field(default_factory=Tip3pSetting)
     ethanol: EthanolSetting = field(default_factory=EthanolSetting)
     ablations: dict = field(default_factory=dict)  # name → AblationConfig mapping (`--ablation NAME`)
+    # pretraining seeds of the headline DFT-water rows (each pretrained variant × each finetune seed);
+    # empty: [pretrain.seed]. Runs of another seed than pretrain.seed are named ..._sSEEDpPSEED
+    pretrain_seeds: list[int] = field(default_factory=list)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    diversity: DiversityConfig = field(default_factory=DiversityConfig)
+    two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
 
     def __post_init__(self):
         from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
@@ -216,6 +291,17 @@ class StudyConfig:
         self.ablations = {str(n): a if isinstance(a, AblationConfig) else
                           from_dict(AblationConfig, a or {}, where=f"ablations.{n}")
                           for n, a in self.ablations.items()}
+        _require(len(set(self.pretrain_seeds)) == len(self.pretrain_seeds) and min(self.pretrain_seeds, default=0) >= 0,
+                 f"pretrain_seeds must be distinct integers >= 0, got {self.pretrain_seeds}")
+        if self.diversity.frames:
+            _require(self.diversity.frames in self.scaling.sizes,
+                     f"diversity.frames {self.diversity.frames} must be one of scaling.sizes {self.scaling.sizes} "
+                     f"(the sampled-conditions corpus of that size is the scaling curve's)")
+            _conditions("diversity.single", self.diversity_conditions(), self.diversity.frames)
+        for name, budgets in (("scaling", self.scaling.budgets), ("diversity", self.diversity.budgets),
+                              ("two_stage", self.two_stage.budgets)):
+            _require(max(budgets, default=0) <= 240, f"{name}.budgets: the DFT train split holds 240 frames, "
+                                                      f"got {budgets}")
         for name in self.ablations:   # a misspelt key or an impossible value fails now, not an hour in
             self.ablation_stages(name)
 
@@ -226,6 +312,13 @@ class StudyConfig:
                           where=f"ablations.{name}.pretrain"),
                 from_dict(FinetuneStageConfig, merge(asdict(self.finetune), a.finetune),
                           where=f"ablations.{name}.finetune"))
+
+    def diversity_conditions(self) -> dict:
+        """The single-condition corpus: the scaling curve's conditions with `diversity.single` over them."""
+        return {**self.scaling.conditions, **self.diversity.single}
+
+    def headline_pretrain_seeds(self) -> list[int]:
+        return list(self.pretrain_seeds) or [self.pretrain.seed]
 
     def pretrain_variants(self) -> list[str]:
         """Water pretraining runs needed by the DFT and TIP3P settings, in order."""

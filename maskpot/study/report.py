@@ -18,9 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from finetune.forcefield import metrics as M
+from maskpot.study import report_grid as G
 from maskpot.study.config import ABLATION_MARK
 
-RUN_NAME = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>.+)_n(?P<budget>\d+)_s(?P<seed>\d+)$")
+RUN_NAME = re.compile(r"^(?P<model>[a-z0-9]+)_(?P<variant>.+)_n(?P<budget>\d+)_s(?P<seed>\d+)(?:p(?P<pseed>\d+))?$")
 SETTING_TITLES = {"dft_water": "DFT water (DeePMD data_0+1 → test data_3), pretraining on TIP3P",
                   "tip3p": "TIP3P → TIP3P (the paper's setting)",
                   "ethanol": "rMD17 ethanol (generic H-masking on the train positions) → test_MD.xyz"}
@@ -35,12 +36,17 @@ def collect(out: Path) -> list[dict]:
             continue
         r = json.loads(path.read_text())
         test = r.get("test") or {}
+        conv = r.get("converged") or {}
         config = path.parent.parent / f"{path.parent.name}.yaml"   # written by the study next to the run
         tags = ((yaml.safe_load(config.read_text()) or {}).get("tracking") or {}).get("tags", {}) \
             if config.is_file() else {}
         records.append({"setting": path.parent.parent.name, "model": m["model"], "variant": m["variant"],
                         "budget": int(m["budget"]), "seed": int(m["seed"]),
+                        "pseed": int(m["pseed"]) if m["pseed"] else None,
                         "force": test.get(M.FORCE_RMSE, math.nan), "energy": test.get(M.ENERGY_RMSE, math.nan),
+                        "force_conv": (conv.get("test") or {}).get(M.FORCE_RMSE, math.nan),
+                        "energy_conv": (conv.get("test") or {}).get(M.ENERGY_RMSE, math.nan),
+                        "steps_conv": conv.get("steps"), "stopped_early": conv.get("stopped_early"),
                         "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history", [])],
                         "baseline": tags.get("study.baseline")})
     return records
@@ -99,9 +105,18 @@ def summarize(records: list[dict]) -> dict:
                 group = by_variant[(variant,)]
                 f_mean, f_std = _mean_std([r["force"] for r in group])
                 e_mean, e_std = _mean_std([r["energy"] for r in group])
+                c_mean, c_std = G.mean_std(G.values(group, "converged"))
+                steps = [r["steps_conv"] for r in group if r["steps_conv"] is not None]
                 rows.append({"model": model, "budget": budget, "variant": variant, "seeds": len(group),
                              "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean, "energy_std": e_std,
-                             "force_change_vs_scratch_pct": 100.0 * (f_mean / base_f - 1.0)})
+                             "force_change_vs_scratch_pct": 100.0 * (f_mean / base_f - 1.0),
+                             "vs_scratch_spread": G.spread_mark(G.values(group, "budget"),
+                                                                G.values(scratch or [], "budget")),
+                             "force_conv_mean": c_mean, "force_conv_std": c_std,
+                             "steps_conv_mean": float(np.mean(steps)) if steps else None,
+                             "stopped_early": sum(bool(r["stopped_early"]) for r in group),
+                             "conv_vs_scratch": G.compare(G.values(group, "converged"),
+                                                          G.values(scratch or [], "converged"))})
                 steps, curve = _mean_curve(group)
                 hit = steps[curve <= target] if math.isfinite(target) and steps.size else np.array([])
                 reach.append({"model": model, "budget": budget, "variant": variant,
@@ -219,18 +234,37 @@ def _fmt(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if math.isfinite(mean) else "—"
 
 
+def convergence_markdown(rows: list[dict]) -> list[str]:
+    if not any(math.isfinite(r["force_conv_mean"]) for r in rows):
+        return []
+    lines = ["At convergence (early stopping on the validation force RMSE, step cap in study.yaml):", "",
+             "| model | labelled frames | variant | runs | F at budget (meV/Å) | F at convergence (meV/Å) | "
+             "mean steps | stopped early | ΔF vs scratch at convergence |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        steps = "—" if r["steps_conv_mean"] is None else f"{r['steps_conv_mean']:.0f}"
+        change = "—" if r["variant"] == "scratch" else r["conv_vs_scratch"]
+        lines.append(f"| {r['model']} | {r['budget']} | {r['variant']} | {r['seeds']} | "
+                     f"{_fmt(r['force_mean'], r['force_std'], 1)} | "
+                     f"{_fmt(r['force_conv_mean'], r['force_conv_std'], 1)} | {steps} | {r['stopped_early']} | "
+                     f"{change} |")
+    return lines + [""]
+
+
 def markdown(summary: dict, images: dict[str, list[str]]) -> str:
     lines = ["# Study results", "",
-             "Mean ± sample std over seeds; test split; model chosen by validation force RMSE. "
-             "ΔF: change of the mean test force RMSE against scratch at the same budget.", ""]
+             "Mean ± sample std over runs (finetune seeds × pretraining seeds); test split; model chosen by "
+             "validation force RMSE. ΔF: change of the mean test force RMSE against scratch at the same budget; "
+             "a difference is 'larger than the spread' when |Δ mean| > std_a + std_b.", ""]
     for setting, data in summary.items():
-        lines += [f"## {SETTING_TITLES.get(setting, setting)}", "",
+        lines += [f"## {SETTING_TITLES.get(setting, setting)}", ""] + convergence_markdown(data["rows"]) + [
+                  "At the fixed finetune budget:", "",
                   "| model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) "
                   "| ΔF vs scratch |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         for r in data["rows"]:
             change = "—" if r["variant"] == "scratch" or not math.isfinite(r["force_change_vs_scratch_pct"]) \
-                else f"{r['force_change_vs_scratch_pct']:+.1f}%"
+                else f"{r['force_change_vs_scratch_pct']:+.1f}% ({r['vs_scratch_spread']})"
             lines.append(f"| {r['model']} | {r['budget']} | {r['variant']} | {r['seeds']} | "
                          f"{_fmt(r['energy_mean'], r['energy_std'], 2)} | {_fmt(r['force_mean'], r['force_std'], 1)} "
                          f"| {change} |")
@@ -256,7 +290,10 @@ def write_report(out: Path) -> str:
         text = f"# Study results\n\nNo finished finetune runs under {out / 'finetune'} yet.\n"
         (report / "summary.md").write_text(text)
         return text
-    write_ablations(out, records)
+    write_ablations(out, [r for r in records if not G.experiment_tag(r["variant"])])
+    grid = G.scaling_markdown(rows, G.plot_scaling(rows, report / "scaling.png").name) \
+        if (rows := G.scaling_rows(records)) else ""
+    grid += G.comparisons_markdown(records)
     records = [r for r in records if not is_ablation(r["variant"])]
     if not records:
         ablations = report / "ablations.md"
@@ -270,12 +307,7 @@ def write_report(out: Path) -> str:
         if len({r["budget"] for r in rows if r["model"] == model}) > 1:
             eff = plot_data_efficiency(rows, model, setting, report / f"data_efficiency_{setting}_{model}.png")
             images[setting].append(eff.name)
-    text = markdown(summary, images)
-    timings = out / "timings.json"
-    if timings.is_file():
-        t = json.loads(timings.read_text())
-        text += "\nWall time per stage (s, summed over resumed invocations): " + \
-                ", ".join(f"{k} {v:.0f}" for k, v in sorted(t.items())) + "\n"
+    text = markdown(summary, images) + ("\n" + grid if grid else "") + "\n" + G.cpu_hours_markdown(out)
     (report / "summary.md").write_text(text)
     (report / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True))
     return text

@@ -22,15 +22,16 @@ STUDY = REPO / "configs" / "study" / "water.yaml"
 @pytest.mark.parametrize("scale", ["tiny", "small", "full", "paper"])
 def test_every_scale_in_the_repo_yaml_is_valid(scale):
     cfg = load_study(STUDY, scale)
-    assert cfg.scale == scale and "scratch" in cfg.variants
-    assert {"denoise", "mask"} <= set(cfg.variants)  # every scale compares scratch, denoise and mask
+    assert cfg.scale == scale and {"scratch", "mask"} <= set(cfg.variants)
+    if scale != "tiny":   # tiny (a pipeline check, one pretraining) leaves denoise out
+        assert "denoise" in cfg.variants   # every other scale compares scratch, denoise and mask
     plan = describe_plan(cfg, REPO / "runs" / "x")
     assert f"scale {scale}" in plan and "finetunes" in plan
 
 
 def test_small_scale_keeps_one_finetune_budget_and_the_required_budgets():
     cfg = load_study(STUDY, "small")
-    assert cfg.dft_water.budgets[0] == 30 and cfg.dft_water.budgets[-1] == 240
+    assert {10, 30} <= set(cfg.dft_water.budgets) and cfg.dft_water.budgets[-1] == 240
     assert len(cfg.seeds) >= 2 and cfg.corpus.frames >= 1000
 
 
@@ -87,7 +88,7 @@ def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
     assert reach[(30, "mask")]["first_step_reaching"] == 50  # mean 120 at step 50
     assert reach[(30, "denoise")]["first_step_reaching"] is None
     text = study_report.write_report(tmp_path)
-    assert "| egnn | 30 | mask | 2 | 1.00 ± 0.00 | 80.0 ± 14.1 | -27.3% |" in text
+    assert "| egnn | 30 | mask | 2 | 1.00 ± 0.00 | 80.0 ± 14.1 | -27.3% (larger than the spread) |" in text
     for png in ("learning_curves_dft_water_egnn.png", "data_efficiency_dft_water_egnn.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
 
@@ -214,22 +215,31 @@ def test_ablation_plan_names_what_changes_and_refuses_unknown_names(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, shared_data):
+    """corpus → one pretraining (mask) → scratch and mask finetunes on DFT water, each read out at the budget
+    and at convergence → report; a rerun redoes nothing; an ablation reuses the pretraining and scratch run.
+    TIP3P, ethanol and the scaling / diversity / two-stage arms are off at tiny: their jobs, plan and report
+    are tested without training (here and in test_study_grid.py)."""
     out = tmp_path / "study"
     args = ["study", "--scale", "tiny", "--out", out, "--config", STUDY, "--override",
-            f"dft_water.path={shared_data / 'water_deepmd'}", f"ethanol.path={shared_data / 'ethanol_rmd17'}"]
+            f"dft_water.path={shared_data / 'water_deepmd'}"]
     first = maskpot(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     cfg = load_study(STUDY, "tiny")
-    expected = (len(cfg.variants) * len(cfg.dft_water.budgets) + len(cfg.tip3p.variants)
-                + len(cfg.ethanol.variants) * len(cfg.ethanol.budgets)) * len(cfg.seeds)
+    assert not (cfg.scaling.sizes or cfg.diversity.frames or cfg.two_stage.enabled or cfg.tip3p.enabled
+                or cfg.ethanol.enabled)
+    expected = len(cfg.variants) * len(cfg.dft_water.budgets) * len(cfg.seeds)
     results = sorted(out.glob("finetune/*/*/results.json"))
-    assert len(results) == expected
+    assert len(results) == expected == 2
+    readouts = [json.loads(p.read_text()) for p in results]
+    assert all(r["converged"]["max_steps"] == cfg.finetune.converge_steps for r in readouts)   # both read-outs
+    assert all(r["converged"]["test"] and r["test"] for r in readouts)
     summary = (out / "report" / "summary.md").read_text()
-    for title in study_report.SETTING_TITLES.values():
-        assert title in summary
+    for section in (study_report.SETTING_TITLES["dft_water"], "At convergence", "At the fixed finetune budget",
+                    "## Time per stage"):
+        assert section in summary
     assert (out / "report" / "learning_curves_dft_water_egnn.png").is_file()
     exports = sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json"))
-    assert exports == ["egnn_denoise", "egnn_mask", "ethanol_egnn_hmask"]
+    assert exports == ["egnn_mask"]
     with sqlite3.connect(out / "mlflow.db") as db:
         finished = "select count(*) from runs r join experiments e on r.experiment_id = e.experiment_id " \
                    "join tags t on t.run_uuid = r.run_uuid where e.name = ? and r.status = 'FINISHED' and t.key = ?"
@@ -237,9 +247,11 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
         pretrainings = db.execute(finished + " and t.value = 'pretrain'", (cfg.experiment, "study.stage")).fetchone()[0]
         nested = db.execute("select count(*) from tags where key = 'mlflow.parentRunId'").fetchone()[0]
         variants = {v for (v,) in db.execute("select value from tags where key = 'study.variant'")}
-    assert runs == expected and variants == {"scratch", "denoise", "mask", "hmask"}
-    assert pretrainings == 3 and nested == expected - len(cfg.seeds) * (len(cfg.dft_water.budgets) + 1
-                                                                       + len(cfg.ethanol.budgets)), nested
+        readout_tags = sorted(v for (v,) in db.execute("select value from tags where key = 'study.readout'"))
+    assert runs == 2 * expected and variants == {"scratch", "mask"}
+    assert readout_tags == ["budget", "budget", "converged", "converged"]
+    assert pretrainings == len(exports)
+    assert nested == 2, nested   # both read-outs of the mask finetune nest under its pretraining
     stamps = {p: p.stat().st_mtime_ns for p in results}
     again = maskpot(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -250,9 +262,9 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     assert ablated.returncode == 0, ablated.stdout[-3000:] + ablated.stderr[-3000:]
     assert stamps == {p: p.stat().st_mtime_ns for p in results}, "the main runs are reused, never redone"
     runs = {p.parent.name for p in out.glob("finetune/dft_water/*@*/results.json")}
-    assert runs == {"egnn_mask@backbone_lr_n8_s0", "egnn_mask@long_pretrain_n8_s0"}
-    assert (out / "pretrain" / "egnn_mask@long_pretrain" / "export" / "model.json").is_file()
+    assert runs == {"egnn_mask@backbone_lr_n8_s0"}
+    assert sorted(p.parent.parent.name for p in out.glob("pretrain/*/export/model.json")) == exports   # reused
     adapt = json.loads((out / "finetune/dft_water/egnn_mask@backbone_lr_n8_s0/results.json").read_text())["adapt"]
     assert adapt["backbone_lr_mult"] == 0.2
     table = (out / "report" / "ablations.md").read_text()
-    assert "| backbone_lr | egnn | 8 | mask | 0 |" in table and "| long_pretrain | egnn | 8 | mask | 0 |" in table
+    assert "| backbone_lr | egnn | 8 | mask | 0 |" in table

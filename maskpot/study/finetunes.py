@@ -1,0 +1,220 @@
+"""The study's finetunes: one job per setting × model × variant × budget × seed (× pretraining seed), each
+with two read-outs, and the per-stage wall and CPU time.
+
+Read-out 1, the fixed budget: `finetune.steps` steps for every variant (RUN/results.json).
+Read-out 2, at convergence (when `finetune.converge_steps` > 0): the same finetune again in RUN/converged/
+with early stopping on the validation force RMSE (`finetune.patience` validations without a new best,
+finetune.adapt.EarlyStopping) and at most `converge_steps` steps; its test figures, steps and stop reason
+are merged into RUN/results.json under "converged". A run is finished when both read-outs are in
+results.json; an interrupted study finishes only what is missing (a finished read-out is never redone).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import yaml
+
+from data_shards.config_io import from_dict
+from maskpot.study.config import ABLATION_MARK, FinetuneStageConfig, StudyConfig
+
+RESULTS = "results.json"
+CONVERGED = "converged"      # sub-folder and results.json key of the at-convergence read-out
+CONVERGED_KEYS = ("test", "best_step", "best_val", "steps", "max_steps", "stopped_early", "stopped_at_step",
+                  "train_seconds", "history")
+
+
+@dataclass(frozen=True)
+class FinetuneJob:
+    setting: str
+    model: str
+    variant: str
+    budget: int
+    seed: int
+    config: dict                        # a FinetuneConfig mapping (the fixed-budget read-out)
+    run_dir: str
+    converge_steps: int = 0             # 0: no at-convergence read-out
+    patience: int = 10
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{Path(self.run_dir).name}"
+
+    def converged_config(self) -> dict:
+        c = json.loads(json.dumps(self.config))
+        c["train"].update(max_steps=self.converge_steps, early_stopping_patience=self.patience,
+                          out_dir=str(Path(self.run_dir) / CONVERGED))
+        c["tracking"]["run_name"] += f"/{CONVERGED}"
+        c["tracking"]["tags"]["study.readout"] = CONVERGED
+        return c
+
+    def finished(self) -> bool:
+        path = Path(self.run_dir) / RESULTS
+        if not path.is_file():
+            return False
+        return not self.converge_steps or CONVERGED in json.loads(path.read_text())
+
+
+def pretraining_run_id(init: Path | None) -> str | None:
+    """The MLflow run of the pretraining that wrote the export `init` (its lineage), to nest finetunes under."""
+    if init is None or not (Path(init) / "model.json").is_file():
+        return None
+    return (json.loads((Path(init) / "model.json").read_text()).get("lineage") or {}).get("mlflow_run_id")
+
+
+def run_name(model: str, variant: str, budget: int, seed: int, pretrain_seed: int | None = None) -> str:
+    """MODEL_VARIANT_nBUDGET_sSEED, with pPSEED appended for a pretraining seed other than the study's."""
+    return f"{model}_{variant}_n{budget}_s{seed}" + (f"p{pretrain_seed}" if pretrain_seed is not None else "")
+
+
+def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Path, model: str, params: dict,
+                    variant: str, budget: int, seed: int, init: Path | None,
+                    stage: FinetuneStageConfig | None = None, pretrain_seed: int | None = None) -> FinetuneJob:
+    """`stage` (default: the study's finetune section) is the finetune budget; a pretrained water variant
+    replays the corpus with its own pretext objective when the stage has a `replay` section."""
+    f = stage or cfg.finetune
+    name = run_name(model, variant, budget, seed, pretrain_seed)
+    run_dir = out / "finetune" / setting / name
+    tags = {"study.scale": cfg.scale, "study.setting": setting, "study.model": model, "study.variant": variant,
+            "study.budget": budget, "study.seed": seed, "study.readout": "budget",
+            "study.pretrain_seed": cfg.pretrain.seed if pretrain_seed is None else pretrain_seed}
+    if ABLATION_MARK in variant:
+        tags["study.ablation"] = variant.split(ABLATION_MARK, 1)[1]
+    replay = ({"replay": {"manifest_dir": str(out / "shards" / "corpus"), **f.replay}}
+              if init and f.replay and setting != "ethanol" else {})
+    config = {
+        "data": {"manifest_dir": str(manifest_dir), "train_frames": budget, "batch_size": f.batch_size,
+                 "shuffle_buffer": 256, "val_batches": f.val_batches},
+        "model": {"name": model, "params": params},
+        "init": str(init) if init else None,
+        **({"adapt": dict(f.adapt)} if init and f.adapt else {}),
+        **replay,
+        "optim": {"lr": f.lr, "warmup_steps": f.warmup_steps, "min_lr": f.min_lr},
+        "loss": {"energy_weight": f.energy_weight, "force_weight": f.force_weight},
+        "train": {"max_steps": f.steps, "eval_every": f.eval_every, "log_every": max(f.eval_every // 2, 1),
+                  "seed": seed, "out_dir": str(run_dir), "device": "cpu"},
+        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": cfg.experiment,
+                     "run_name": f"{setting}/{name}", "tags": tags, "parent_run_id": pretraining_run_id(init)},
+    }
+    return FinetuneJob(setting, model, variant, budget, seed, config, str(run_dir), f.converge_steps, f.patience)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
+    import torch  # startup: torch (+7 s) off the maskpot CLI start; the parent never needs it to plan or report
+
+    from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from finetune.loop import run_finetune  # startup: imports torch (+7 s); kept off the maskpot CLI start
+
+    torch.set_num_threads(threads)
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir.parent / f"{run_dir.name}.yaml").write_text(yaml.safe_dump(job.config, sort_keys=False))
+    t0 = time.perf_counter()
+
+    def finetune(config: dict) -> dict:
+        config = {**config, "train": {"threads": threads, **config.get("train", {})}}   # the pool's share
+        return run_finetune(from_dict(FinetuneConfig, config))
+
+    path = run_dir / RESULTS
+    results = json.loads(path.read_text()) if path.is_file() else finetune(job.config)
+    if job.converge_steps and CONVERGED not in results:
+        done = run_dir / CONVERGED / RESULTS      # finished before an interruption, not yet merged
+        conv = json.loads(done.read_text()) if done.is_file() else finetune(job.converged_config())
+        results = {**json.loads(path.read_text()), CONVERGED: {k: conv.get(k) for k in CONVERGED_KEYS}}
+        _write_json(path, results)
+    return {"name": job.name, "seconds": time.perf_counter() - t0, "test": results.get("test"),
+            "converged": (results.get(CONVERGED) or {}).get("test")}
+
+
+def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetuning") -> None:
+    todo = [j for j in jobs if not j.finished()]
+    _banner(f"{what}: {len(jobs) - len(todo)} of {len(jobs)} runs already finished, {len(todo)} to go, "
+            f"{cfg.finetune.jobs} at a time")
+    if not todo:
+        return
+    _prepare_tracking(cfg, todo[0])
+    threads = max(1, (os.cpu_count() or 1) // cfg.finetune.jobs)
+    env_before = os.environ.get("TQDM_DISABLE")
+    if cfg.finetune.jobs > 1:
+        os.environ["TQDM_DISABLE"] = "1"  # interleaved bars from parallel runs are unreadable; one line per run
+    try:
+        if cfg.finetune.jobs == 1:
+            for i, job in enumerate(todo, 1):
+                _report(i, len(todo), _finetune_worker(job, threads))
+            return
+        with ProcessPoolExecutor(cfg.finetune.jobs, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_finetune_worker, job, threads) for job in todo]
+            for i, fut in enumerate(as_completed(futures), 1):
+                _report(i, len(todo), fut.result())
+    finally:
+        if env_before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== study: {text}", flush=True)
+
+
+def _figures(test: dict | None) -> str:
+    if not test:
+        return "no test split"
+    return (f"test F {test.get('force_rmse_mev_per_a', float('nan')):.1f} meV/Å, "
+            f"E {test.get('energy_rmse_mev_per_atom', float('nan')):.2f} meV/atom")
+
+
+def _report(i: int, n: int, result: dict) -> None:
+    conv = f"; at convergence {_figures(result['converged'])}" if result.get("converged") else ""
+    print(f"[{i}/{n}] {result['name']}: {_figures(result.get('test'))}{conv} ({result['seconds']:.0f} s)",
+          flush=True)
+
+
+def _prepare_tracking(cfg: StudyConfig, job: FinetuneJob) -> None:
+    """Create the sqlite store and the experiment once, before parallel runs race to migrate the schema."""
+    if not job.config["tracking"]["uri"].startswith("sqlite:"):
+        return
+    from mlflow import MlflowClient  # startup: mlflow (+12 s over torch) only when tracking is on
+
+    from finetune.tracking import ARTIFACTS_DIR  # startup: imports torch (+7 s); kept off the maskpot CLI start
+
+    uri = job.config["tracking"]["uri"]
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(cfg.experiment) is None:
+        artifacts = Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR
+        client.create_experiment(cfg.experiment, artifact_location=artifacts.resolve().as_uri())
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class Timings:
+    """Wall and CPU seconds per stage, accumulated over resumed invocations, in timings.json as
+    {stage: {"wall_s", "cpu_s"}}. CPU time is this process's and that of the child processes it waited for
+    (torchrun ranks, finetune workers); Ray's worker processes (corpus generation, sharding) are not counted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        self.data = {k: v if isinstance(v, dict) else {"wall_s": v, "cpu_s": 0.0} for k, v in data.items()}
+
+    def stage(self, name: str, fn):
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        result = fn()
+        old = self.data.get(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        self.data[name] = {"wall_s": old["wall_s"] + time.perf_counter() - t0,
+                           "cpu_s": old["cpu_s"] + _cpu_seconds() - c0}
+        _write_json(self.path, self.data)
+        return result

@@ -1,0 +1,198 @@
+"""The study's grid beyond the headline rows, and its plan (`maskpot study --plan`), in the order it runs.
+
+Order: corpus → headline pretrainings (first pretraining seed of every variant, then the other seeds) →
+headline finetunes on DFT water (scratch and every variant × budget × seeds) → TIP3P → two-stage →
+scaling curve → diversity → ethanol. Every stage resumes: a generated corpus finishes only its missing
+trajectories, shards and pretrainings with an export are skipped (a killed pretraining resumes from its
+checkpoint), and a finetune with both read-outs in results.json is never redone.
+
+Experiment runs are named VARIANT@TAG on DFT water, next to the main runs:
+- scaling: VARIANT@corpusN, pretrained for pretrain.steps on the first N frames of a corpus generated with
+  sampled conditions (`maskpot generate corpus`, data_shards.corpus), the same steps for every N;
+- diversity: VARIANT@singleN (one condition) against VARIANT@corpusN (sampled conditions, the same N);
+- two-stage: VARIANT@twostage (the main corpus export, then two_stage.steps on the DFT train positions),
+  VARIANT@dftpos (the paper recipe: pretrain.steps on the DFT train positions only), the main VARIANT
+  (corpus only) and scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from data_shards.config_io import from_dict
+from data_shards.corpus.conditions import CorpusConfig as Conditions
+from data_shards.corpus.conditions import plan
+from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
+from maskpot.study.finetunes import _banner, finetune_config, run_finetunes
+from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
+
+GENERATED = Path("data") / "generated"
+
+
+def conditions(mapping: dict, frames: int):
+    """data_shards.corpus CorpusConfig of `frames` frames from a conditions mapping (no `trajectories`)."""
+    fpt = from_dict(Conditions, {**mapping, "trajectories": 1}).frames_per_trajectory
+    return from_dict(Conditions, {**mapping, "trajectories": frames // fpt})
+
+
+def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes: list[int]) -> dict[int, Path]:
+    """Generate corpus `name` with max(sizes) frames (resumable), shard its first N frames for each size N."""
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.corpus.generate import generate_corpus  # startup: OpenMM (+1 s) off the maskpot CLI start
+
+    full = conditions(mapping, max(sizes))
+    gen = out / GENERATED / name
+    shards = {n: out / "shards" / f"{name}{n}" for n in sizes}
+    if not all((s / "manifest.json").is_file() for s in shards.values()):
+        _banner(f"generating corpus {name}: {full.trajectories} trajectories × {full.frames_per_trajectory} "
+                f"frames (sampled conditions, one Ray task per trajectory)")
+        generate_corpus(full, gen, progress=False)
+    files = [str(gen / t.file_name) for t in plan(full)]
+    for n, path in shards.items():
+        if not (path / "manifest.json").is_file():
+            _banner(f"sharding the first {n} frames of corpus {name}")
+            build_shards(files[:n // full.frames_per_trajectory], str(path), shard_size=cfg.corpus.shard_size,
+                         split_fractions=(1.0 - cfg.corpus.val_fraction, cfg.corpus.val_fraction, 0.0),
+                         require_labels=False)
+    return shards
+
+
+def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budgets, models) -> list:
+    """Pretrain each variant on each corpus (tag → shards) and finetune it on DFT water as VARIANT@TAG."""
+    jobs = []
+    for model, params in (models or cfg.models).items():
+        for tag, shards in corpora.items():
+            for variant in variants:
+                init = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}{ABLATION_MARK}{tag}", shards, model,
+                                    params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+                                    cfg.pretrain.batch_size)
+                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, f"{variant}{ABLATION_MARK}{tag}",
+                                         budget, seed, init) for budget in budgets for seed in cfg.seeds]
+    return jobs
+
+
+def _main_jobs(cfg, out, dft, variants, budgets, models) -> list:
+    """The main runs (scratch, corpus-only VARIANT) an experiment compares with, at its budgets."""
+    jobs = []
+    for model, params in (models or cfg.models).items():
+        for variant in ["scratch", *variants]:
+            init = None if VARIANTS[variant] is None else pretrain_one(
+                cfg, out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed),
+                out / "shards" / "corpus", model, params, water_objective(cfg.pretrain, variant),
+                cfg.pretrain.steps, cfg.pretrain.batch_size)
+            jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, variant, budget, seed, init)
+                     for budget in budgets for seed in cfg.seeds]
+    return jobs
+
+
+def two_stage_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
+    t = cfg.two_stage
+    jobs = _main_jobs(cfg, out, dft, t.variants, t.budgets, {})
+    second = dataclasses.replace(cfg.pretrain, lr=t.lr, min_lr=min(cfg.pretrain.min_lr, t.lr))
+    for model, params in cfg.models.items():
+        for variant in t.variants:
+            # DeePMD lists all O before all H: molecules by nearest oxygen
+            objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}
+            corpus_export = out / "pretrain" / f"{model}_{variant}" / "export"
+            runs = {"twostage": (t.steps, second, corpus_export), "dftpos": (cfg.pretrain.steps, cfg.pretrain, None)}
+            for tag, (steps, stage, init) in runs.items():
+                export = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}{ABLATION_MARK}{tag}", dft, model,
+                                      params, objective, steps, cfg.pretrain.batch_size, stage=stage, init=init)
+                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, f"{variant}{ABLATION_MARK}{tag}",
+                                         budget, seed, export) for budget in t.budgets for seed in cfg.seeds]
+    return jobs
+
+
+def scaling_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
+    s = cfg.scaling
+    corpora = stage_generated(cfg, out, "corpus", s.conditions, s.sizes)
+    jobs = _main_jobs(cfg, out, dft, [], s.budgets, s.models)
+    return jobs + _pretrain_and_jobs(cfg, out, dft, {f"corpus{n}": p for n, p in corpora.items()}, s.variants,
+                                     s.budgets, s.models)
+
+
+def diversity_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
+    d, n = cfg.diversity, cfg.diversity.frames
+    sampled = stage_generated(cfg, out, "corpus", cfg.scaling.conditions, cfg.scaling.sizes)[n]
+    single = stage_generated(cfg, out, "single", cfg.diversity_conditions(), [n])[n]
+    return _main_jobs(cfg, out, dft, [], d.budgets, {}) + _pretrain_and_jobs(
+        cfg, out, dft, {f"single{n}": single, f"corpus{n}": sampled}, d.variants, d.budgets, {})
+
+
+def experiments(cfg: StudyConfig) -> list[tuple[str, object]]:
+    """(name, job builder) of the enabled experiments, in the order they run."""
+    wanted = [("two_stage", two_stage_jobs, cfg.two_stage.enabled), ("scaling", scaling_jobs, bool(cfg.scaling.sizes)),
+              ("diversity", diversity_jobs, bool(cfg.diversity.frames))]
+    return [(name, fn) for name, fn, on in wanted if on]
+
+
+def run_experiments(cfg: StudyConfig, out: Path, timings, corpus: Path, dft: Path) -> None:
+    for name, build in experiments(cfg):
+        built = timings.stage(f"{name}_pretrain", lambda build=build: build(cfg, out, dft))
+        jobs = list({j.run_dir: j for j in built}.values())
+        timings.stage(f"{name}_finetune", lambda jobs=jobs, name=name: run_finetunes(cfg, jobs, f"{name} finetunes"))
+
+
+def _readouts(cfg: StudyConfig) -> str:
+    f = cfg.finetune
+    if not f.converge_steps:
+        return f"one read-out per finetune: {f.steps} steps"
+    return (f"two read-outs per finetune: {f.steps} steps, and at convergence (early stop after {f.patience} "
+            f"validations without a better val force RMSE, every {f.eval_every} steps; cap {f.converge_steps} steps)")
+
+
+def describe_plan(cfg: StudyConfig, out: Path) -> str:
+    """The grid, in the order it runs (headline rows first), with run counts."""
+    models, seeds, pseeds = list(cfg.models), cfg.seeds, cfg.headline_pretrain_seeds()
+    pre = cfg.pretrain_variants()
+    lines = [f"study '{cfg.experiment}', scale {cfg.scale} → {out}",
+             f"  finetune budget for every run: {cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, "
+             f"lr {cfg.finetune.lr:g} (cosine to {cfg.finetune.min_lr:g}); finetune seeds {seeds}",
+             f"  {_readouts(cfg)}",
+             f"1. corpus: {cfg.corpus.frames} TIP3P frames × {cfg.corpus.molecules} H2O (seed {cfg.corpus.seed})",
+             f"2. pretraining: {models} × {pre} × pretraining seeds "
+             f"{pseeds if cfg.dft_water.enabled else [cfg.pretrain.seed]} × {cfg.pretrain.steps} steps on "
+             f"{cfg.pretrain.nproc} ranks"]
+    total, step = 0, 3
+    if cfg.dft_water.enabled:
+        n_pre = sum(1 for v in cfg.variants if VARIANTS[v] is not None)
+        n = len(models) * len(cfg.dft_water.budgets) * len(seeds) * (len(cfg.variants) - n_pre + n_pre * len(pseeds))
+        total += n
+        lines.append(f"{step}. HEADLINE dft_water: {cfg.variants} × budgets {cfg.dft_water.budgets} × finetune seeds "
+                     f"{seeds} (× pretraining seeds {pseeds} for pretrained variants) → {n} finetunes")
+        step += 1
+    if cfg.tip3p.enabled:
+        n = len(models) * len(cfg.tip3p.variants) * len(seeds)
+        total += n
+        lines.append(f"{step}. tip3p: {cfg.tip3p.variants} × budget {cfg.tip3p.budget} → {n} finetunes")
+        step += 1
+    for name, _ in experiments(cfg) if cfg.dft_water.enabled else []:
+        text, n = _describe_experiment(cfg, name)
+        total += n
+        lines.append(f"{step}. {text} → {n} new finetunes (at most)")
+        step += 1
+    if cfg.ethanol.enabled:
+        n = len(models) * len(cfg.ethanol.variants) * len(cfg.ethanol.budgets) * len(seeds)
+        total += n
+        lines.append(f"{step}. ethanol: {cfg.ethanol.variants} × budgets {cfg.ethanol.budgets} → {n} finetunes")
+    lines.append(f"  {total} finetunes (× {2 if cfg.finetune.converge_steps else 1} read-outs), "
+                 f"{cfg.finetune.jobs} at a time")
+    return "\n".join(lines)
+
+
+def _describe_experiment(cfg: StudyConfig, name: str) -> tuple[str, int]:
+    seeds = len(cfg.seeds)
+    if name == "two_stage":
+        t = cfg.two_stage
+        return (f"two-stage: {t.variants}@twostage (corpus export + {t.steps} steps on the DFT train positions, "
+                f"lr {t.lr:g}) and @dftpos (paper recipe, {cfg.pretrain.steps} steps) vs corpus-only and scratch "
+                f"× budgets {t.budgets}", len(cfg.models) * 2 * len(t.variants) * len(t.budgets) * seeds)
+    if name == "scaling":
+        s = cfg.scaling
+        models = list(s.models or cfg.models)
+        return (f"scaling: {models} × {s.variants} × corpus sizes {s.sizes} (sampled conditions, "
+                f"{cfg.pretrain.steps} pretraining steps each) × budgets {s.budgets}",
+                len(models) * len(s.variants) * len(s.sizes) * len(s.budgets) * seeds)
+    d = cfg.diversity
+    return (f"diversity at {d.frames} frames: {d.variants} on one condition ({cfg.diversity.single}) vs sampled "
+            f"conditions × budgets {d.budgets}", len(cfg.models) * len(d.variants) * len(d.budgets) * seeds)

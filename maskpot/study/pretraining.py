@@ -1,0 +1,70 @@
+"""The study's pretrainings: one DeepSpeed run (`maskpot pretrain`) per model × objective × corpus × seed,
+written as a pretrain YAML next to its run folder and resumed from its last checkpoint when interrupted.
+
+Shared by the main grid (maskpot.study.stages), the experiments (maskpot.study.grid) and the ablations
+(maskpot.study.ablation).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from maskpot.study.config import VARIANTS, PretrainStageConfig, StudyConfig
+from maskpot.study.finetunes import _banner
+from pretrain import cli as pretrain_cli
+
+
+def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str, params: dict,
+                 objective: dict, steps: int, batch_size: int, stage: PretrainStageConfig | None = None,
+                 init: Path | None = None) -> Path:
+    """One DeepSpeed pretraining (resumed if a checkpoint exists); returns its export folder.
+    `stage` (default: the study's pretrain section) gives the learning rates, ranks, ZeRO stage and seed;
+    `init` an export to continue from (two-stage pretraining, pretrain train.init)."""
+    export = run_dir / "export"
+    if (export / "model.json").is_file():
+        return export
+    p = stage or cfg.pretrain
+    config = {
+        "data": {"manifest_dir": str(manifest_dir), "batch_size": batch_size, "shuffle_buffer": 256},
+        "model": {"name": model, "params": params},
+        "objective": objective,
+        "optim": {"lr": p.lr, "warmup_steps": max(steps // 20, 1), "min_lr": p.min_lr},
+        "deepspeed": {"zero_stage": p.zero_stage, "precision": "fp32"},
+        "train": {"max_steps": steps, "log_every": max(steps // 20, 1), "val_every": max(steps // 5, 1),
+                  "val_batches": 4, "checkpoint_every": max(steps // 4, 1), "out_dir": str(run_dir),
+                  "seed": p.seed, **({"init": str(init)} if init else {})},
+        # the pretraining is a run of the study's experiment; its finetunes nest under it (finetune_config)
+        "tracking": {"enabled": True, "uri": f"sqlite:///{out_root(run_dir) / 'mlflow.db'}",
+                     "experiment": cfg.experiment, "run_name": f"pretrain/{run_dir.name}",
+                     "tags": {"study.scale": cfg.scale, "study.stage": "pretrain", "study.model": model}},
+    }
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
+            f"    maskpot pretrain --config {path} --nproc {p.nproc}")
+    code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
+                                               allow_config_change=False, init=None))
+    if code != 0:
+        raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
+    return export
+
+
+def out_root(run_dir: Path) -> Path:
+    """The study folder of a pretraining run folder (STUDY/pretrain/NAME or STUDY/<stage>/pretrain/NAME):
+    where the study's mlflow.db is."""
+    for parent in run_dir.parents:
+        if parent.name == "pretrain":
+            return parent.parent
+    return run_dir.parent
+
+
+def water_objective(p: PretrainStageConfig, variant: str) -> dict:
+    return {"kind": VARIANTS[variant], "mask_ratio": p.mask_ratio, "noise_sigma": p.noise_sigma}
+
+
+def pretrain_run_name(cfg: StudyConfig, model: str, variant: str, seed: int) -> str:
+    """MODEL_VARIANT for the study's pretrain.seed, MODEL_VARIANT_pSEED for another pretraining seed."""
+    return f"{model}_{variant}" + ("" if seed == cfg.pretrain.seed else f"_p{seed}")

@@ -1,0 +1,238 @@
+"""The extended study (issue 13): two read-outs per finetune and their resume, pretraining seeds, the
+scaling / diversity / two-stage grid, the plan's order, and the report's spread rule and tables."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from data_shards.config_io import ConfigError, merge
+from maskpot.study import finetunes, grid
+from maskpot.study import report as study_report
+from maskpot.study import report_grid as G
+from maskpot.study.config import load_study
+from maskpot.study.grid import describe_plan, run_experiments, two_stage_jobs
+from maskpot.study.stages import water_jobs
+from tests.helpers.paths import REPO
+
+STUDY = REPO / "configs" / "study" / "water.yaml"
+# the tiny scale runs without the experiment arms (its end-to-end test stays short); these switch them on
+GRID = {"scaling": {"sizes": [8, 16]}, "diversity": {"frames": 16}, "two_stage": {"enabled": True}}
+
+
+def tiny_grid(overrides: dict | None = None):
+    return load_study(STUDY, "tiny", merge(GRID, overrides or {}))
+
+
+@pytest.fixture
+def fake_pretrain(monkeypatch) -> dict:
+    """Pretrainings are not run: each config is recorded by run folder name and an export written."""
+    import pretrain.cli
+
+    configs = {}
+
+    def run(args):
+        config = yaml.safe_load(Path(args.config).read_text())
+        out = Path(config["train"]["out_dir"])
+        configs[out.name] = config
+        (out / "export").mkdir(parents=True)
+        (out / "export" / "model.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pretrain.cli, "run", run)
+    return configs
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"diversity": {"frames": 12}}, "must be one of scaling.sizes [8, 16]"),
+    ({"scaling": {"sizes": [10]}}, "multiples of frames_per_trajectory (4), got 10"),
+    ({"scaling": {"variants": ["scratch"]}}, "not pretext objectives"),
+    ({"finetune": {"converge_steps": 3}}, "converge_steps must be 0 (off) or >= finetune.steps (6)"),
+    ({"scaling": {"conditions": {"density_g_cm3": [-1.0, 1.0]}}}, "density"),
+    ({"two_stage": {"budgets": [300]}}, "two_stage.budgets"),
+    ({"pretrain_seeds": [1, 1]}, "distinct"),
+])
+def test_bad_grid_settings_fail_when_the_config_is_read(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        tiny_grid(overrides)
+    assert needle in str(err.value)
+
+
+def test_small_scale_has_the_issue_13_grid():
+    cfg = load_study(STUDY, "small")
+    assert cfg.dft_water.budgets == [10, 30, 240] and len(cfg.seeds) >= 2 and len(cfg.headline_pretrain_seeds()) >= 2
+    assert cfg.scaling.sizes == [1000, 4000, 16000] and set(cfg.scaling.variants) == {"mask", "denoise"}
+    assert "gns" in cfg.scaling.models and cfg.diversity.frames in cfg.scaling.sizes and cfg.two_stage.enabled
+    assert cfg.finetune.converge_steps > cfg.finetune.steps
+
+
+def test_plan_runs_the_headline_rows_first_and_states_the_cap():
+    plan = describe_plan(load_study(STUDY, "small"), Path("runs/x"))
+    order = [plan.index(k) for k in ("HEADLINE dft_water", "tip3p:", "two-stage:", "scaling:", "diversity at",
+                                     "ethanol:")]
+    assert order == sorted(order), plan
+    assert "cap 6000 steps" in plan and "pretraining seeds [0, 1]" in plan
+    # 3 variants × 3 budgets × 2 finetune seeds, the 2 pretrained ones × 2 pretraining seeds: (1 + 2·2)·3·2
+    assert "→ 30 finetunes" in plan
+
+
+def test_pretraining_seeds_name_their_runs_and_exports(tmp_path):
+    cfg = load_study(STUDY, "tiny", {"pretrain_seeds": [0, 3]})
+    exports = {("egnn", "mask", 0): tmp_path / "a", ("egnn", "mask", 3): tmp_path / "b"}
+    jobs = {Path(j.run_dir).name: j for j in water_jobs(cfg, tmp_path, "dft_water", tmp_path, ["scratch", "mask"],
+                                                        [8], exports, cfg.headline_pretrain_seeds())}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask_n8_s0", "egnn_mask_n8_s0p3"}
+    assert jobs["egnn_mask_n8_s0p3"].config["init"] == str(tmp_path / "b")
+    assert jobs["egnn_mask_n8_s0p3"].config["tracking"]["tags"]["study.pretrain_seed"] == 3
+    assert jobs["egnn_mask_n8_s0"].converge_steps == 12 and jobs["egnn_mask_n8_s0"].patience == 2
+
+
+def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, fake_pretrain):
+    cfg = tiny_grid()
+    jobs = {Path(j.run_dir).name: j for j in two_stage_jobs(cfg, tmp_path, tmp_path / "dft")}
+    second, paper = fake_pretrain["egnn_mask@twostage"], fake_pretrain["egnn_mask@dftpos"]
+    assert second["train"]["init"] == str(tmp_path / "pretrain" / "egnn_mask" / "export")
+    assert second["train"]["max_steps"] == cfg.two_stage.steps and second["optim"]["lr"] == cfg.two_stage.lr
+    assert "init" not in paper["train"] and paper["train"]["max_steps"] == cfg.pretrain.steps
+    assert second["data"]["manifest_dir"] == str(tmp_path / "dft")
+    assert second["objective"]["water_grouping"] == "nearest_oxygen"
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask_n8_s0", "egnn_mask@twostage_n8_s0", "egnn_mask@dftpos_n8_s0"}
+
+
+def test_tiny_runs_no_experiment_arm_and_the_plan_counts_them_when_on():
+    off = describe_plan(load_study(STUDY, "tiny"), Path("runs/x"))
+    assert not any(k in off for k in ("two-stage:", "scaling:", "diversity at")), off
+    on = describe_plan(tiny_grid({"tip3p": {"enabled": True}, "ethanol": {"enabled": True}}), Path("runs/x"))
+    order = [on.index(k) for k in ("HEADLINE dft_water", "tip3p:", "two-stage:", "scaling:", "diversity at 16",
+                                   "ethanol:")]
+    assert order == sorted(order), on
+    assert "budgets [8] → 2 new finetunes" in on and "→ 1 new finetunes" in on
+
+
+def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, monkeypatch, fake_pretrain):
+    """The tiny grid's experiments, run in order without training: corpora are not generated, pretrainings
+    write an export (fake_pretrain), finetunes are recorded."""
+    generated, finetuned = [], {}
+
+    def stage_generated(cfg, out, name, mapping, sizes):
+        generated.append((name, sizes, mapping["molecules"]))
+        return {n: out / "shards" / f"{name}{n}" for n in sizes}
+
+    def run_finetunes(cfg, jobs, what):
+        finetuned[what] = sorted(Path(j.run_dir).name for j in jobs)
+
+    monkeypatch.setattr(grid, "stage_generated", stage_generated)
+    monkeypatch.setattr(grid, "run_finetunes", run_finetunes)
+    cfg = tiny_grid()
+    timings = finetunes.Timings(tmp_path / "timings.json")
+    run_experiments(cfg, tmp_path, timings, tmp_path / "shards" / "corpus", tmp_path / "dft")
+    assert list(finetuned) == ["two_stage finetunes", "scaling finetunes", "diversity finetunes"]
+    assert finetuned["two_stage finetunes"] == ["egnn_mask@dftpos_n8_s0", "egnn_mask@twostage_n8_s0",
+                                                "egnn_mask_n8_s0", "egnn_scratch_n8_s0"]
+    assert finetuned["scaling finetunes"] == ["egnn_mask@corpus16_n8_s0", "egnn_mask@corpus8_n8_s0",
+                                              "egnn_scratch_n8_s0"]
+    assert finetuned["diversity finetunes"] == ["egnn_mask@corpus16_n8_s0", "egnn_mask@single16_n8_s0",
+                                                "egnn_scratch_n8_s0"]
+    # one sampled-conditions corpus serves the curve and the diversity pair; the single condition is its own
+    assert generated == [("corpus", [8, 16], [16, 24]), ("corpus", [8, 16], [16, 24]), ("single", [16], [16, 16])]
+    assert sorted(fake_pretrain) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8", "egnn_mask@dftpos",
+                                     "egnn_mask@single16", "egnn_mask@twostage"]   # corpus16: pretrained once
+    for tag in ("corpus8", "corpus16", "single16"):
+        config = fake_pretrain[f"egnn_mask@{tag}"]
+        assert config["data"]["manifest_dir"] == str(tmp_path / "shards" / tag)
+        assert config["train"]["max_steps"] == cfg.pretrain.steps   # fixed pretraining compute for every size
+    assert set(timings.data) == {f"{n}_{s}" for n in ("two_stage", "scaling", "diversity")
+                                 for s in ("pretrain", "finetune")}
+
+
+def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp_path, monkeypatch):
+    import finetune.loop
+
+    calls = []
+
+    def fake_finetune(cfg):
+        out = Path(cfg.train.out_dir)
+        calls.append((out.name, cfg.train.max_steps, cfg.train.early_stopping_patience))
+        if len(calls) == 2 and not getattr(fake_finetune, "resumed", False):
+            raise KeyboardInterrupt   # killed during the at-convergence run
+        result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
+                  "steps": cfg.train.max_steps, "stopped_early": out.name == "converged", "history": []}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(finetune.loop, "run_finetune", fake_finetune)
+    cfg = load_study(STUDY, "tiny", {"finetune": {"jobs": 1}})
+    job = water_jobs(cfg, tmp_path, "dft_water", tmp_path / "dft", ["scratch"], [8], {})[0]
+    with pytest.raises(KeyboardInterrupt):
+        finetunes.run_finetunes(cfg, [job])
+    assert not job.finished() and (Path(job.run_dir) / "results.json").is_file()
+    fake_finetune.resumed = True
+    finetunes.run_finetunes(cfg, [job])
+    assert calls == [(Path(job.run_dir).name, 6, None), ("converged", 12, 2), ("converged", 12, 2)]
+    results = json.loads((Path(job.run_dir) / "results.json").read_text())
+    assert results["test"]["force_rmse_mev_per_a"] == 80.0
+    assert results["converged"]["test"]["force_rmse_mev_per_a"] == 50.0 and results["converged"]["stopped_early"]
+    assert job.finished()
+    finetunes.run_finetunes(cfg, [job])
+    assert len(calls) == 3, "a finished run is never redone"
+
+
+def test_spread_rule():
+    assert G.spread_mark([10, 12], [20, 22]) == "larger than the spread"
+    assert G.spread_mark([10, 14], [15, 19]) == "within the spread"
+    assert G.spread_mark([10], [20, 22]) == "n/a (one run)"
+    assert G.compare([10, 12], [20, 24]).startswith("-50.0% (larger")
+
+
+def _run(root, name, force, conv=None, steps=None):
+    d = root / "finetune" / "dft_water" / name
+    d.mkdir(parents=True)
+    r = {"test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": 1.0}, "history": []}
+    if conv is not None:
+        r["converged"] = {"test": {"force_rmse_mev_per_a": conv, "energy_rmse_mev_per_atom": 1.0}, "steps": steps,
+                          "stopped_early": True}
+    d.joinpath("results.json").write_text(json.dumps(r))
+
+
+def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(tmp_path):
+    for s, f in ((0, 100.0), (1, 104.0)):
+        _run(tmp_path, f"egnn_scratch_n30_s{s}", f + 10, f, 300)
+        _run(tmp_path, f"egnn_mask_n30_s{s}", f, f - 20, 200)              # pretraining seed 0
+        _run(tmp_path, f"egnn_mask_n30_s{s}p1", f + 2, f - 18, 220)        # pretraining seed 1
+        for n, drop in ((8, 5), (16, 10)):
+            _run(tmp_path, f"egnn_mask@corpus{n}_n30_s{s}", f, f - drop, 100)
+        _run(tmp_path, f"egnn_mask@single16_n30_s{s}", f, f - 7, 100)
+        _run(tmp_path, f"egnn_mask@twostage_n30_s{s}", f, f - 40, 100)
+        _run(tmp_path, f"egnn_mask@dftpos_n30_s{s}", f, f - 25, 100)
+    (tmp_path / "timings.json").write_text(json.dumps({"corpus": 36.0, "pretrain": {"wall_s": 7200, "cpu_s": 14400}}))
+    records = study_report.collect(tmp_path)
+    assert {r["pseed"] for r in records if r["variant"] == "mask"} == {None, 1}
+    rows = {(r["variant"]): r for r in study_report.summarize(records)["dft_water"]["rows"]}
+    assert rows["mask"]["seeds"] == 4 and rows["mask"]["force_conv_mean"] == pytest.approx(83.0)
+    assert rows["mask"]["conv_vs_scratch"].endswith("(larger than the spread)")
+    text = study_report.write_report(tmp_path)
+    assert "| egnn | 30 | mask | 4 | 103.0 ± 2.6 | 83.0 ± 2.6 | 210 | 4 |" in text
+    assert "| egnn | mask | 30 | 16 | 2 | 102.0 ± 2.8 | 92.0 ± 2.8 |" in text
+    assert "the curve falls monotonically with corpus size (97.0, 92.0 meV/Å)" in text
+    assert (tmp_path / "report" / "scaling.png").stat().st_size > 5000
+    assert "two-stage vs paper recipe (DFT positions) (converged): -19.5% (larger than the spread)" in text
+    assert "sampled conditions and models vs one condition (converged): -3.2% (within the spread)" in text
+    assert "| pretrain | 2.000 | 4.000 |" in text and "| corpus | 0.010 | nan |" in text
+    assert not (tmp_path / "report" / "ablations.md").exists(), "experiment runs are not ablations"
+    assert math.isnan(G.mean_std([])[0])
+
+
+@pytest.mark.slow
+def test_generated_corpus_is_made_once_and_sharded_by_prefix(tmp_path):
+    """The scaling curve's corpora, for real at tiny size (OpenMM, Ray): the largest is generated, each size
+    N shards its first N frames; asking again generates and shards nothing."""
+    cfg = tiny_grid()
+    shards = grid.stage_generated(cfg, tmp_path, "corpus", cfg.scaling.conditions, [8, 16])
+    assert set(shards) == {8, 16}
+    read = {n: json.loads((p / "manifest.json").read_text())["totals"]["frames_read"] for n, p in shards.items()}
+    assert read == {8: 8, 16: 16}
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert grid.stage_generated(cfg, tmp_path, "corpus", cfg.scaling.conditions, [8, 16]) == shards
+    assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
