@@ -117,10 +117,10 @@ def summarize(records: list[dict]) -> dict:
                              "stopped_early": sum(bool(r["stopped_early"]) for r in group),
                              "conv_vs_scratch": G.compare(G.values(group, "converged"),
                                                           G.values(scratch or [], "converged"))})
-                steps, curve = _mean_curve(group)
-                hit = steps[curve <= target] if math.isfinite(target) and steps.size else np.array([])
-                reach.append({"model": model, "budget": budget, "variant": variant,
-                              "scratch_final_val_force": target, "final_step": int(steps[-1]) if steps.size else 0,
+                curve_steps, curve = _mean_curve(group)
+                hit = curve_steps[curve <= target] if math.isfinite(target) and curve_steps.size else np.array([])
+                reach.append({"model": model, "budget": budget, "variant": variant, "scratch_final_val_force": target,
+                              "final_step": int(curve_steps[-1]) if curve_steps.size else 0,
                               "first_step_reaching": int(hit[0]) if hit.size else None})
         summary[setting] = {"rows": rows, "steps_to_scratch": reach}
     return summary
