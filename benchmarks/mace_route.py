@@ -79,11 +79,12 @@ def finetune(out: Path, arch: str, steps: int, tag: str) -> dict:
     """Validation on a few batches only (it would otherwise dominate a short run); test on all of data_3.
     The calibration run validates only at its first and last step."""
     base = yaml.safe_load((REPO / "configs" / "finetune" / "tiny.yaml").read_text())
-    base["data"].update(manifest_dir=str(out / "shards"), batch_size=4, val_batches=1 if tag == "calib" else 4)
+    base["data"].update(manifest_dir=str(out / "shards"), batch_size=4)
     base["init"] = str(out / f"pretrain_{arch}" / "export")
     base["optim"].update(lr=2e-3, min_lr=1e-5, warmup_steps=min(30, steps // 4))
     base["loss"].update(energy_weight=1.0, force_weight=10.0)
-    base["train"].update(max_steps=steps, eval_every=steps if tag == "calib" else max(steps // 2, 1),
+    base["train"].update(max_steps=steps, val_every=steps if tag == "calib" else max(steps // 2, 1),
+                         val_batches=1 if tag == "calib" else 4,
                          log_every=max(steps // 10, 1),
                          out_dir=str(out / f"finetune_{arch}_{tag}"))
     base["tracking"]["enabled"] = False

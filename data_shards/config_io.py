@@ -103,6 +103,10 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         raise TypeError("must be called with a dataclass type or instance")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED", {})   # a config class's {old key: its new dotted name}
+    moved = [f"{where + '.' if where else ''}{k} is now {renamed[k]}" for k in unknown if k in renamed]
+    if moved:
+        raise ConfigError("; ".join(moved) + " (renamed: edit the config)")
     if unknown:
         prefix = f"{where}: " if where else ""
         raise ConfigError(f"{prefix}unknown key(s) {unknown} in {cls.__name__}; valid keys: {sorted(fields)}")

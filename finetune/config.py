@@ -9,16 +9,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from data_shards.config_io import from_dict, to_dict
 from data_shards.manifest import SPLITS
 from finetune.energy import ENERGY_NORMALISATIONS, SELECT_METRICS
 from pretrain.config import ModelConfig, ObjectiveConfig
+from pretrain.config import OptimConfig as PretrainOptimConfig
 from pretrain.objectives import LOSS_KINDS
 from pretrain.tracking_config import TrackingConfig, check_tracking_uri  # shared with pretraining; re-exported here
 
-SCHEDULES = ("cosine", "constant")
 DEVICES = ("cpu", "cuda", "auto")
 
 __all__ = ["FinetuneConfig", "DataConfig", "ModelConfig", "OptimConfig", "LossConfig", "TrainConfig",
@@ -47,7 +47,7 @@ class DataConfig:
     batch_size: int = 4                 # structures per step
     num_workers: int = 0
     shuffle_buffer: int = 0             # samples; 0 keeps manifest order
-    val_batches: int | None = None      # batches per validation; None = the whole split
+    RENAMED: ClassVar[dict[str, str]] = {"val_batches": "train.val_batches"}   # pretraining's name
 
     def __post_init__(self):
         _require(bool(self.manifest_dir), "data.manifest_dir is required (folder holding manifest.json)")
@@ -61,26 +61,17 @@ class DataConfig:
         _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         _require(self.shuffle_buffer >= 0, f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        _require(self.val_batches is None or self.val_batches >= 1,
-                 f"data.val_batches must be >= 1 or null (whole split), got {self.val_batches}")
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(PretrainOptimConfig):
+    """Pretraining's optim section (fields, checks, schedule) with finetuning's defaults."""
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     min_lr: float = 1e-5
-    grad_clip: float = 10.0             # max gradient norm; 0 disables clipping
-    schedule: str = "cosine"            # cosine: warm-up then half-cosine to min_lr at train.max_steps
-
-    def __post_init__(self):
-        _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(0 <= self.min_lr <= self.lr, f"optim.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        _require(self.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
-        _require(self.schedule in SCHEDULES, f"optim.schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
+    grad_clip: float = 10.0
+    ema_decay: float | None = None      # e.g. 0.99: validate, keep and export an EMA of the weights
 
 
 @dataclass
@@ -108,13 +99,15 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
+    # keys this section had before they took pretraining's names (one knob, one name in both stages)
+    RENAMED: ClassVar[dict[str, str]] = {"eval_every": "train.val_every", "ema_decay": "optim.ema_decay"}
     max_steps: int = 1000
-    eval_every: int = 100               # validation every N steps (and at step 0 and the last step)
+    val_every: int = 100                # validation every N steps (and at step 0 and the last step)
+    val_batches: int | None = None      # batches per validation; None = the whole split
     log_every: int = 10                 # train metrics are averaged and sent to MLflow every N steps
     seed: int = 0
     out_dir: str = "runs/finetune"
     device: str = "auto"                # cpu | cuda | auto (cuda when available)
-    ema_decay: float | None = None      # e.g. 0.99: validate, keep and export an EMA of the weights
     early_stopping_patience: int | None = None  # stop after N validations without a new best `select` score
     # CPU threads for torch; null: $OMP_NUM_THREADS when set, else 1 (under CPU contention torch's default,
     # one per core, ran 18x slower than 1 thread); 0: torch's default
@@ -124,12 +117,12 @@ class TrainConfig:
 
     def __post_init__(self):
         _require(self.max_steps >= 1, f"train.max_steps must be >= 1, got {self.max_steps}")
-        _require(self.eval_every >= 1, f"train.eval_every must be >= 1, got {self.eval_every}")
+        _require(self.val_every >= 1, f"train.val_every must be >= 1, got {self.val_every}")
+        _require(self.val_batches is None or self.val_batches >= 1,
+                 f"train.val_batches must be >= 1 or null (whole split), got {self.val_batches}")
         _require(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _require(bool(self.out_dir), "train.out_dir is required")
         _require(self.device in DEVICES, f"train.device {self.device!r} is not one of {list(DEVICES)}")
-        _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
-                 f"train.ema_decay must be in (0, 1) or null (off), got {self.ema_decay}")
         _require(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (0 = on signals only), "
                  f"got {self.checkpoint_every}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,

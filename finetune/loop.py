@@ -37,7 +37,6 @@ from finetune.init_checkpoint import load_init
 from finetune.inputs import Inputs, check_inputs
 from finetune.tracking import Tracker, lineage_tags
 from finetune.training import Best, Trainer
-from pretrain.engine import lr_factor
 from pretrain.export import normalisation_from_stats, save_export
 from pretrain.loop import check_cutoff_fits_data
 from pretrain.models import build_model
@@ -107,14 +106,7 @@ def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, 
 
 
 def make_scheduler(cfg: FinetuneConfig, optimizer):
-    o, total = cfg.optim, cfg.train.max_steps
-
-    def factor(step: int) -> float:
-        if o.schedule == "constant":
-            return min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps else 1.0
-        return lr_factor(step, o.lr, o.min_lr, o.warmup_steps, total)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.optim.lr_multiplier(step, cfg.train.max_steps))
 
 
 def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
@@ -197,8 +189,8 @@ def make_trainer(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device,
     val_stream = make_stream(cfg, cfg.data.val_split, arch["cutoff"], training=False)
     optimizer = torch.optim.AdamW(A.optimizer_groups(model, cfg.optim, cfg.adapt), lr=cfg.optim.lr)
     freeze = A.BackboneFreeze(model, cfg.adapt.freeze_backbone_steps)
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay), use_buffers=False)
-           if t.ema_decay else None)
+    decay = cfg.optim.ema_decay
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False) if decay else None
     energy_scale = float(model.energy_scale)
     energy_term_scale = E.energy_loss_scale(inputs.manifest, cfg.loss.energy_normalisation, energy_scale)  # at end
     E.distant_splits(inputs.manifest, {s: make_stream(cfg, s, arch["cutoff"], False)
@@ -262,7 +254,7 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
         "export_dir": str(export_dir), "export_last_dir": str(last_dir), "select": t.select,
         "best_score": best.score, "energy_loss_scale_ev_per_atom": trainer.energy_term_scale,
-        "device": str(trainer.device), "ema_decay": t.ema_decay,
+        "device": str(trainer.device), "ema_decay": cfg.optim.ema_decay,
         "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
                   "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
         "replay": L.replay.summary() if L.replay is not None else None,

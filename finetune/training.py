@@ -2,7 +2,7 @@
 
 Each step: energies + forces (autograd, create_graph), `energy_force_loss` (+ the replay's pretext loss), AdamW
 with the schedule, the EMA. A non-finite loss skips its batch (`MAX_CONSECUTIVE_NONFINITE` in a row end the
-run). Validation at step 0, every `eval_every` steps and at the end keeps the best weights (`Best`); early
+run). Validation at step 0, every `val_every` steps and at the end keeps the best weights (`Best`); early
 stopping ends training after `early_stopping_patience` validations without a new best; SIGUSR1/SIGTERM
 checkpoint and stop (finetune.resume).
 """
@@ -83,7 +83,7 @@ class Trainer:
         if self.refit_stream is not None:   # re-centre the energy zero on the training frames (forces don't fix it)
             E.refit_energy_offset(self.scored, self.refit_stream, self.device, quiet=True)
             L.model.get_buffer("e0").copy_(self.scored.get_buffer("e0"))
-        figures = M.evaluate(self.scored, self.val_stream, cfg.data.val_batches, self.device)
+        figures = M.evaluate(self.scored, self.val_stream, cfg.train.val_batches, self.device)
         improved = L.best.offer(step, figures, self.scored)
         L.history.append({"step": step, **M.without_arrays(figures), "best": improved})
         L.tracker.log_metrics({"val/energy_rmse_mev_per_atom": figures[M.ENERGY_RMSE],
@@ -103,7 +103,7 @@ class Trainer:
         for step in range(start + 1, t.max_steps + 1):
             if self._step(step) is None:
                 continue
-            if step % t.eval_every == 0 or step == t.max_steps:
+            if step % t.val_every == 0 or step == t.max_steps:
                 if self.validate(step) and step < t.max_steps:
                     self.last_step, self.stopped_early = step, True
                     log.info("step %d: early stop, no better validation force RMSE in the last %d validations "

@@ -33,7 +33,7 @@ class DemoScale:
     finetune_steps: int
     finetune_batch: int
     label_budget: int               # labelled training frames used by both finetunes
-    eval_every: int
+    val_every: int
     lr: dict = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 2e-3})
 
 
@@ -41,12 +41,12 @@ SCALES = {
     # CI / tests: checks the plumbing only, numbers mean nothing.
     "tiny": DemoScale(molecules=16, corpus_frames=24, labelled_frames=30, steps_between_frames=20,
                       model={"hidden": 16, "layers": 2, "cutoff": 3.5}, pretrain_steps=6, pretrain_batch=2,
-                      finetune_steps=8, finetune_batch=2, label_budget=8, eval_every=4),
+                      finetune_steps=8, finetune_batch=2, label_budget=8, val_every=4),
     # `make demo`: ~10 minutes on 2 CPU cores.
     "default": DemoScale(molecules=64, corpus_frames=600, labelled_frames=150, steps_between_frames=40,
                          model={"hidden": 64, "layers": 4, "cutoff": 3.5}, pretrain_steps=400,
                          pretrain_batch=4, finetune_steps=300, finetune_batch=4, label_budget=30,
-                         eval_every=50),
+                         val_every=50),
 }
 
 
@@ -169,7 +169,7 @@ def stage_finetune(out: Path, scale: DemoScale, labelled: Path, name: str, init:
         "init": str(init) if init else None,
         "optim": {"lr": scale.lr["finetune"], "warmup_steps": max(scale.finetune_steps // 20, 1),
                   "min_lr": 1e-5},
-        "train": {"max_steps": scale.finetune_steps, "eval_every": scale.eval_every, "seed": 0,
+        "train": {"max_steps": scale.finetune_steps, "val_every": scale.val_every, "seed": 0,
                   "out_dir": str(run_dir)},
         "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "maskpot-demo",
                      "run_name": f"{source}-{name}"},

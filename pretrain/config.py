@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_shards.config_io import from_dict, to_dict
+from pretrain.schedule import SCHEDULES, schedule_factor
 from pretrain.tracking_config import TrackingConfig
 from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 
@@ -31,7 +32,7 @@ RESUME_HARMLESS_KEYS = (
 LATER_KEY_DEFAULTS: dict[str, Any] = {
     "optim.ema_decay": None, "objective.h_mask_p": 0.5, "objective.h_mask_radius": 5.0,
     "objective.energy_weight": 1.0, "objective.force_weight": 1.0, "objective.h_mask_target": "nearest",
-    "data.sets": [], "train.init": None,
+    "data.sets": [], "train.init": None, "optim.schedule": "cosine",
 }
 
 
@@ -131,11 +132,14 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW, its schedule and the weight EMA: one section for pretraining and finetuning (finetune.config
+    subclasses it with finetuning's defaults)."""
     lr: float = 5e-4
     weight_decay: float = 1e-4
     warmup_steps: int = 100
     min_lr: float = 1e-7
-    grad_clip: float = 1.0          # 0 disables clipping
+    grad_clip: float = 1.0          # max gradient norm; 0 disables clipping
+    schedule: str = "cosine"        # cosine: warm-up, then half-cosine to min_lr at decay_steps; constant: lr
     decay_steps: int | None = None  # cosine horizon in optimizer steps; null: train.max_steps
     ema_decay: float | None = None  # EMA of the weights (validation, export) when set; null: off
 
@@ -149,6 +153,12 @@ class OptimConfig:
                  f"optim.decay_steps must be >= 1 or null (= train.max_steps), got {self.decay_steps}")
         _require(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
                  f"optim.ema_decay must be in (0, 1) (e.g. 0.999) or null (off), got {self.ema_decay}")
+        _require(self.schedule in SCHEDULES, f"optim.schedule {self.schedule!r} is not one of {list(SCHEDULES)}")
+
+    def lr_multiplier(self, step: int, max_steps: int) -> float:
+        """Multiplier of `lr` after `step` optimizer steps of a run of `max_steps`."""
+        return schedule_factor(self.schedule, step, self.lr, self.min_lr, self.warmup_steps,
+                               self.decay_steps or max_steps)
 
 
 @dataclass

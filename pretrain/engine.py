@@ -6,7 +6,6 @@ The DeepSpeed JSON is never edited by hand: `deepspeed_config(cfg)` derives it f
 from __future__ import annotations
 
 import json
-import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,22 +62,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_factor(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """Multiplier of `lr` after `step` optimizer steps: linear warm-up, then half-cosine to min_lr."""
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    floor = min_lr / lr
-    span = max(1, decay_steps - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / span)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_optimizer(cfg: PretrainConfig, model: torch.nn.Module):
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr)
-    decay_steps = o.decay_steps or cfg.train.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, o.lr, o.min_lr, o.warmup_steps, decay_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: o.lr_multiplier(step, cfg.train.max_steps))
     return optimizer, scheduler
 
 

@@ -79,7 +79,7 @@ class FinetuneStageConfig:
     lr: float = 2e-3
     min_lr: float = 1e-5
     warmup_steps: int = 20
-    eval_every: int = 50                # validation force RMSE every N steps (learning curves)
+    val_every: int = 50                # validation force RMSE every N steps (learning curves)
     val_batches: int | None = None      # None: the whole validation split
     energy_weight: float = 1.0
     force_weight: float = 10.0
@@ -95,8 +95,8 @@ class FinetuneStageConfig:
     patience: int = 10
 
     def __post_init__(self):
-        _positive("finetune.steps/batch_size/eval_every/jobs/patience",
-                  [self.steps, self.batch_size, self.eval_every, self.jobs, self.patience])
+        _positive("finetune.steps/batch_size/val_every/jobs/patience",
+                  [self.steps, self.batch_size, self.val_every, self.jobs, self.patience])
         _require(self.converge_steps == 0 or self.converge_steps >= self.steps,
                  f"finetune.converge_steps must be 0 (off) or >= finetune.steps ({self.steps}), "
                  f"got {self.converge_steps}")

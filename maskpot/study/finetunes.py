@@ -90,15 +90,15 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
               if init and f.replay and setting != "ethanol" else {})
     config = {
         "data": {"manifest_dir": str(manifest_dir), "train_frames": budget, "batch_size": f.batch_size,
-                 "shuffle_buffer": 256, "val_batches": f.val_batches},
+                 "shuffle_buffer": 256},
         "model": {"name": model, "params": params},
         "init": str(init) if init else None,
         **({"adapt": dict(f.adapt)} if init and f.adapt else {}),
         **replay,
         "optim": {"lr": f.lr, "warmup_steps": f.warmup_steps, "min_lr": f.min_lr},
         "loss": {"energy_weight": f.energy_weight, "force_weight": f.force_weight},
-        "train": {"max_steps": f.steps, "eval_every": f.eval_every, "log_every": max(f.eval_every // 2, 1),
-                  "seed": seed, "out_dir": str(run_dir), "device": "cpu"},
+        "train": {"max_steps": f.steps, "val_every": f.val_every, "log_every": max(f.val_every // 2, 1),
+                  "val_batches": f.val_batches, "seed": seed, "out_dir": str(run_dir), "device": "cpu"},
         "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": cfg.experiment,
                      "run_name": f"{setting}/{name}", "tags": tags, "parent_run_id": pretraining_run_id(init)},
     }

@@ -138,7 +138,7 @@ def _readouts(cfg: StudyConfig) -> str:
     if not f.converge_steps:
         return f"one read-out per finetune: {f.steps} steps"
     return (f"two read-outs per finetune: {f.steps} steps, and at convergence (early stop after {f.patience} "
-            f"validations without a better val force RMSE, every {f.eval_every} steps; cap {f.converge_steps} steps)")
+            f"validations without a better val force RMSE, every {f.val_every} steps; cap {f.converge_steps} steps)")
 
 
 def describe_plan(cfg: StudyConfig, out: Path) -> str:

@@ -69,7 +69,7 @@ def test_pipeline_pretrains_on_two_nodes_then_finetunes(slurm, two_node_shards, 
                                           "optim.decay_steps=4"],
                    "finetune_config": "configs/finetune/tiny.yaml", "finetune_init": str(pre_out / "export"),
                    "finetune_overrides": [f"data.manifest_dir={two_node_shards}", f"train.out_dir={ft_out}",
-                                          "train.max_steps=4", "train.eval_every=2",
+                                          "train.max_steps=4", "train.val_every=2",
                                           "tracking.enabled=false"]},
     }
     cfg_path = tmp_path / "cluster.yaml"
@@ -290,7 +290,7 @@ def test_walltime_warning_checkpoints_and_requeues_a_finetune_that_resumes(slurm
            "launch": {"run_dir": str(run_dir), "python": sys.executable, "workdir": str(REPO), "preflight": False,
                       "finetune_config": "configs/finetune/tiny.yaml",
                       "finetune_overrides": [f"data.manifest_dir={two_node_shards}", f"train.out_dir={ft_out}",
-                                             "train.max_steps=12", "train.eval_every=4", "train.log_every=1",
+                                             "train.max_steps=12", "train.val_every=4", "train.log_every=1",
                                              "train.checkpoint_every=2"]}}
     (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in slurm.env.items() if not k.startswith("SLURM_JOB")}

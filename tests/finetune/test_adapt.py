@@ -12,7 +12,7 @@ from finetune import adapt as A
 from tests.helpers.finetuning import LEARNS, cfg_with, export_fresh_model, exported_params, params_of, where
 
 ARCH = {"hidden": 8, "layers": 1, "cutoff": 3.5}
-SHORT = {"data": {"train_frames": 8}, "train": {"eval_every": 2}}
+SHORT = {"data": {"train_frames": 8}, "train": {"val_every": 2}}
 
 
 def _model_for(init):
@@ -212,7 +212,7 @@ def test_early_stopping_ends_training_and_records_where(water_shards, tmp_path):
     out = tmp_path / "run"
     # lr 1e-12 moves no float32 weight: every validation equals step 0's, none is a new best
     frozen = {"optim": {"lr": 1e-12, "min_lr": 0.0, "schedule": "constant", "warmup_steps": 0},
-              "train": {"max_steps": 20, "eval_every": 2, "early_stopping_patience": 2}}
+              "train": {"max_steps": 20, "val_every": 2, "early_stopping_patience": 2}}
     results = run_finetune(cfg_with(where(water_shards, out), SHORT, frozen))
     assert [h["step"] for h in results["history"]] == [0, 2, 4]
     assert results["stopped_early"] is True and results["stopped_at_step"] == 4 and results["steps"] == 4

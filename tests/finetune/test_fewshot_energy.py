@@ -52,7 +52,7 @@ def config(shards: Path, out: Path, steps: int, **train) -> FinetuneConfig:
         "data": {"manifest_dir": str(shards), "batch_size": 4, "train_frames": 50},
         "model": {"name": "egnn", "params": {"hidden": 16, "layers": 2, "cutoff": 4.0}},
         "optim": {"lr": 5e-3, "warmup_steps": 10, "min_lr": 5e-4},
-        "train": {"max_steps": steps, "eval_every": 50, "out_dir": str(out), **train},
+        "train": {"max_steps": steps, "val_every": 50, "out_dir": str(out), **train},
         "tracking": {"enabled": False}})
 
 
@@ -86,7 +86,7 @@ def test_finetuned_ethanol_energies_beat_the_constant_predictor(shared_data, tmp
 def test_a_test_split_on_another_energy_zero_is_warned_and_evaluate_reports_both(shared_data, tmp_path, caplog):
     shards = ethanol_shards(tmp_path, shared_data, train=80, test=12, shift_test=-5.0)   # 5 eV/atom off
     caplog.set_level(logging.WARNING, logger="finetune")
-    results = run_finetune(config(shards, tmp_path / "ft", 2, eval_every=1, select="energy", threads=1))
+    results = run_finetune(config(shards, tmp_path / "ft", 2, val_every=1, select="energy", threads=1))
     warned = [r.getMessage() for r in caplog.records if "another energy zero" in r.getMessage()]
     assert len(warned) == 1 and "split 'test'" in warned[0]
     assert torch.get_num_threads() == 1 and results["select"] == "energy"

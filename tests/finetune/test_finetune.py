@@ -40,7 +40,9 @@ def test_tiny_config_loads():
     ({"optim": {"schedule": "step"}}, ["step", "cosine", "constant"]),
     ({"loss": {"kind": "mse"}}, ["mse", "huber"]),
     ({"train": {"device": "tpu"}}, ["tpu", "auto"]),
-    ({"train": {"ema_decay": 1.0}}, ["ema_decay"]),
+    ({"optim": {"ema_decay": 1.0}}, ["ema_decay"]),
+    ({"train": {"ema_decay": 0.9}}, ["train.ema_decay is now optim.ema_decay"]),
+    ({"train": {"eval_every": 5}}, ["train.eval_every is now train.val_every"]),
     ({"data": {"train_frames": 0}}, ["train_frames"]),
     ({"model": {"params": {"hiden": 8}}}, ["hiden", "hidden"]),
 ])
@@ -193,7 +195,7 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
     init = export_fresh_model(tmp_path / "pretrained", arch)
     out = tmp_path / "run"
     results = run_finetune(cfg_with(where(water_shards, out), {"init": str(init)},   # no refit: the init's own E0
-                                    {"data": {"train_frames": 8}, "train": {"max_steps": 4, "eval_every": 2},
+                                    {"data": {"train_frames": 8}, "train": {"max_steps": 4, "val_every": 2},
                                      "loss": {"refit_energy_offset": False}}))
     assert results["train_frames"] == 8 and results["init_sha256"] == file_sha256(init / "model.safetensors")
 
@@ -217,10 +219,10 @@ def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path)
     from finetune.loop import run_finetune
     from pretrain.export import load_export
 
-    short = {"train": {"max_steps": 4, "eval_every": 2}}
+    short = {"train": {"max_steps": 4, "val_every": 2}}
     plain = run_finetune(cfg_with(where(water_shards, tmp_path / "plain"), LEARNS, short))
     ema = run_finetune(cfg_with(where(water_shards, tmp_path / "ema"), LEARNS, short,
-                                {"train": {"ema_decay": 0.5}}))
+                                {"optim": {"ema_decay": 0.5}}))
     assert ema["history"][0][M.FORCE_RMSE] == plain["history"][0][M.FORCE_RMSE]   # same start
     assert ema["history"][1][M.FORCE_RMSE] != plain["history"][1][M.FORCE_RMSE]   # averaged weights scored
     model, meta = load_export(tmp_path / "ema" / "export")
@@ -238,7 +240,7 @@ def test_unreachable_tracking_server_warns_keeps_training_and_buffers(water_shar
     dead = f"http://127.0.0.1:{free_port()}"
     with caplog.at_level(logging.WARNING, logger="finetune.tracking"):
         results = run_finetune(cfg_with(where(water_shards, out, tracking=True), {"tracking": {"uri": dead}},
-                                        {"train": {"max_steps": 3, "eval_every": 2}}))
+                                        {"train": {"max_steps": 3, "val_every": 2}}))
     assert "MLflow tracking unavailable" in caplog.text and dead in caplog.text
     assert (out / "results.json").is_file() and (out / "export" / "model.safetensors").is_file()
     assert results["tracking"]["complete"] is False
@@ -261,7 +263,7 @@ def test_cli_runs_and_reports_user_errors(water_shards, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["--config", str(FINETUNE_TINY), "--override", f"data.manifest_dir={water_shards}", f"train.out_dir={out}",
               "tracking.enabled=false"]
-    assert main([*common, "train.max_steps=2", "train.eval_every=1"]) == 0
+    assert main([*common, "train.max_steps=2", "train.val_every=1"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("finetune: best step ") and "| test       |" in printed and "results.json" in printed
     assert main([*common, "train.device=tpu"]) == 2

@@ -37,8 +37,9 @@ def keep_signal_handlers():
 def config(shards: Path, out_dir: Path, **train) -> FinetuneConfig:
     return load_config(FinetuneConfig, TINY, {
         "data": {"manifest_dir": str(shards)},
-        "train": {"out_dir": str(out_dir), "max_steps": STEPS, "eval_every": 3, "log_every": 1,
-                  "ema_decay": 0.9, "early_stopping_patience": 10, **train},
+        "optim": {"ema_decay": 0.9},
+        "train": {"out_dir": str(out_dir), "max_steps": STEPS, "val_every": 3, "log_every": 1,
+                  "early_stopping_patience": 10, **train},
         "tracking": {"enabled": True}})
 
 
@@ -124,6 +125,6 @@ def test_a_checkpoint_of_another_config_is_refused(water_shards, tmp_path, monke
     assert loop.run_finetune(config(water_shards, out, max_steps=4))["step"] == 2
     assert signal.getsignal(signal.SIGTERM) is before   # the caller's handlers are back once the loop ends
     with pytest.raises(ValueError, match="refusing to resume from .*another finetune config.*--resume never"):
-        loop.run_finetune(config(water_shards, out, max_steps=4, eval_every=2))
-    fresh = loop.run_finetune(config(water_shards, out, max_steps=4, eval_every=2), resume="never")
+        loop.run_finetune(config(water_shards, out, max_steps=4, val_every=2))
+    fresh = loop.run_finetune(config(water_shards, out, max_steps=4, val_every=2), resume="never")
     assert fresh["steps"] == 4

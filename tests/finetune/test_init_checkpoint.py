@@ -56,7 +56,7 @@ def test_finetune_from_a_checkpoint_records_it(pretrain_run, water_shards, tmp_p
     tag = run / "checkpoints" / "step00000003"
     out = tmp_path / "ft"
     results = run_finetune(cfg_with(where(water_shards, out), {"init": str(run)},
-                                    {"data": {"train_frames": 8}, "train": {"max_steps": 2, "eval_every": 2}}))
+                                    {"data": {"train_frames": 8}, "train": {"max_steps": 2, "val_every": 2}}))
     assert results["init_sha256"] == file_sha256(tag / "mp_rank_00_model_states.pt")
     meta = json.loads((out / "export" / "model.json").read_text())
     assert meta["params"]["hidden"] == 8 and meta["cutoff"] == 3.0

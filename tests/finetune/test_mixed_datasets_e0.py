@@ -21,7 +21,7 @@ def test_mixed_data_sets_are_put_on_one_energy_zero(shared_data, tmp_path, one_t
     manifest = build_shards([f"train={eth / 'test_MD.xyz'}", f"val={bpa / 'train_mixedT.xyz'}"], tmp_path / "s",
                             use_ray=False, progress=False, shard_size=500,
                             e0s=(f"ethanol_rmd17={eth / 'isolated_atoms.xyz'}", f"3bpa={bpa / 'iso_atoms.xyz'}"))
-    cfg = cfg_with({"data": {"manifest_dir": str(tmp_path / "s"), "batch_size": 50, "val_batches": 4},
+    cfg = cfg_with({"data": {"manifest_dir": str(tmp_path / "s"), "batch_size": 50}, "train": {"val_batches": 4},
                     "tracking": {"enabled": False}})
     torch.manual_seed(0)
     model = build_model("egnn", {"hidden": 8, "layers": 1, "cutoff": 3.0})

@@ -14,7 +14,7 @@ from tests.helpers.net import free_port
 NAME = "water-egnn-tiny"
 # lr 1e-12 changes no float32 weight: the best validation is step 0's, worse than any run that learns
 IDLE = {"optim": {"lr": 1e-12, "min_lr": 0.0, "schedule": "constant", "warmup_steps": 0},
-        "train": {"max_steps": 2, "eval_every": 2}}
+        "train": {"max_steps": 2, "val_every": 2}}
 
 
 @pytest.mark.slow
@@ -35,9 +35,9 @@ def test_versions_are_registered_and_champion_follows_the_best(mlflow_server, wa
         assert results["tracking"]["complete"]
         return results
 
-    learned = finetune("learned", LEARNS, {"train": {"max_steps": 8, "eval_every": 4}})
+    learned = finetune("learned", LEARNS, {"train": {"max_steps": 8, "val_every": 4}})
     idle = finetune("idle", IDLE)
-    better = finetune("better", LEARNS, {"train": {"max_steps": 16, "eval_every": 4}})
+    better = finetune("better", LEARNS, {"train": {"max_steps": 16, "val_every": 4}})
     values = {r["tracking"]["run_id"]: r["best_val"][M.FORCE_RMSE] for r in (learned, idle, better)}
     assert values[better["tracking"]["run_id"]] < values[learned["tracking"]["run_id"]] \
         < values[idle["tracking"]["run_id"]], f"the runs do not differ as the test needs: {values}"

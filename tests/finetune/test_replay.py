@@ -15,7 +15,7 @@ from data_shards.config_io import ConfigError
 from finetune import replay as R
 from tests.helpers.finetuning import LEARNS, cfg_with, export_fresh_model, exported_params, where
 
-SHORT = {"data": {"train_frames": 8}, "train": {"max_steps": 4, "eval_every": 2}}
+SHORT = {"data": {"train_frames": 8}, "train": {"max_steps": 4, "val_every": 2}}
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,7 @@ def test_finetune_logs_everything_to_an_mlflow_server(mlflow_server, water_shard
 
     out = tmp_path / "run"
     cfg = cfg_with(where(water_shards, out, tracking=True), LEARNS,
-                   {"train": {"max_steps": 12, "eval_every": 4},
+                   {"train": {"max_steps": 12, "val_every": 4},
                     "tracking": {"uri": mlflow_server, "experiment": "ft-server-test", "run_name": "tiny",
                                  "tags": {"purpose": "test"}}})
     results = run_finetune(cfg)

@@ -18,7 +18,7 @@ from tests.helpers.paths import FINETUNE_TINY
 # Force-dominated loss, constant lr: the tiny EGNN's force RMSE visibly drops within 40 steps.
 LEARNS = {"optim": {"lr": 1e-2, "schedule": "constant", "warmup_steps": 2},
           "loss": {"energy_weight": 0.1, "force_weight": 10.0},
-          "data": {"batch_size": 4}, "train": {"max_steps": 40, "eval_every": 10, "log_every": 5}}
+          "data": {"batch_size": 4}, "train": {"max_steps": 40, "val_every": 10, "log_every": 5}}
 
 
 def cfg_with(*sections: dict) -> FinetuneConfig:

@@ -271,7 +271,7 @@ def quick_finetune(shards, out_dir, name: str, params: dict, steps: int = 12, lr
         "data": {"manifest_dir": str(shards), "batch_size": 4},
         "optim": {"lr": lr, "schedule": "constant", "warmup_steps": 2},
         "loss": {"energy_weight": 0.1, "force_weight": 10.0},
-        "train": {"max_steps": steps, "eval_every": max(steps // 4, 1), "log_every": steps,
+        "train": {"max_steps": steps, "val_every": max(steps // 4, 1), "log_every": steps,
                   "out_dir": str(out_dir)},
         "tracking": {"enabled": False}})
     data["model"] = {"name": name, "params": params}

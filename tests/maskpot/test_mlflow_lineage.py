@@ -67,7 +67,7 @@ def test_pretraining_is_a_run_and_finetuning_links_to_it(mlflow_server, water_sh
     fin = tmp_path / "finetune"
     r = _maskpot("finetune", "--config", str(FINETUNE_TINY), "--init", str(pre / "export"), "--override",
                  f"data.manifest_dir={water_shards}", f"train.out_dir={fin}", "train.max_steps=4",
-                 "train.eval_every=2", f"tracking.uri={server}", "tracking.experiment=lineage",
+                 "train.val_every=2", f"tracking.uri={server}", "tracking.experiment=lineage",
                  f"tracking.parent_run_id={run.info.run_id}")
     assert r.returncode == 0, r.stderr[-3000:]
     _quiet(r)

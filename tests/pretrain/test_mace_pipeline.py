@@ -105,7 +105,7 @@ def test_two_rank_pretraining_export_finetune_calculator_md(water_shards, tmp_pa
 
     ft = merge(yaml.safe_load((REPO / "configs" / "finetune" / "tiny.yaml").read_text()), {
         "data": {"manifest_dir": str(water_shards), "batch_size": 4}, "init": str(out / "export"),
-        "train": {"max_steps": 6, "eval_every": 3, "log_every": 3, "out_dir": str(tmp_path / "finetune")},
+        "train": {"max_steps": 6, "val_every": 3, "log_every": 3, "out_dir": str(tmp_path / "finetune")},
         "tracking": {"enabled": False}})
     results = run_finetune(from_dict(FinetuneConfig, ft, "finetune config"))
     assert math.isfinite(results["test"]["force_rmse_mev_per_a"])

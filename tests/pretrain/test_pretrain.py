@@ -10,7 +10,8 @@ import torch
 
 from data_shards.config_io import ConfigError, load_config
 from pretrain.config import PretrainConfig, resume_hash
-from pretrain.engine import deepspeed_config, lr_factor, param_groups
+from pretrain.engine import deepspeed_config, param_groups
+from pretrain.schedule import lr_factor
 from tests.helpers.paths import PRETRAIN_TINY
 from tests.helpers.pretraining import ListStream, cfg_with, run_pretrain, tiny_engine, train_losses, train_tiny
 
@@ -72,6 +73,21 @@ def test_lr_warms_up_linearly_then_decays_to_min_lr():
     assert all(a >= b for a, b in zip(decay, decay[1:]))
     assert factors[total] * lr == pytest.approx(min_lr)
     assert factors[-1] * lr == pytest.approx(min_lr)  # past the horizon it stays at min_lr
+
+
+def test_one_optim_section_for_both_stages():
+    """Pretraining and finetuning share OptimConfig (finetuning only changes defaults): same schedule, checks."""
+    from finetune.config import OptimConfig as FinetuneOptim
+    from pretrain.config import OptimConfig
+
+    assert issubclass(FinetuneOptim, OptimConfig) and FinetuneOptim().lr != OptimConfig().lr
+    for cls in (OptimConfig, FinetuneOptim):
+        cosine = cls(lr=1e-3, min_lr=1e-5, warmup_steps=2, decay_steps=10)
+        assert cosine.lr_multiplier(0, 100) == pytest.approx(0.5)
+        assert cosine.lr_multiplier(10, 100) * 1e-3 == pytest.approx(1e-5)     # decay_steps wins over max_steps
+        assert cls(lr=1e-3, warmup_steps=2, schedule="constant").lr_multiplier(50, 100) == 1.0
+        with pytest.raises(ValueError, match=r"optim.schedule 'step' is not one of \['cosine', 'constant'\]"):
+            cls(schedule="step")
 
 
 def test_weight_decay_skips_biases_norms_and_embeddings():
