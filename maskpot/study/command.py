@@ -12,6 +12,7 @@ from data_shards.config_io import parse_dotted_overrides
 from maskpot.study import ablation as study_ablation
 from maskpot.study import stages
 from maskpot.study.config import load_study
+from maskpot.study.pretraining import check_run_configs
 
 
 def add_command(subparsers) -> None:
@@ -46,6 +47,7 @@ def resolve_config_path(path: str | None) -> Path:
 def run(args: argparse.Namespace) -> int:
     cfg = load_study(resolve_config_path(args.config), args.scale, parse_dotted_overrides(args.override))
     out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
+    check_run_configs(cfg, out)
     names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []
     if args.plan:
         print(study_ablation.describe(cfg, names) if names else stages.describe_plan(cfg, out))

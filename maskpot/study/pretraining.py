@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from data_shards.config_io import from_dict
 from maskpot.study.config import VARIANTS, PretrainStageConfig, StudyConfig
-from maskpot.study.finetunes import _banner
+from maskpot.study.finetunes import _banner, finetune_config
 from pretrain import cli as pretrain_cli
 
 
@@ -26,7 +27,24 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     if (export / "model.json").is_file():
         return export
     p = stage or cfg.pretrain
-    config = {
+    config = pretrain_config(cfg, run_dir, manifest_dir, model, params, objective, steps, batch_size, p, init)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = run_dir.parent / f"{run_dir.name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
+            f"    maskpot pretrain --config {path} --nproc {p.nproc}")
+    code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
+                                               allow_config_change=False, init=None))
+    if code != 0:
+        raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
+    return export
+
+
+def pretrain_config(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str, params: dict,
+                    objective: dict, steps: int, batch_size: int, p: PretrainStageConfig,
+                    init: Path | None = None) -> dict:
+    """The PretrainConfig mapping of one study pretraining (written as YAML next to its run folder)."""
+    return {
         "data": {"manifest_dir": str(manifest_dir), "batch_size": batch_size, "shuffle_buffer": 256},
         "model": {"name": model, "params": params},
         "objective": objective,
@@ -40,16 +58,27 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
                      "experiment": cfg.experiment, "run_name": f"pretrain/{run_dir.name}",
                      "tags": {"study.scale": cfg.scale, "study.stage": "pretrain", "study.model": model}},
     }
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    path = run_dir.parent / f"{run_dir.name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
-            f"    maskpot pretrain --config {path} --nproc {p.nproc}")
-    code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
-                                               allow_config_change=False, init=None))
-    if code != 0:
-        raise RuntimeError(f"pretraining {run_dir.name} failed with exit code {code}; see the output above")
-    return export
+
+
+def check_run_configs(cfg: StudyConfig, out: Path) -> None:
+    """Validate every pretraining and finetuning config the study will write, through PretrainConfig and
+    FinetuneConfig, before any corpus is generated: `mask_ratio: 1.5` or a misspelt model parameter fails
+    now (ConfigError naming the run and the key), not after an hour of corpus generation and sharding."""
+    from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from pretrain.config import PretrainConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
+
+    stages = [("", cfg.pretrain, cfg.finetune)] + [(f" (ablation {n})", *cfg.ablation_stages(n)) for n in cfg.ablations]
+    for model, params in cfg.models.items():
+        for where, p, f in stages:
+            for variant in cfg.variants:
+                if variant != "scratch":
+                    run_dir = out / "pretrain" / f"{model}_{variant}"
+                    from_dict(PretrainConfig, pretrain_config(cfg, run_dir, out / "shards" / "corpus", model, params,
+                                                              water_objective(p, variant), p.steps, p.batch_size, p),
+                              where=f"study pretraining {model}_{variant}{where}")
+            job = finetune_config(cfg, out, "dft_water", out / "shards" / "dft_water", model, params, "scratch",
+                                  max(cfg.dft_water.budgets, default=1), cfg.seeds[0], None, f)
+            from_dict(FinetuneConfig, job.config, where=f"study finetuning {model}{where}")
 
 
 def out_root(run_dir: Path) -> Path:

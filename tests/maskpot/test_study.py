@@ -11,8 +11,10 @@ import pytest
 import yaml
 
 from data_shards.config_io import ConfigError
+from maskpot.cli import main as cli_main
 from maskpot.study import report as study_report
 from maskpot.study.config import load_study
+from maskpot.study.pretraining import check_run_configs
 from maskpot.study.stages import describe_plan
 from tests.helpers.paths import REPO
 
@@ -47,6 +49,26 @@ def test_bad_study_configs_say_what_is_valid(overrides, needle):
     with pytest.raises(ConfigError) as err:
         load_study(STUDY, "tiny", overrides)
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"pretrain": {"mask_ratio": 1.5}}, ["study pretraining egnn_mask", "objective.mask_ratio must be in (0, 1]"]),
+    ({"models": {"egnn": {"hiden": 8}}}, ["model.params", "'hiden'"]),
+    ({"finetune": {"val_batches": 0}}, ["study finetuning egnn", "train.val_batches must be >= 1"]),
+    ({"ablations": {"lr": {"pretrain": {"mask_ratio": 2.0}}}}, ["(ablation lr)", "mask_ratio"]),
+])
+def test_every_run_config_is_validated_before_any_work(overrides, needle, tmp_path, capsys):
+    """Through PretrainConfig/FinetuneConfig, at start: not after the corpus was generated and sharded."""
+    cfg = load_study(STUDY, "tiny", overrides)
+    with pytest.raises(ConfigError) as err:
+        check_run_configs(cfg, tmp_path / "study")
+    assert all(n in str(err.value) for n in needle), err.value
+    dotted = [f"{k}.{kk}={json.dumps(vv)}" for k, v in overrides.items() for kk, vv in v.items()
+              if not isinstance(vv, dict)]
+    if dotted:   # the command refuses before writing anything
+        args = ["study", "--config", str(STUDY), "--scale", "tiny", "--out", str(tmp_path / "study"), "--plan"]
+        assert cli_main([*args, *[x for d in dotted for x in ("--override", d)]]) == 2
+        assert needle[1] in capsys.readouterr().err and not (tmp_path / "study").exists()
 
 
 def test_unknown_scale_lists_the_defined_ones():
