@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -16,6 +15,7 @@ from data_shards.config_io import (
 )
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
+from data_shards.version import maskpot_version
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
 from pretrain import transforms as T
@@ -270,7 +270,7 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
             "species": sorted(int(z) for z in manifest.get("elements", {})),
             "normalisation": normalisation_from_stats(manifest),
             "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,
-                        "maskpot_version": metadata.version("maskpot"),
+                        "maskpot_version": maskpot_version(),
                         "pretrain_objective": cfg.objective.kind, "steps": step,
                         "ema_decay": cfg.optim.ema_decay, **({"data_sets": cfg.data.sets} if cfg.data.sets else {}),
                         **init_lineage(cfg), **(lineage or {})}}
