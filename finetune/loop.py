@@ -247,7 +247,7 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "history": L.history,
         "final_train_loss": L.train_curve[-1][1] if L.train_curve else None,
         "steps": last_step, "max_steps": t.max_steps, "stopped_early": trainer.stopped_early,
-        "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.skipped,
+        "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.nonfinite.skipped,
         "train_frames": trainer.train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),

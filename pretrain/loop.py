@@ -26,10 +26,10 @@ from pretrain.engine import (
 )
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
 from pretrain.models import build_model
+from pretrain.nonfinite import NonFiniteGuard
 from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
 from pretrain.stages import init_lineage
 
-MAX_CONSECUTIVE_NONFINITE = 50
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
 log = logging.getLogger("pretrain")
 
@@ -201,17 +201,13 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
 def train_step(engine, cfg: PretrainConfig, batches: Batches, state: ckpt.TrainState) -> float:
     """One optimizer step; returns the rank-mean loss of its micro batches."""
     losses: list[float] = []
-    nonfinite_run = 0
+    # a fresh guard per step: its run counts the non-finite micro batches of this step's accumulation
+    guard = NonFiniteGuard(skipped=state.skipped_nonfinite, where=" on some rank", log=log)
     while len(losses) < cfg.deepspeed.gradient_accumulation_steps:
         loss = pretext_loss(cfg, engine, batches.next())
         finite, mean_loss = agree_on_loss(loss)
         if not finite:
-            state.skipped_nonfinite += 1
-            nonfinite_run += 1
-            log.warning("step %d: non-finite loss on some rank, batch skipped (%d so far)",
-                        state.step + 1, state.skipped_nonfinite)
-            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses: training diverged")
+            state.skipped_nonfinite = guard.skip(state.step + 1)
             continue
         engine.backward(loss)
         engine.step()
