@@ -18,6 +18,7 @@ from data_shards.stream import ShardStream
 from data_shards.version import maskpot_version
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
+from pretrain import objectives
 from pretrain import transforms as T
 from pretrain.config import ObjectiveConfig, PretrainConfig
 from pretrain.engine import (
@@ -27,7 +28,7 @@ from pretrain.engine import (
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
 from pretrain.models import build_model
 from pretrain.nonfinite import NonFiniteGuard
-from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
+from pretrain.objectives import energy_force_loss
 from pretrain.stages import init_lineage
 
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
@@ -180,13 +181,7 @@ def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
         return energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], pred, batch[K.FORCES], batch[K.NATOMS],
                                  energy_weight=o.energy_weight, force_weight=o.force_weight,
                                  energy_scale=float(engine.module.energy_scale))
-    loss = pred.new_zeros(())
-    if cfg.objective.uses_mask:
-        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
-                                       pooled=cfg.objective.pooled_cosine)
-    if cfg.objective.uses_denoise:
-        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
-    return loss
+    return objectives.pretext_loss(cfg.objective, pred, batch)
 
 
 def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:

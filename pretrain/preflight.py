@@ -74,16 +74,9 @@ def check_all_reduce(rank: int, world_size: int) -> None:
 
 def objective_loss(cfg, out: dict, batch):
     """The configured pretext loss on a model output (as in training), else a plain force magnitude."""
-    from pretrain.objectives import cosine_mask_loss, denoise_loss  # startup: torch
+    from pretrain.objectives import pretext_loss  # startup: torch
 
-    pred = out[K.PRED_FORCES].float()
-    loss = pred.new_zeros(())
-    if cfg.objective.uses_mask and K.MASK_FLAG in batch:
-        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
-                                       pooled=cfg.objective.pooled_cosine)
-    if cfg.objective.uses_denoise and K.NOISE_TARGET in batch:
-        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
-    return loss + 0.0 * out[K.PRED_ENERGY].float().sum()
+    return pretext_loss(cfg.objective, out[K.PRED_FORCES].float(), batch) + 0.0 * out[K.PRED_ENERGY].float().sum()
 
 
 def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> tuple[float, float, float]:
