@@ -23,6 +23,7 @@ import threading
 import time
 
 from data_shards import keys as K
+from data_shards.cli_errors import EXIT_USER_ERROR
 from data_shards.config_io import load_config, parse_dotted_overrides
 from pretrain import distributed as D
 from pretrain.cli import check_local_launch
@@ -158,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rank, world_size = _rendezvous(args.timeout, cfg.train.device)
-    except D.LaunchError as e:  # a setup that cannot work: one line, before any work
+    except D.LaunchError as e:  # a setup that cannot work: one line (preflight's FAILED format), before any work
         _fail(rank_env, str(e))
-        return 2
+        return EXIT_USER_ERROR
 
     error = None
     try:
