@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster", description="maskpot SLURM submission")
     add_commands(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
     args = parser.parse_args(argv)
+    # user errors exit 2 as data_shards.cli_errors does for the layers, written out here: cluster imports none
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

@@ -27,7 +27,6 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 from data_shards import dedup, readers
@@ -56,6 +55,7 @@ from data_shards.ray_tasks import run_ray_tasks
 from data_shards.readers.deepmd import find_systems
 from data_shards.splits import assign_groups, shuffled_positions, split_ranges
 from data_shards.units import check_units_name
+from data_shards.version import maskpot_version
 
 __all__ = ["BuildConfig", "Chunk", "ChunkResult", "InputError", "SHARD_NAME", "SIDECAR_SUFFIX", "build_shards",
            "plan", "split_ranges", "write_chunk"]
@@ -202,13 +202,6 @@ def _run_ray(chunks, cfg, on_result) -> None:
                   cfg.ray_address, cfg.num_cpus)
 
 
-def _version() -> str:
-    try:
-        return metadata.version("maskpot")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def structure_summary(results: list[ChunkResult], cutoff: float) -> dict:
     """Mean neighbour count at `cutoff` Å (all samples and per split), natoms histogram, periodicity."""
     def mean_neighbours(rs):
@@ -259,7 +252,7 @@ def assemble_manifest(cfg: BuildConfig, specs: list[InputSpec], results: list[Ch
                            f"{duplicates['count']}")
     return {
         "schema_version": SCHEMA_VERSION,
-        "maskpot_version": _version(),
+        "maskpot_version": maskpot_version(),
         "build": {"shard_size": cfg.shard_size, "split_fractions": list(cfg.split_fractions),
                   "split_by": cfg.split_by, "split_seed": cfg.split_seed, "split_mode": cfg.split_mode,
                   "require_labels": cfg.require_labels, "units": cfg.units, "stats_cutoff": cfg.stats_cutoff,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
+from data_shards.cli_errors import exit_2_on_user_error
 from data_shards.corpus.cli import add_command as add_corpus_command
 from data_shards.fetch import add_command as add_data
 from data_shards.keys import CHEMICAL_SYMBOLS
@@ -22,8 +22,6 @@ from data_shards.manifest import (
 )
 from data_shards.units import UNITS
 from data_shards.verify import verify_all
-
-EXIT_USER_ERROR = 2
 
 
 def _positive_int(text: str) -> int:
@@ -273,8 +271,4 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_commands(sub)
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"{parser.prog} {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return exit_2_on_user_error(f"{parser.prog} {args.command}", lambda: int(args.func(args) or 0))

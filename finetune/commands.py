@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
+from data_shards.cli_errors import exit_2_on_user_error
 from data_shards.config_io import load_config, merge, parse_dotted_overrides
 from data_shards.progress import quiet_libraries
 from pretrain.tracking_links import ui_command
@@ -90,8 +90,4 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune", description="Finetune on energies and forces.")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"finetune: error: {e}", file=sys.stderr)
-        return 2
+    return exit_2_on_user_error("finetune", lambda: run(args))

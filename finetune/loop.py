@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data_shards.config_io import config_hash, to_dict
 from data_shards.manifest import load_manifest, rereference_transform
 from data_shards.stream import ShardStream
+from data_shards.version import maskpot_version
 from finetune import adapt as A
 from finetune import energy as E
 from finetune import replay as R
@@ -77,7 +77,7 @@ def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, di
 
 
 def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
-    tags: dict[str, object] = {"maskpot.version": _version(), "maskpot.config_sha256": config_hash(cfg),
+    tags: dict[str, object] = {"maskpot.version": maskpot_version(), "maskpot.config_sha256": config_hash(cfg),
                                "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch"}
     if inputs.init_meta is not None:
         tags["maskpot.init_sha256"] = inputs.init_sha256
@@ -86,13 +86,6 @@ def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
         # the pretraining's MLflow run: `source_run_id` tag and a link in the run description
         tags.update(lineage_tags(inputs.init_meta["lineage"], cfg.tracking.resolved_uri(cfg.train.out_dir)))
     return tags
-
-
-def _version() -> str:
-    try:
-        return metadata.version("maskpot")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, limit: int | None = None
@@ -246,7 +239,7 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "history": L.history,
         "final_train_loss": L.train_curve[-1][1] if L.train_curve else None,
         "steps": last_step, "max_steps": t.max_steps, "stopped_early": trainer.stopped_early,
-        "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.skipped,
+        "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.nonfinite.skipped,
         "train_frames": trainer.train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -268,7 +261,7 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
     meta = {
         **arch, "species": sorted(species), "normalisation": E.model_normalisation(model),
         "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": inputs.manifest_sha256,
-                    "maskpot_version": _version(),
+                    "maskpot_version": maskpot_version(),
                     "pretrain_objective": init_lineage.get("pretrain_objective"),
                     "steps": best_step, "stage": "finetune",
                     "init_sha256": inputs.init_sha256, "init_lineage": init_lineage or None},

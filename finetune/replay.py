@@ -30,7 +30,7 @@ from finetune.resume import EndlessBatches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import normalisation_from_stats
 from pretrain.loop import objective_transform
-from pretrain.objectives import cosine_mask_loss, denoise_loss
+from pretrain.objectives import pretext_loss
 
 log = logging.getLogger("finetune.replay")
 PRETEXT_KINDS = tuple(k for k in OBJECTIVES if k != "supervised")
@@ -84,15 +84,6 @@ def check_replay(cfg: FinetuneConfig, init_meta: dict | None) -> ReplayPlan:
              r.batch_size(cfg.data.batch_size), where, r.split, objective.kind, source, r.weight)
     return ReplayPlan(objective, source, normalisation_from_stats(manifest)["energy_scale"], file_sha256(where),
                       r.batch_size(cfg.data.batch_size), samples)
-
-
-def pretext_loss(objective: ObjectiveConfig, pred: torch.Tensor, batch) -> torch.Tensor:
-    loss = pred.new_zeros(())
-    if objective.uses_mask:
-        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG], pooled=objective.pooled_cosine)
-    if objective.uses_denoise:
-        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
-    return loss
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import random
 import shutil
 import signal
@@ -32,6 +33,7 @@ from torch.optim.swa_utils import AveragedModel
 from data_shards.config_io import config_hash
 from finetune.forcefield import metrics as M
 from pretrain.checkpoint import PREEMPT_SIGNALS, PreemptionFlag
+from pretrain.nonfinite import NonFiniteGuard
 
 if TYPE_CHECKING:   # the loop's parts, built by finetune.loop (they import this module)
     from finetune.adapt import EarlyStopping
@@ -95,6 +97,11 @@ class EndlessBatches:
         raise RuntimeError(f"{self.what} yielded no batch")
 
 
+def nonfinite_guard() -> NonFiniteGuard:
+    """Finetuning's non-finite loss guard: warnings on the "finetune" logger, the fix to try in its error."""
+    return NonFiniteGuard(advice="; lower optim.lr or raise optim.warmup_steps", log=logging.getLogger("finetune"))
+
+
 @dataclass
 class LoopState:
     """What the finetuning loop changes as it goes (finetune.loop builds it): all of it is checkpointed."""
@@ -109,8 +116,7 @@ class LoopState:
     stopper: EarlyStopping
     history: list = field(default_factory=list)
     train_curve: list = field(default_factory=list)
-    skipped: int = 0
-    nonfinite_run: int = 0
+    nonfinite: NonFiniteGuard = field(default_factory=nonfinite_guard)  # checkpointed: skipped, run
 
 
 @dataclass
@@ -244,7 +250,8 @@ def capture(step: int, loop, device: torch.device) -> tuple[dict, dict[str, dict
              "best": {"step": best.step, "force_rmse": best.force_rmse, "score": best.score,
                       "figures": M.without_arrays(best.figures) if best.figures else None},
              "early_stopping_stale": loop.stopper.stale, "history": loop.history, "train_curve": loop.train_curve,
-             "skipped": loop.skipped, "nonfinite_run": loop.nonfinite_run, "tracking": loop.tracker.snapshot()}
+             "skipped": loop.nonfinite.skipped, "nonfinite_run": loop.nonfinite.run,
+             "tracking": loop.tracker.snapshot()}
     return state, tensors
 
 
@@ -268,6 +275,6 @@ def restore(ckpt: Checkpoint, loop, device: torch.device) -> int:
     loop.stopper.stale = s["early_stopping_stale"]
     loop.history[:] = s["history"]
     loop.train_curve[:] = [tuple(x) for x in s["train_curve"]]
-    loop.skipped, loop.nonfinite_run = s["skipped"], s["nonfinite_run"]
+    loop.nonfinite.skipped, loop.nonfinite.run = s["skipped"], s["nonfinite_run"]
     set_rng_state(ckpt.part("rng"), s["rng"], device)
     return int(s["step"])

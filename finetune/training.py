@@ -1,8 +1,8 @@
 """The training steps of one finetuning (finetune.loop builds the `Trainer` and tests what it kept).
 
 Each step: energies + forces (autograd, create_graph), `energy_force_loss` (+ the replay's pretext loss), AdamW
-with the schedule, the EMA. A non-finite loss skips its batch (`MAX_CONSECUTIVE_NONFINITE` in a row end the
-run). Validation at step 0, every `val_every` steps and at the end keeps the best weights (`Best`); early
+with the schedule, the EMA. A non-finite loss skips its batch (`pretrain.nonfinite.NonFiniteGuard`: too many in a row
+end the run). Validation at step 0, every `val_every` steps and at the end keeps the best weights (`Best`); early
 stopping ends training after `early_stopping_patience` validations without a new best; SIGUSR1/SIGTERM
 checkpoint and stop (finetune.resume).
 """
@@ -32,8 +32,6 @@ from finetune.inputs import Inputs
 from pretrain.objectives import energy_force_loss
 
 log = logging.getLogger("finetune")
-
-MAX_CONSECUTIVE_NONFINITE = 50
 
 
 @dataclass
@@ -142,14 +140,8 @@ class Trainer:
                                                      self.energy_scale, step / cfg.train.max_steps))
         replay_loss = L.replay.loss(L.model, device) if L.replay is not None else None
         total = loss if replay_loss is None else loss + cfg.replay.weight * replay_loss
-        if not torch.isfinite(total):
-            L.skipped, L.nonfinite_run = L.skipped + 1, L.nonfinite_run + 1
-            log.warning("step %d: non-finite loss, batch skipped (%d so far)", step, L.skipped)
-            if L.nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                raise FloatingPointError(f"{L.nonfinite_run} consecutive non-finite losses: training diverged; "
-                                         f"lower optim.lr or raise optim.warmup_steps")
+        if L.nonfinite.check(bool(torch.isfinite(total)), step):
             return None
-        L.nonfinite_run = 0
         lr = self._optimizer_step(total)
         L.train_curve.append((step, loss.item()))
         logged = {"train/loss": loss.item(), "train/lr": lr}

@@ -2,12 +2,9 @@
 
 Library layers below it, imports one way: data_shards ← pretrain ← finetune ← maskpot; cluster apart.
 """
-from importlib import metadata
+from data_shards.version import maskpot_version
 
 
 def version() -> str:
-    """The installed maskpot version, or "unknown" when run from a bare source tree."""
-    try:
-        return metadata.version("maskpot")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    """The installed maskpot version, or "unknown" when run from a bare source tree (public alias)."""
+    return maskpot_version()

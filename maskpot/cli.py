@@ -12,6 +12,7 @@ import sys
 
 from cluster import cli as cluster_cli
 from data_shards import cli as data_cli
+from data_shards.cli_errors import USER_ERRORS, user_error
 from data_shards.progress import quiet_libraries
 from finetune import commands as finetune_commands
 from finetune.forcefield import evaluate, md
@@ -19,8 +20,6 @@ from maskpot import demo
 from maskpot.study import command as study
 from pretrain import cli as pretrain_cli
 from pretrain import preflight as pretrain_preflight
-
-EXIT_USER_ERROR = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()   # library warnings/INFO lines a user cannot act on (data_shards/progress.py)
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-        print(f"maskpot {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    except USER_ERRORS as e:
+        return user_error(f"maskpot {args.command}", e)
     except KeyboardInterrupt:
         print(f"maskpot {args.command}: interrupted", file=sys.stderr)
         return 130

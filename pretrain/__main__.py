@@ -4,14 +4,10 @@ User errors and unloadable checkpoints end the rank with one line on stderr and 
 import os
 import sys
 
+from data_shards.cli_errors import USER_ERRORS, exit_2_on_user_error
 from pretrain.checkpoint import CorruptCheckpoint
 from pretrain.train import main
 
-EXIT_USER_ERROR = 2
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError, NotADirectoryError, CorruptCheckpoint) as e:
-        print(f"pretrain rank {os.environ.get('RANK', '0')}: error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    sys.exit(exit_2_on_user_error(f"pretrain rank {os.environ.get('RANK', '0')}", main,
+                                  errors=(*USER_ERRORS, CorruptCheckpoint)))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -16,8 +15,10 @@ from data_shards.config_io import (
 )
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
+from data_shards.version import maskpot_version
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
+from pretrain import objectives
 from pretrain import transforms as T
 from pretrain.config import ObjectiveConfig, PretrainConfig
 from pretrain.engine import (
@@ -26,10 +27,10 @@ from pretrain.engine import (
 )
 from pretrain.export import fp32_state_dict, normalisation_from_stats, save_export
 from pretrain.models import build_model
-from pretrain.objectives import cosine_mask_loss, denoise_loss, energy_force_loss
+from pretrain.nonfinite import NonFiniteGuard
+from pretrain.objectives import energy_force_loss
 from pretrain.stages import init_lineage
 
-MAX_CONSECUTIVE_NONFINITE = 50
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
 log = logging.getLogger("pretrain")
 
@@ -180,13 +181,7 @@ def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
         return energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], pred, batch[K.FORCES], batch[K.NATOMS],
                                  energy_weight=o.energy_weight, force_weight=o.force_weight,
                                  energy_scale=float(engine.module.energy_scale))
-    loss = pred.new_zeros(())
-    if cfg.objective.uses_mask:
-        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
-                                       pooled=cfg.objective.pooled_cosine)
-    if cfg.objective.uses_denoise:
-        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
-    return loss
+    return objectives.pretext_loss(cfg.objective, pred, batch)
 
 
 def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
@@ -201,17 +196,13 @@ def agree_on_loss(loss: torch.Tensor) -> tuple[bool, float]:
 def train_step(engine, cfg: PretrainConfig, batches: Batches, state: ckpt.TrainState) -> float:
     """One optimizer step; returns the rank-mean loss of its micro batches."""
     losses: list[float] = []
-    nonfinite_run = 0
+    # a fresh guard per step: its run counts the non-finite micro batches of this step's accumulation
+    guard = NonFiniteGuard(skipped=state.skipped_nonfinite, where=" on some rank", log=log)
     while len(losses) < cfg.deepspeed.gradient_accumulation_steps:
         loss = pretext_loss(cfg, engine, batches.next())
         finite, mean_loss = agree_on_loss(loss)
         if not finite:
-            state.skipped_nonfinite += 1
-            nonfinite_run += 1
-            log.warning("step %d: non-finite loss on some rank, batch skipped (%d so far)",
-                        state.step + 1, state.skipped_nonfinite)
-            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
-                raise FloatingPointError(f"{nonfinite_run} consecutive non-finite losses: training diverged")
+            state.skipped_nonfinite = guard.skip(state.step + 1)
             continue
         engine.backward(loss)
         engine.step()
@@ -270,7 +261,7 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
             "species": sorted(int(z) for z in manifest.get("elements", {})),
             "normalisation": normalisation_from_stats(manifest),
             "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,
-                        "maskpot_version": metadata.version("maskpot"),
+                        "maskpot_version": maskpot_version(),
                         "pretrain_objective": cfg.objective.kind, "steps": step,
                         "ema_decay": cfg.optim.ema_decay, **({"data_sets": cfg.data.sets} if cfg.data.sets else {}),
                         **init_lineage(cfg), **(lineage or {})}}

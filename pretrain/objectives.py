@@ -1,8 +1,15 @@
 """Pretext and supervised losses. Each returns a scalar tensor that can be backpropagated."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch.nn import functional as F
+
+from data_shards import keys as K
+
+if TYPE_CHECKING:
+    from pretrain.config import ObjectiveConfig
 
 LOSS_KINDS = ("l1", "l2", "huber")
 COSINE_EPS = 1e-8
@@ -35,6 +42,18 @@ def denoise_loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     if pred.shape != noise.shape:
         raise ValueError(f"shapes differ: pred {tuple(pred.shape)}, noise {tuple(noise.shape)}")
     return F.mse_loss(pred, noise.to(pred.dtype))
+
+
+def pretext_loss(objective: ObjectiveConfig, pred: torch.Tensor, batch) -> torch.Tensor:
+    """The pretext loss of `objective` on the model's vector output `pred` (N, 3): the cosine mask loss on the
+    flagged atoms and/or the denoising MSE, summed, from the targets the objective's transform put in `batch`.
+    Zero (not attached to the graph) for an objective with neither, e.g. "supervised"."""
+    loss = pred.new_zeros(())
+    if objective.uses_mask:
+        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG], pooled=objective.pooled_cosine)
+    if objective.uses_denoise:
+        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
+    return loss
 
 
 def _elementwise(diff: torch.Tensor, kind: str, huber_delta: float) -> torch.Tensor:

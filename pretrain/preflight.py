@@ -23,6 +23,7 @@ import threading
 import time
 
 from data_shards import keys as K
+from data_shards.cli_errors import EXIT_USER_ERROR
 from data_shards.config_io import load_config, parse_dotted_overrides
 from pretrain import distributed as D
 from pretrain.cli import check_local_launch
@@ -74,16 +75,9 @@ def check_all_reduce(rank: int, world_size: int) -> None:
 
 def objective_loss(cfg, out: dict, batch):
     """The configured pretext loss on a model output (as in training), else a plain force magnitude."""
-    from pretrain.objectives import cosine_mask_loss, denoise_loss  # startup: torch
+    from pretrain.objectives import pretext_loss  # startup: torch
 
-    pred = out[K.PRED_FORCES].float()
-    loss = pred.new_zeros(())
-    if cfg.objective.uses_mask and K.MASK_FLAG in batch:
-        loss = loss + cosine_mask_loss(pred, batch[K.MASK_TARGET], batch[K.MASK_FLAG],
-                                       pooled=cfg.objective.pooled_cosine)
-    if cfg.objective.uses_denoise and K.NOISE_TARGET in batch:
-        loss = loss + denoise_loss(pred, batch[K.NOISE_TARGET])
-    return loss + 0.0 * out[K.PRED_ENERGY].float().sum()
+    return pretext_loss(cfg.objective, out[K.PRED_FORCES].float(), batch) + 0.0 * out[K.PRED_ENERGY].float().sum()
 
 
 def measure(cfg, manifest: dict, rank: int, world_size: int, n_batches: int) -> tuple[float, float, float]:
@@ -165,9 +159,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         rank, world_size = _rendezvous(args.timeout, cfg.train.device)
-    except D.LaunchError as e:  # a setup that cannot work: one line, before any work
+    except D.LaunchError as e:  # a setup that cannot work: one line (preflight's FAILED format), before any work
         _fail(rank_env, str(e))
-        return 2
+        return EXIT_USER_ERROR
 
     error = None
     try:

@@ -11,24 +11,17 @@ the training (pretrain/tracking.py's offline journal).
 from __future__ import annotations
 
 import json
-from importlib import metadata
 from numbers import Real
 from pathlib import Path
 
 from data_shards.config_io import config_hash
+from data_shards.version import maskpot_version
 from pretrain.config import PretrainConfig, flatten
 from pretrain.tracking import Tracker
 from pretrain.tracking_links import LINEAGE_EXPERIMENT_ID, LINEAGE_RUN_ID, LINEAGE_TRACKING_URI, ui_command
 
 RUN_FILE = "mlflow_run.json"
 MODEL_ARTIFACT = "model"
-
-
-def _version() -> str:
-    try:
-        return metadata.version("maskpot")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def start(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, manifest_hash: str) -> Tracker | None:
@@ -42,9 +35,9 @@ def start(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, manife
         tracker.resume_run_id = json.loads(run_file.read_text()).get("run_id")
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
     params["world_size"] = world_size
-    tags = {"maskpot.stage": "pretrain", "maskpot.version": _version(), "maskpot.config_sha256": config_hash(cfg),
-            "maskpot.manifest_sha256": manifest_hash, "maskpot.objective": cfg.objective.kind,
-            "maskpot.model": cfg.model.name}
+    tags = {"maskpot.stage": "pretrain", "maskpot.version": maskpot_version(),
+            "maskpot.config_sha256": config_hash(cfg), "maskpot.manifest_sha256": manifest_hash,
+            "maskpot.objective": cfg.objective.kind, "maskpot.model": cfg.model.name}
     tracker.start(params, tags)
     if tracker.run_id is not None:
         run_file.write_text(json.dumps({"run_id": tracker.run_id, "experiment_id": tracker.experiment_id,

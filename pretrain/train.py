@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from data_shards.cli_errors import user_error
 from data_shards.config_io import load_config, parse_dotted_overrides, to_dict
 from data_shards.progress import progress
 from pretrain import checkpoint as ckpt
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rank, world_size = init_distributed(cfg.train.device)
     except D.LaunchError as err:  # a setup that cannot work: one line, before any work
-        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
-        return 2
+        return user_error("pretrain", err)
     run = build_run(cfg, args, rank, world_size)
     preempted = train(run, preempt)
     close(run, preempted)
