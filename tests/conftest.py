@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Set before any test imports deepspeed / ray / mlflow.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -91,3 +92,22 @@ def mlflow_server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_mlflow_server(proc)
+
+
+@pytest.fixture
+def pretrain_configs(monkeypatch) -> dict:
+    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written."""
+    import pretrain.cli
+
+    configs = {}
+
+    def fake_pretrain(args):
+        config = yaml.safe_load(Path(args.config).read_text())
+        out = Path(config["train"]["out_dir"])
+        configs[out.name] = config
+        (out / "export").mkdir(parents=True)
+        (out / "export" / "model.json").write_text("{}")
+        return 0
+
+    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    return configs

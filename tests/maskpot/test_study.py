@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from data_shards.config_io import ConfigError
 from maskpot.cli import main as cli_main
@@ -164,25 +163,6 @@ def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_
     assert names["c"]["egnn_mask@c_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask/export")
     assert names["c"]["egnn_mask@c_n8_s0"].config["tracking"]["tags"]["study.baseline"] == "scratch@b"
     assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
-
-
-@pytest.fixture
-def pretrain_configs(monkeypatch) -> dict:
-    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written."""
-    import pretrain.cli
-
-    configs = {}
-
-    def fake_pretrain(args):
-        config = yaml.safe_load(Path(args.config).read_text())
-        out = Path(config["train"]["out_dir"])
-        configs[out.name] = config
-        (out / "export").mkdir(parents=True)
-        (out / "export" / "model.json").write_text("{}")
-        return 0
-
-    monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
-    return configs
 
 
 def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, pretrain_configs):

@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from data_shards.config_io import ConfigError, merge
 from maskpot.study import finetunes, grid
@@ -23,25 +22,6 @@ GRID = {"scaling": {"sizes": [8, 16]}, "diversity": {"frames": 16}, "two_stage":
 
 def tiny_grid(overrides: dict | None = None):
     return load_study(STUDY, "tiny", merge(GRID, overrides or {}))
-
-
-@pytest.fixture
-def fake_pretrain(monkeypatch) -> dict:
-    """Pretrainings are not run: each config is recorded by run folder name and an export written."""
-    import pretrain.cli
-
-    configs = {}
-
-    def run(args):
-        config = yaml.safe_load(Path(args.config).read_text())
-        out = Path(config["train"]["out_dir"])
-        configs[out.name] = config
-        (out / "export").mkdir(parents=True)
-        (out / "export" / "model.json").write_text("{}")
-        return 0
-
-    monkeypatch.setattr(pretrain.cli, "run", run)
-    return configs
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -88,10 +68,10 @@ def test_pretraining_seeds_name_their_runs_and_exports(tmp_path):
     assert jobs["egnn_mask_n8_s0"].converge_steps == 12 and jobs["egnn_mask_n8_s0"].patience == 2
 
 
-def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, fake_pretrain):
+def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, pretrain_configs):
     cfg = tiny_grid()
     jobs = {Path(j.run_dir).name: j for j in two_stage_jobs(cfg, tmp_path, tmp_path / "dft")}
-    second, paper = fake_pretrain["egnn_mask@twostage"], fake_pretrain["egnn_mask@dftpos"]
+    second, paper = pretrain_configs["egnn_mask@twostage"], pretrain_configs["egnn_mask@dftpos"]
     assert second["train"]["init"] == str(tmp_path / "pretrain" / "egnn_mask" / "export")
     assert second["train"]["max_steps"] == cfg.two_stage.steps and second["optim"]["lr"] == cfg.two_stage.lr
     assert "init" not in paper["train"] and paper["train"]["max_steps"] == cfg.pretrain.steps
@@ -110,9 +90,9 @@ def test_tiny_runs_no_experiment_arm_and_the_plan_counts_them_when_on():
     assert "budgets [8] → 2 new finetunes" in on and "→ 1 new finetunes" in on
 
 
-def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, monkeypatch, fake_pretrain):
+def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, monkeypatch, pretrain_configs):
     """The tiny grid's experiments, run in order without training: corpora are not generated, pretrainings
-    write an export (fake_pretrain), finetunes are recorded."""
+    write an export (pretrain_configs), finetunes are recorded."""
     generated, finetuned = [], {}
 
     def stage_generated(cfg, out, name, mapping, sizes):
@@ -136,10 +116,10 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
                                                 "egnn_scratch_n8_s0"]
     # one sampled-conditions corpus serves the curve and the diversity pair; the single condition is its own
     assert generated == [("corpus", [8, 16], [16, 24]), ("corpus", [8, 16], [16, 24]), ("single", [16], [16, 16])]
-    assert sorted(fake_pretrain) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8", "egnn_mask@dftpos",
+    assert sorted(pretrain_configs) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8", "egnn_mask@dftpos",
                                      "egnn_mask@single16", "egnn_mask@twostage"]   # corpus16: pretrained once
     for tag in ("corpus8", "corpus16", "single16"):
-        config = fake_pretrain[f"egnn_mask@{tag}"]
+        config = pretrain_configs[f"egnn_mask@{tag}"]
         assert config["data"]["manifest_dir"] == str(tmp_path / "shards" / tag)
         assert config["train"]["max_steps"] == cfg.pretrain.steps   # fixed pretraining compute for every size
     assert set(timings.data) == {f"{n}_{s}" for n in ("two_stage", "scaling", "diversity")
