@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import load_config
+from maskpot.dft_water import dft_water_inputs
 from pretrain import cli as pretrain_cli
 from pretrain.tracking_links import ui_command
 
@@ -108,15 +109,7 @@ def stage_shards(out: Path, scale: DemoScale, args) -> tuple[Path, Path]:
                      split_fractions=(0.9, 0.1, 0.0), ray_address=args.ray_address)
     if not (labelled_dir / "manifest.json").is_file():
         if args.dft_water:
-            root = Path(args.dft_water)
-            if not (root / "data_0").is_dir() and (root / "data" / "data_0").is_dir():
-                root = root / "data"  # the deepmd-kit example layout: water/data/data_N
-            systems = [root / f"data_{i}" for i in range(4)]
-            missing = [str(s) for s in systems if not (s / "type.raw").is_file()]
-            if missing:
-                raise FileNotFoundError(f"--dft-water {root}: expected DeePMD systems data_0..data_3, "
-                                        f"missing {missing}")
-            inputs = [f"train={systems[0]}", f"train={systems[1]}", f"val={systems[2]}", f"test={systems[3]}"]
+            inputs = dft_water_inputs(args.dft_water, "--dft-water")
         else:
             _banner(f"generating a separate labelled TIP3P trajectory: {scale.labelled_frames} frames (seed 1)")
             inputs = [str(generate_tip3p(out / "data", n_molecules=scale.molecules,

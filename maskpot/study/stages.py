@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from data_shards.config_io import to_dict
+from maskpot.dft_water import dft_water_inputs
 from maskpot.study import grid
 from maskpot.study.config import ETHANOL_VARIANTS, VARIANTS, StudyConfig
 from maskpot.study.finetunes import FinetuneJob, Timings, _banner, finetune_config, run_finetunes
@@ -71,17 +72,10 @@ def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
 
     shards = out / "shards" / "dft_water"
     if not (shards / "manifest.json").is_file():
-        root = Path(cfg.dft_water.path)
-        if not (root / "data_0").is_dir() and (root / "data" / "data_0").is_dir():
-            root = root / "data"
-        systems = [root / f"data_{i}" for i in range(4)]
-        missing = [str(s) for s in systems if not (s / "type.raw").is_file()]
-        if missing:
-            raise FileNotFoundError(f"dft_water.path {cfg.dft_water.path}: DeePMD systems missing: {missing} "
-                                    f"(set dft_water.enabled=false to skip this setting)")
-        _banner(f"sharding DFT water from {root}")
-        build_shards([f"train={systems[0]}", f"train={systems[1]}", f"val={systems[2]}", f"test={systems[3]}"],
-                     str(shards), shard_size=80)
+        inputs = dft_water_inputs(cfg.dft_water.path, "dft_water.path",
+                                  hint="set dft_water.enabled=false to skip this setting")
+        _banner(f"sharding DFT water from {cfg.dft_water.path}")
+        build_shards(inputs, str(shards), shard_size=80)
     return shards
 
 
