@@ -11,12 +11,13 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
-from data_shards.config_io import load_config
+from data_shards.config_io import load_config, merge
 from maskpot.dft_water import dft_water_inputs
 from pretrain import cli as pretrain_cli
 from pretrain.tracking_links import ui_command
@@ -35,7 +36,6 @@ class DemoScale:
     finetune_batch: int
     label_budget: int               # labelled training frames used by both finetunes
     val_every: int
-    lr: dict = field(default_factory=lambda: {"pretrain": 1e-3, "finetune": 2e-3})
 
 
 SCALES = {
@@ -125,17 +125,13 @@ def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Pat
     export = run_dir / "export"
     if (export / "model.json").is_file():
         return export
-    config = {
+    steps = scale.pretrain_steps
+    config = merge(shipped_config("pretrain.yaml"), {   # the scale's share of configs/demo/pretrain.yaml
         "data": {"manifest_dir": str(corpus), "batch_size": scale.pretrain_batch},
-        "model": {"name": "egnn", "params": scale.model},
-        "objective": {"kind": "mask", "mask_ratio": 0.5},
-        "optim": {"lr": scale.lr["pretrain"], "warmup_steps": max(scale.pretrain_steps // 20, 1),
-                  "min_lr": 1e-5},
-        "deepspeed": {"zero_stage": 1, "precision": "fp32"},
-        "train": {"max_steps": scale.pretrain_steps, "log_every": max(scale.pretrain_steps // 40, 1),
-                  "val_every": max(scale.pretrain_steps // 4, 1), "val_batches": 2,
-                  "checkpoint_every": max(scale.pretrain_steps // 2, 1), "out_dir": str(run_dir)},
-    }
+        "model": {"params": scale.model},
+        "optim": {"warmup_steps": max(steps // 20, 1)},
+        "train": {"max_steps": steps, "log_every": max(steps // 40, 1), "val_every": max(steps // 4, 1),
+                  "checkpoint_every": max(steps // 2, 1), "out_dir": str(run_dir)}})
     path = _write_config(out / "pretrain.yaml", config)
     _banner(f"3/4 masked pretraining with DeepSpeed on {nproc} processes: {scale.pretrain_steps} steps\n"
             f"    maskpot pretrain --config {path} --nproc {nproc}")
@@ -155,22 +151,22 @@ def stage_finetune(out: Path, scale: DemoScale, labelled: Path, name: str, init:
     run_dir = out / f"finetune_{source}_{name}"
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
-    config = {
-        "data": {"manifest_dir": str(labelled), "train_frames": scale.label_budget,
-                 "batch_size": scale.finetune_batch, "shuffle_buffer": 64},
-        "model": {"name": "egnn", "params": scale.model},
+    config = merge(shipped_config("finetune.yaml"), {   # the scale's share of configs/demo/finetune.yaml
+        "data": {"manifest_dir": str(labelled), "train_frames": scale.label_budget, "batch_size": scale.finetune_batch},
+        "model": {"params": scale.model},
         "init": str(init) if init else None,
-        "optim": {"lr": scale.lr["finetune"], "warmup_steps": max(scale.finetune_steps // 20, 1),
-                  "min_lr": 1e-5},
-        "train": {"max_steps": scale.finetune_steps, "val_every": scale.val_every, "seed": 0,
-                  "out_dir": str(run_dir)},
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "maskpot-demo",
-                     "run_name": f"{source}-{name}"},
-    }
+        "optim": {"warmup_steps": max(scale.finetune_steps // 20, 1)},
+        "train": {"max_steps": scale.finetune_steps, "val_every": scale.val_every, "out_dir": str(run_dir)},
+        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "run_name": f"{source}-{name}"}})
     path = _write_config(out / f"finetune_{source}_{name}.yaml", config)
     _banner(f"4/4 finetuning ({name}) on {scale.label_budget} labelled frames, {scale.finetune_steps} steps\n"
             f"    maskpot finetune --config {path}")
     return run_finetune(load_config(FinetuneConfig, path))
+
+
+def shipped_config(name: str) -> dict:
+    """configs/demo/NAME, shipped as package data (maskpot.configs): the demo's fixed settings."""
+    return yaml.safe_load((resources.files("maskpot.configs") / "demo" / name).read_text())
 
 
 def _write_config(path: Path, config: dict) -> Path:
