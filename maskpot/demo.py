@@ -125,14 +125,7 @@ def stage_pretrain(out: Path, scale: DemoScale, corpus: Path, nproc: int) -> Pat
     export = run_dir / "export"
     if (export / "model.json").is_file():
         return export
-    steps = scale.pretrain_steps
-    config = merge(shipped_config("pretrain.yaml"), {   # the scale's share of configs/demo/pretrain.yaml
-        "data": {"manifest_dir": str(corpus), "batch_size": scale.pretrain_batch},
-        "model": {"params": scale.model},
-        "optim": {"warmup_steps": max(steps // 20, 1)},
-        "train": {"max_steps": steps, "log_every": max(steps // 40, 1), "val_every": max(steps // 4, 1),
-                  "checkpoint_every": max(steps // 2, 1), "out_dir": str(run_dir)}})
-    path = _write_config(out / "pretrain.yaml", config)
+    path = _write_config(out / "pretrain.yaml", pretrain_config(scale, corpus, run_dir))
     _banner(f"3/4 masked pretraining with DeepSpeed on {nproc} processes: {scale.pretrain_steps} steps\n"
             f"    maskpot pretrain --config {path} --nproc {nproc}")
     args = argparse.Namespace(config=str(path), nproc=nproc, override=[], resume="auto",
@@ -151,17 +144,34 @@ def stage_finetune(out: Path, scale: DemoScale, labelled: Path, name: str, init:
     run_dir = out / f"finetune_{source}_{name}"
     if (run_dir / "results.json").is_file():
         return json.loads((run_dir / "results.json").read_text())
-    config = merge(shipped_config("finetune.yaml"), {   # the scale's share of configs/demo/finetune.yaml
+    config = finetune_config(scale, labelled, init, run_dir, f"sqlite:///{out / 'mlflow.db'}", f"{source}-{name}")
+    path = _write_config(out / f"finetune_{source}_{name}.yaml", config)
+    _banner(f"4/4 finetuning ({name}) on {scale.label_budget} labelled frames, {scale.finetune_steps} steps\n"
+            f"    maskpot finetune --config {path}")
+    return run_finetune(load_config(FinetuneConfig, path))
+
+
+def pretrain_config(scale: DemoScale, corpus: Path, run_dir: Path) -> dict:
+    """configs/demo/pretrain.yaml with the scale's steps, sizes and paths merged in."""
+    steps = scale.pretrain_steps
+    return merge(shipped_config("pretrain.yaml"), {
+        "data": {"manifest_dir": str(corpus), "batch_size": scale.pretrain_batch},
+        "model": {"params": scale.model},
+        "optim": {"warmup_steps": max(steps // 20, 1)},
+        "train": {"max_steps": steps, "log_every": max(steps // 40, 1), "val_every": max(steps // 4, 1),
+                  "checkpoint_every": max(steps // 2, 1), "out_dir": str(run_dir)}})
+
+
+def finetune_config(scale: DemoScale, labelled: Path, init: Path | None, run_dir: Path, tracking_uri: str,
+                    run_name: str) -> dict:
+    """configs/demo/finetune.yaml with the scale's steps, budget, sizes and paths merged in."""
+    return merge(shipped_config("finetune.yaml"), {
         "data": {"manifest_dir": str(labelled), "train_frames": scale.label_budget, "batch_size": scale.finetune_batch},
         "model": {"params": scale.model},
         "init": str(init) if init else None,
         "optim": {"warmup_steps": max(scale.finetune_steps // 20, 1)},
         "train": {"max_steps": scale.finetune_steps, "val_every": scale.val_every, "out_dir": str(run_dir)},
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "run_name": f"{source}-{name}"}})
-    path = _write_config(out / f"finetune_{source}_{name}.yaml", config)
-    _banner(f"4/4 finetuning ({name}) on {scale.label_budget} labelled frames, {scale.finetune_steps} steps\n"
-            f"    maskpot finetune --config {path}")
-    return run_finetune(load_config(FinetuneConfig, path))
+        "tracking": {"uri": tracking_uri, "run_name": run_name}})
 
 
 def shipped_config(name: str) -> dict:

@@ -6,6 +6,11 @@ import sys
 
 import pytest
 
+from data_shards.config_io import from_dict
+from finetune.config import FinetuneConfig
+from maskpot import demo
+from maskpot.demo import SCALES
+from pretrain.config import PretrainConfig
 from tests.helpers.paths import REPO
 
 
@@ -74,3 +79,15 @@ def test_demo_tiny_runs_the_whole_chain(tmp_path):
     # a second invocation reuses every finished stage
     again = maskpot("demo", "--scale", "tiny", "--out", out_dir, cwd=tmp_path)
     assert again.returncode == 0 and "1/4" not in again.stdout and "| pretrained " in again.stdout
+
+
+@pytest.mark.parametrize("scale", sorted(SCALES))
+def test_demo_configs_are_the_shipped_ones_with_the_scale_merged_in(scale, tmp_path):
+    """configs/demo/*.yaml (package data) + the scale = valid Pretrain/FinetuneConfig mappings."""
+    s = SCALES[scale]
+    pre = from_dict(PretrainConfig, demo.pretrain_config(s, tmp_path / "corpus", tmp_path / "pretrain"))
+    assert pre.objective.kind == "mask" and pre.train.max_steps == s.pretrain_steps and pre.model.params == s.model
+    fine = from_dict(FinetuneConfig, demo.finetune_config(s, tmp_path / "labelled", tmp_path / "export",
+                                                          tmp_path / "ft", "sqlite:///x.db", "tip3p-pretrained"))
+    assert fine.data.train_frames == s.label_budget and fine.init == str(tmp_path / "export")
+    assert fine.tracking.experiment == "maskpot-demo" and fine.train.val_every == s.val_every
