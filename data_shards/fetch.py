@@ -15,7 +15,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from data_shards.manifest import write_json_atomic
+from data_shards.manifest import file_sha256, write_json_atomic
 from data_shards.registry_sets import REGISTRY, DataSet, get
 
 CHUNK_BYTES = 1 << 20
@@ -40,14 +40,6 @@ def _download(url: str, dest: Path) -> str:
         tmp.unlink(missing_ok=True)
         raise FetchError(f"{url}: download failed: {e}") from e
     os.replace(tmp, dest)
-    return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES):
-            h.update(block)
     return h.hexdigest()
 
 
@@ -88,7 +80,7 @@ def fetch(name: str, out_dir: str | Path, url_override: str | None = None, sha25
     (out / "download").mkdir(parents=True, exist_ok=True)
     file_name = Path(urllib.parse.urlparse(url).path).name or name
     dest = out / "download" / file_name
-    if dest.is_file() and expected is not None and _sha256(dest) == expected:
+    if dest.is_file() and expected is not None and file_sha256(dest) == expected:
         digest = expected
         log.info("%s: already downloaded, sha256 matches", dest)
     else:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import socket
 
 import psutil
 import pytest
 
+from tests.helpers.net import free_port
 from tests.helpers.pretrain_processes import build_tiny_shards, start_pretrain, wait_for
 
 
@@ -44,9 +44,7 @@ def test_rank0_store_binds_the_named_master_addr_only(monkeypatch):
     """What a multi-node rank 0 does (cluster.launch sets MASTER_ADDR to the first node): bind that address."""
     from pretrain.distributed import HOSTED_STORE_ENV, bind_store
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for k, v in {"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
