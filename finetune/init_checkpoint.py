@@ -27,7 +27,6 @@ from pretrain.checkpoint import (
     manifest_sha256,
     tag_problem,
 )
-from pretrain.config import ModelConfig
 from pretrain.export import META_FILE, WEIGHTS_FILE, load_export, read_meta
 from pretrain.models import build_model
 from pretrain.models.base import ReferenceEnergyModel
@@ -55,7 +54,9 @@ def weights_file(init: str | Path) -> Path:
 
 
 def read_init_meta(init: str | Path) -> dict:
-    """Export-style meta ({"model", "params", "cutoff", "species", "lineage", ...}) of an export or checkpoint."""
+    """Export-style meta ({"model", "params", "species", "lineage", ...}) of an export or checkpoint.
+
+    The cutoff is in params: `pretrain.export.export_cutoff(meta)`."""
     return load_init(init)[1] if _is_checkpoint(init) else read_meta(init)
 
 
@@ -80,9 +81,8 @@ def load_init(init: str | Path) -> tuple[ReferenceEnergyModel, dict]:
         raise ValueError(f"{tag / MODEL_STATES} does not match model {config['model.name']!r} with params "
                          f"{config['model.params']}: missing keys {missing}, unexpected keys {unexpected}")
     model.load_state_dict(weights, strict=True)
-    cutoff = ModelConfig(config["model.name"], config["model.params"]).cutoff  # the model's config.cutoff
-    meta = {"model": config["model.name"], "params": config["model.params"],
-            "cutoff": cutoff, "species": _species(model, config, record, tag),
+    meta = {"model": config["model.name"], "params": config["model.params"],   # params hold the cutoff
+            "species": _species(model, config, record, tag),
             "lineage": {"config_sha256": record.get("config_hash"), "manifest_sha256": record.get("manifest_sha256"),
                         "pretrain_objective": config.get("objective.kind"),
                         "steps": record.get("train_state", {}).get("step"), "checkpoint": str(tag)}}

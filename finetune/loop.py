@@ -37,7 +37,7 @@ from finetune.init_checkpoint import load_init
 from finetune.inputs import Inputs, check_inputs
 from finetune.tracking import Tracker, lineage_tags
 from finetune.training import Best, Trainer
-from pretrain.export import normalisation_from_stats, save_export
+from pretrain.export import export_cutoff, normalisation_from_stats, save_export
 from pretrain.loop import check_cutoff_fits_data
 from pretrain.models import build_model
 
@@ -65,7 +65,7 @@ def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, di
         arch = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff}
     else:
         model, meta = load_init(cfg.init)
-        arch = {"model": meta["model"], "params": meta["params"], "cutoff": float(meta["cutoff"])}
+        arch = {"model": meta["model"], "params": meta["params"], "cutoff": export_cutoff(meta)}
         if (cfg.model.name, cfg.model.arch_params()) != (arch["model"], arch["params"]):
             log.warning("note: the model section (%s %s) is ignored; the init export %s defines the "
                         "architecture (%s %s)", cfg.model.name, cfg.model.params, cfg.init, arch["model"],
@@ -259,7 +259,8 @@ def _export(model, cfg: FinetuneConfig, inputs: Inputs, arch: dict, best_step: i
     init_lineage = inputs.init_meta["lineage"] if inputs.init_meta else {}
     species = {int(z) for z in inputs.manifest["elements"]} | set((inputs.init_meta or {}).get("species", []))
     meta = {
-        **arch, "species": sorted(species), "normalisation": E.model_normalisation(model),
+        "model": arch["model"], "params": arch["params"],   # params hold the cutoff
+        "species": sorted(species), "normalisation": E.model_normalisation(model),
         "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": inputs.manifest_sha256,
                     "maskpot_version": maskpot_version(),
                     "pretrain_objective": init_lineage.get("pretrain_objective"),

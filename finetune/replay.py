@@ -28,7 +28,7 @@ from data_shards.stream import ShardStream
 from finetune.config import FinetuneConfig
 from finetune.resume import EndlessBatches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
-from pretrain.export import normalisation_from_stats
+from pretrain.export import export_cutoff, normalisation_from_stats
 from pretrain.loop import objective_transform
 from pretrain.objectives import pretext_loss
 
@@ -73,7 +73,7 @@ def check_replay(cfg: FinetuneConfig, init_meta: dict | None) -> ReplayPlan:
     if not samples:
         raise ValueError(f"{where}: replay split {r.split!r} is empty; set replay.split to a split with samples")
     objective, source = resolve_objective(cfg, init_meta)
-    cutoff = float(init_meta["cutoff"]) if init_meta is not None else cfg.model.cutoff
+    cutoff = export_cutoff(init_meta) if init_meta is not None else cfg.model.cutoff
     probe = ShardStream(r.manifest_dir, r.split, 1, cutoff, transform=_transform(objective, cfg.train.seed), limit=1)
     try:
         next(iter(probe))

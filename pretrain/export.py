@@ -1,9 +1,12 @@
 """Model-only exports: `model.safetensors` (weights and buffers) + `model.json` (how to rebuild it).
 
-model.json, format_version 1:
-  {"format_version": 1, "model": "egnn", "params": {...architecture...}, "cutoff": Å,
+model.json, format_version 2:
+  {"format_version": 2, "model": "egnn", "params": {...architecture, the cutoff among them...},
    "species": [Z, ...], "normalisation": {"energy_scale": float, "e0": {"Z": eV}},
    "lineage": {"config_sha256", "manifest_sha256", "maskpot_version", "pretrain_objective", "steps"}}
+The cutoff (Å) is stored once, in params (`cutoff`; mace: `r_max`); `export_cutoff(meta)` derives it.
+Format 1 also held a top-level "cutoff" (the same number): it is still read, checked against params
+(a disagreement is refused naming the file) and dropped from the returned meta.
 """
 from __future__ import annotations
 
@@ -14,13 +17,19 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pretrain.config import ModelConfig
 from pretrain.models import build_model
 from pretrain.models.base import ReferenceEnergyModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
-REQUIRED_META = ("model", "params", "cutoff", "species", "normalisation", "lineage")
+REQUIRED_META = ("model", "params", "species", "normalisation", "lineage")
+
+
+def export_cutoff(meta: dict) -> float:
+    """The graph cutoff (Å) of an export's meta (or any {"model", "params"}): what its architecture builds."""
+    return ModelConfig(meta["model"], meta["params"]).cutoff
 
 
 def save_export(model: torch.nn.Module, directory: str | Path, meta: dict) -> Path:
@@ -28,6 +37,9 @@ def save_export(model: torch.nn.Module, directory: str | Path, meta: dict) -> Pa
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"export meta lacks {missing}; required: {list(REQUIRED_META)}")
+    if "cutoff" in meta:
+        raise ValueError(f"export meta holds a top-level 'cutoff' ({meta['cutoff']}); format {FORMAT_VERSION} "
+                         f"stores it once, in params (export_cutoff derives it): drop the key")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -54,6 +66,15 @@ def read_meta(directory: str | Path) -> dict:
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise ValueError(f"{path}: missing fields {missing}")
+    try:
+        cutoff = export_cutoff(meta)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: model {meta['model']!r} with params {meta['params']} is not a valid "
+                         f"architecture: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    stored = meta.pop("cutoff", None)   # format 1 held it twice; checked, then dropped
+    if stored is not None and not (isinstance(stored, (int, float)) and abs(float(stored) - cutoff) <= 1e-9):
+        raise ValueError(f"{path}: top-level cutoff {stored!r} disagrees with the cutoff its params give "
+                         f"({cutoff:g} Å from {meta['model']!r} params); fix or delete the top-level cutoff")
     return meta
 
 

@@ -257,7 +257,7 @@ def write_export(engine, cfg: PretrainConfig, manifest: dict, manifest_hash: str
         return
     model = build_model(cfg.model.name, cfg.model.params)
     model.load_state_dict(state)
-    meta = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff,
+    meta = {"model": cfg.model.name, "params": cfg.model.arch_params(),   # params hold the cutoff
             "species": sorted(int(z) for z in manifest.get("elements", {})),
             "normalisation": normalisation_from_stats(manifest),
             "lineage": {"config_sha256": config_hash(cfg), "manifest_sha256": manifest_hash,

@@ -1,6 +1,6 @@
 """Two-stage pretraining: `train.init` (`maskpot pretrain --init EXPORT`) starts from an export's weights.
 
-The export must be of the configured architecture (model.name, every architecture parameter, cutoff):
+The export must be of the configured architecture (model.name, every architecture parameter, the cutoff among them):
 anything else is refused before any rank starts. The weights are loaded strictly; the normalisation
 (E0, energy scale) is then refitted from the new data, as for a fresh model. A checkpoint in OUT_DIR
 (resume) wins over the init export. The new export's lineage records the init export's lineage, so
@@ -20,13 +20,14 @@ def check_init(cfg) -> dict | None:
     if cfg.train.init is None:
         return None
     meta = read_meta(cfg.train.init)        # missing folder / files, newer format: clear errors
-    mine = {"model": cfg.model.name, "params": cfg.model.arch_params(), "cutoff": cfg.model.cutoff}
-    theirs = {"model": meta["model"], "params": meta["params"], "cutoff": float(meta["cutoff"])}
+    mine = {"model": cfg.model.name, "params": cfg.model.arch_params()}   # params hold the cutoff
+    theirs = {"model": meta["model"], "params": meta["params"]}
     if mine != theirs:
-        diff = sorted(k for k in mine["params"] if mine["params"].get(k) != theirs["params"].get(k))
+        keys = set(mine["params"]) | set(theirs["params"])
+        diff = sorted(k for k in keys if mine["params"].get(k) != theirs["params"].get(k))
         what = (f"model {theirs['model']!r} (this config: {mine['model']!r})" if mine["model"] != theirs["model"]
                 else f"parameters {diff} {[theirs['params'].get(k) for k in diff]} (this config: "
-                     f"{[mine['params'].get(k) for k in diff]})" if diff else f"cutoff {theirs['cutoff']}")
+                     f"{[mine['params'].get(k) for k in diff]})")
         raise ValueError(f"train.init {cfg.train.init}: the export is another architecture, {what}; two-stage "
                          f"pretraining continues the same architecture: set model.name/model.params to the export's")
     return meta

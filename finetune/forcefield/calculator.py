@@ -93,10 +93,10 @@ class MaskpotCalculator(Calculator):
         self.config = CalculatorConfig(dtype, float(skin), device)
         self.meta: dict | None   # an export's meta.json; None for a model object
         if isinstance(model, (str, Path)):
-            from pretrain.export import load_export  # startup: safetensors+torch
+            from pretrain.export import export_cutoff, load_export  # startup: safetensors+torch
 
             model, meta = load_export(model)
-            self.meta, self.cutoff = meta, float(meta["cutoff"])
+            self.meta, self.cutoff = meta, export_cutoff(meta)
         else:
             model = copy.deepcopy(model)
             self.meta = None

@@ -86,14 +86,14 @@ def evaluate_model(model_dir, data, out_dir, fmt: str | None = None, split: str 
     """Evaluate the export `model_dir` on `data`; writes metrics.json, metrics.md, parity_*.png in `out_dir`."""
     from finetune.forcefield.calculator import resolve_device  # startup: ase+torch+vesin
     from finetune.forcefield.predictions import PREDICTIONS, Recorder, write_predictions  # startup: torch
-    from pretrain.export import load_export  # startup: safetensors+torch
+    from pretrain.export import export_cutoff, load_export  # startup: safetensors+torch
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     where = resolve_device(device)  # CUDA asked for without CUDA: one line, before any work
     model, meta = load_export(model_dir)
     model.to(where)
-    batches = data_batches(data, fmt, split, batch_size, float(meta["cutoff"]), integrity)
+    batches = data_batches(data, fmt, split, batch_size, export_cutoff(meta), integrity)
     recorder = Recorder(model)
     figures = M.evaluate(recorder, batches, device=where)
     out_dir = Path(out_dir)

@@ -22,7 +22,7 @@ def _export(directory, energy_scale: float, seed: int = 5):
     torch.manual_seed(seed)
     model = build_model("egnn", {"hidden": 8, "layers": 2, "cutoff": 3.5})
     model.set_normalisation(energy_scale, {1: -10.0, 8: -20.0})
-    meta = {"model": "egnn", "params": dataclasses.asdict(model.config), "cutoff": model.config.cutoff,
+    meta = {"model": "egnn", "params": dataclasses.asdict(model.config),
             "species": [1, 8], "normalisation": {"energy_scale": energy_scale, "e0": {"1": -10.0, "8": -20.0}},
             "lineage": {"config_sha256": "c" * 64, "manifest_sha256": "m" * 64, "maskpot_version": "0.1.0",
                         "pretrain_objective": None, "steps": 0, "stage": "test"}}

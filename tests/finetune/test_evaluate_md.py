@@ -17,7 +17,7 @@ from finetune.forcefield import metrics as M
 from finetune.forcefield.evaluate import evaluate_model, frame_sample
 from finetune.forcefield.md import MDConfig, rdf_oo, read_log, run_md
 from maskpot.cli import main
-from pretrain.export import load_export, save_export
+from pretrain.export import export_cutoff, load_export, save_export
 from pretrain.models import build_model
 from tests.helpers.paths import TINY_EXPORT
 
@@ -26,7 +26,7 @@ N_WATER = 64
 
 
 def export(model, directory: Path, frames) -> Path:
-    meta = {"model": "egnn", "params": dataclasses.asdict(model.config), "cutoff": model.config.cutoff,
+    meta = {"model": "egnn", "params": dataclasses.asdict(model.config),
             "species": [1, 8], "normalisation": {"energy_scale": float(model.energy_scale),
                                                  "e0": {str(z): float(model.e0[z]) for z in (1, 8)}},
             "lineage": {"config_sha256": "c" * 64, "manifest_sha256": "m" * 64, "maskpot_version": "0.1.0",
@@ -59,7 +59,7 @@ def test_evaluate_matches_a_hand_computation_and_writes_its_files(small_water, t
     model.eval()
     e_err, f_err, species = [], [], []
     for frame in frames:          # one structure at a time, errors by numpy: independent of the batching
-        out_ = model(collate([sample_to_data(frame_sample(frame), meta["cutoff"])]), compute_forces=True)
+        out_ = model(collate([sample_to_data(frame_sample(frame), export_cutoff(meta))]), compute_forces=True)
         e_err.append((out_[K.PRED_ENERGY].item() - frame.energy) / frame.natoms)
         f_err.append(out_[K.PRED_FORCES].detach().double().numpy() - frame.forces)
         species.append(frame.species)

@@ -140,7 +140,7 @@ def test_finetune_from_scratch_keeps_and_exports_the_best_model(water_shards, tm
 
     from data_shards.stream import ShardStream
     from finetune.loop import run_finetune
-    from pretrain.export import load_export
+    from pretrain.export import export_cutoff, load_export
 
     out = tmp_path / "run"
     results = run_finetune(cfg_with(where(water_shards, out, tracking=True), LEARNS))
@@ -165,7 +165,7 @@ def test_finetune_from_scratch_keeps_and_exports_the_best_model(water_shards, tm
     model, meta = load_export(out / "export")
     assert meta["lineage"]["steps"] == results["best_step"] and meta["lineage"]["stage"] == "finetune"
     assert meta["params"]["hidden"] == 16 and meta["species"] == [1, 8]
-    val = M.evaluate(model, ShardStream(water_shards, "val", 4, meta["cutoff"]))
+    val = M.evaluate(model, ShardStream(water_shards, "val", 4, export_cutoff(meta)))
     assert val[M.FORCE_RMSE] == pytest.approx(results["best_val"][M.FORCE_RMSE], rel=1e-5)
 
     for png in ("learning_curve.png", "parity_energy.png", "parity_forces.png"):
@@ -189,7 +189,7 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
     from data_shards.manifest import file_sha256, load_manifest
     from data_shards.stream import ShardStream
     from finetune.loop import run_finetune
-    from pretrain.export import load_export, normalisation_from_stats
+    from pretrain.export import export_cutoff, load_export, normalisation_from_stats
 
     arch = {"hidden": 8, "layers": 1, "cutoff": 3.0}
     init = export_fresh_model(tmp_path / "pretrained", arch)
@@ -208,7 +208,7 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
     assert results["history"][0][M.ENERGY_RMSE] == pytest.approx(step0[M.ENERGY_RMSE], rel=1e-5)
 
     _, meta = load_export(out / "export")
-    assert meta["params"]["hidden"] == 8 and meta["params"]["layers"] == 1 and meta["cutoff"] == 3.0
+    assert meta["params"]["hidden"] == 8 and meta["params"]["layers"] == 1 and export_cutoff(meta) == 3.0
     assert meta["normalisation"] == norm
     assert meta["lineage"]["init_sha256"] == results["init_sha256"]
     assert meta["lineage"]["init_lineage"]["steps"] == 7 and meta["lineage"]["pretrain_objective"] == "mask"
@@ -217,7 +217,7 @@ def test_finetune_from_export_uses_its_weights_and_architecture(water_shards, tm
 def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path):
     from data_shards.stream import ShardStream
     from finetune.loop import run_finetune
-    from pretrain.export import load_export
+    from pretrain.export import export_cutoff, load_export
 
     short = {"train": {"max_steps": 4, "val_every": 2}}
     plain = run_finetune(cfg_with(where(water_shards, tmp_path / "plain"), LEARNS, short))
@@ -226,7 +226,7 @@ def test_ema_weights_are_the_ones_validated_and_exported(water_shards, tmp_path)
     assert ema["history"][0][M.FORCE_RMSE] == plain["history"][0][M.FORCE_RMSE]   # same start
     assert ema["history"][1][M.FORCE_RMSE] != plain["history"][1][M.FORCE_RMSE]   # averaged weights scored
     model, meta = load_export(tmp_path / "ema" / "export")
-    again = M.evaluate(model, ShardStream(water_shards, "val", 4, meta["cutoff"]))
+    again = M.evaluate(model, ShardStream(water_shards, "val", 4, export_cutoff(meta)))
     assert again[M.FORCE_RMSE] == pytest.approx(ema["best_val"][M.FORCE_RMSE], rel=1e-5)
 
 

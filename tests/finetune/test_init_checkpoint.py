@@ -59,7 +59,7 @@ def test_finetune_from_a_checkpoint_records_it(pretrain_run, water_shards, tmp_p
                                     {"data": {"train_frames": 8}, "train": {"max_steps": 2, "val_every": 2}}))
     assert results["init_sha256"] == file_sha256(tag / "mp_rank_00_model_states.pt")
     meta = json.loads((out / "export" / "model.json").read_text())
-    assert meta["params"]["hidden"] == 8 and meta["cutoff"] == 3.0
+    assert meta["params"]["hidden"] == 8 and meta["params"]["cutoff"] == 3.0 and "cutoff" not in meta
     assert meta["lineage"]["init_lineage"]["checkpoint"] == str(tag) and meta["lineage"]["init_lineage"]["steps"] == 3
 
 

@@ -45,7 +45,7 @@ def build_tip3p_shards(root: Path, fractions) -> Path:
 def export_fresh_model(directory: Path, params: dict, lineage: dict | None = None) -> Path:
     torch.manual_seed(123)
     model = build_model("egnn", params)
-    meta = {"model": "egnn", "params": dataclasses.asdict(model.config), "cutoff": params["cutoff"], "species": [1, 8],
+    meta = {"model": "egnn", "params": dataclasses.asdict(model.config), "species": [1, 8],
             "normalisation": {"energy_scale": 1.0, "e0": {}},
             "lineage": lineage or {"config_sha256": "c" * 64, "manifest_sha256": "m" * 64,
                                    "maskpot_version": "0.1.0", "pretrain_objective": "mask", "steps": 7}}

@@ -52,6 +52,8 @@ def test_unknown_config_key_is_rejected_with_valid_keys(tmp_path):
 
 @pytest.mark.slow
 def test_demo_tiny_runs_the_whole_chain(tmp_path):
+    from pretrain.export import FORMAT_VERSION
+
     out_dir = tmp_path / "demo"
     out = maskpot("demo", "--scale", "tiny", "--out", out_dir, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -71,7 +73,8 @@ def test_demo_tiny_runs_the_whole_chain(tmp_path):
     tars = sorted(p.name for p in (out_dir / "shards" / "corpus").glob("shard-*.tar"))
     assert tars == sorted(s["name"] for s in manifest["shards"]) and len(tars) >= 2
     export = json.loads((out_dir / "pretrain" / "export" / "model.json").read_text())
-    assert export["format_version"] == 1 and export["lineage"]["pretrain_objective"] == "mask"
+    assert export["format_version"] == FORMAT_VERSION and "cutoff" not in export
+    assert export["lineage"]["pretrain_objective"] == "mask"
     # the pretrained run really started from the export: its lineage names it
     lineage = json.loads((out_dir / "finetune_tip3p_pretrained" / "export" / "model.json").read_text())["lineage"]
     assert lineage.get("init_sha256")

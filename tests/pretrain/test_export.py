@@ -1,8 +1,10 @@
 """Model exports: save → load gives the same model; the format is checked strictly and stays readable.
 
 The committed export under tests/assets/egnn_tiny_export/ guards format stability: if a change makes it
-unreadable, that change breaks every export users already hold. Regenerate it only on purpose:
-`.venv/bin/python tests/test_export.py --regenerate` (and bump FORMAT_VERSION when the layout changes).
+unreadable, that change breaks every export users already hold. It is a format-1 export (a top-level
+"cutoff" besides params): the compatibility case of format 2, so do not regenerate it for a new format;
+`.venv/bin/python tests/pretrain/test_export.py --regenerate` writes the current format (bump
+FORMAT_VERSION when the layout changes).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from data_shards import keys as K
 from data_shards.graph import collate, sample_to_data
-from pretrain.export import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, load_export, save_export
+from pretrain.export import FORMAT_VERSION, META_FILE, WEIGHTS_FILE, export_cutoff, load_export, read_meta, save_export
 from pretrain.models import build_model
 from tests.helpers.paths import TINY_EXPORT
 
@@ -40,7 +42,7 @@ def water_batch():
 
 
 def tiny_meta() -> dict:
-    return {"model": "egnn", "params": asdict(build_model("egnn", PARAMS).config), "cutoff": 3.5,
+    return {"model": "egnn", "params": asdict(build_model("egnn", PARAMS).config),
             "species": [1, 8], "normalisation": {"energy_scale": 0.8, "e0": {"1": -13.6, "8": -432.1}},
             "lineage": {"config_sha256": "0" * 64, "manifest_sha256": "1" * 64, "maskpot_version": "0.1.0",
                         "pretrain_objective": "mask", "steps": 3}}
@@ -110,13 +112,80 @@ def test_meta_must_be_complete(tmp_path):
 
 
 def test_committed_export_still_loads_and_predicts_the_same():
+    stored = json.loads((ASSET / META_FILE).read_text())
+    assert stored["format_version"] == 1 and stored["cutoff"] == 3.5, "the asset is the format-1 case: keep it"
     model, meta = load_export(ASSET)
-    assert meta["model"] == "egnn" and meta["cutoff"] == 3.5 and meta["species"] == [1, 8]
+    assert meta["model"] == "egnn" and export_cutoff(meta) == 3.5 and meta["species"] == [1, 8]
+    assert "cutoff" not in meta   # checked against params, then dropped: one cutoff for every reader
     reference = json.loads(REFERENCE.read_text())
     energy, forces = outputs(model.eval())
     assert energy.tolist() == pytest.approx(reference["energy"], rel=1e-5)
     np.testing.assert_allclose(forces.numpy(), np.array(reference["forces"]), rtol=1e-4, atol=1e-6)
     assert forces.abs().sum() > 0
+
+
+def test_new_export_is_format_2_with_the_cutoff_only_in_params(tmp_path):
+    save_export(tiny_model(), tmp_path, tiny_meta())
+    stored = json.loads((tmp_path / META_FILE).read_text())
+    assert stored["format_version"] == FORMAT_VERSION == 2 and "cutoff" not in stored
+    assert stored["params"]["cutoff"] == 3.5 and export_cutoff(read_meta(tmp_path)) == 3.5
+    with pytest.raises(ValueError, match=r"top-level 'cutoff' \(3\.5\).*drop the key"):
+        save_export(tiny_model(), tmp_path / "twice", {**tiny_meta(), "cutoff": 3.5})
+
+
+def as_format_1(directory, cutoff) -> None:
+    meta = json.loads((directory / META_FILE).read_text())
+    (directory / META_FILE).write_text(json.dumps({**meta, "format_version": 1, "cutoff": cutoff}))
+
+
+def test_format_1_export_loads_with_the_same_cutoff_and_outputs(tmp_path):
+    model = tiny_model()
+    save_export(model, tmp_path, tiny_meta())
+    as_format_1(tmp_path, 3.5)
+    loaded, meta = load_export(tmp_path)
+    assert meta["format_version"] == 1 and export_cutoff(meta) == 3.5 and "cutoff" not in meta
+    for a, b in zip(outputs(model), outputs(loaded.eval())):
+        assert torch.equal(a, b)
+
+
+def test_format_1_cutoff_that_disagrees_with_params_is_refused_naming_the_file(tmp_path):
+    save_export(tiny_model(), tmp_path, tiny_meta())
+    as_format_1(tmp_path, 4.0)
+    for read in (read_meta, load_export):
+        with pytest.raises(ValueError) as e:
+            read(tmp_path)
+        assert str(tmp_path / META_FILE) in str(e.value) and "\n" not in str(e.value)
+        assert "top-level cutoff 4.0 disagrees" in str(e.value) and "3.5 Å" in str(e.value)
+
+
+def test_params_that_build_no_model_are_named_with_the_file(tmp_path):
+    save_export(tiny_model(), tmp_path, tiny_meta())
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    (tmp_path / META_FILE).write_text(json.dumps({**meta, "params": {**meta["params"], "hiden": 8}}))
+    with pytest.raises(ValueError, match=rf"{tmp_path / META_FILE}: model 'egnn' .*not a valid architecture.*hiden"):
+        read_meta(tmp_path)
+
+
+def test_two_stage_init_accepts_a_format_1_export_of_the_same_architecture(tmp_path):
+    from types import SimpleNamespace
+
+    from pretrain.config import ModelConfig
+    from pretrain.stages import check_init
+
+    save_export(tiny_model(), tmp_path, tiny_meta())
+    as_format_1(tmp_path, 3.5)
+    same = SimpleNamespace(train=SimpleNamespace(init=str(tmp_path)), model=ModelConfig("egnn", PARAMS))
+    assert check_init(same)["lineage"]["steps"] == 3
+    other = SimpleNamespace(train=same.train, model=ModelConfig("egnn", {**PARAMS, "cutoff": 4.0}))
+    with pytest.raises(ValueError, match=r"parameters \['cutoff'\] \[3\.5\] \(this config: \[4\.0\]\)"):
+        check_init(other)
+
+
+@pytest.mark.parametrize("name,params,cutoff", [
+    ("egnn", {}, 3.5), ("egnn_paper", {"cutoff": 4.0}, 4.0), ("gns", {}, 3.4), ("forcenet", {"cutoff": 3.0}, 3.0),
+    ("mace", {"r_max": 4.2}, 4.2)])
+def test_export_cutoff_is_what_the_architecture_builds(name, params, cutoff):
+    assert export_cutoff({"model": name, "params": params}) == cutoff
 
 
 def regenerate_asset() -> None:

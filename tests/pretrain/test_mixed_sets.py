@@ -161,7 +161,7 @@ def test_bad_inputs_exit_2_naming_the_setting(two_sets, tmp_path):
 
     model = build_model("egnn", {"hidden": 8, "layers": 1, "cutoff": 3.5})
     save_export(model, tmp_path / "other", {"model": "egnn", "params": {"hidden": 8, "layers": 1, "cutoff": 3.5},
-                                            "cutoff": 3.5, "species": [1, 8],
+                                            "species": [1, 8],
                                             "normalisation": {"energy_scale": 1.0, "e0": {}}, "lineage": {}})
     cases.append((cli("--init", str(tmp_path / "other"), "--override", f"data.manifest_dir={labelled}", out),
                   "train.init"))
