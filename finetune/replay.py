@@ -26,7 +26,7 @@ from data_shards import keys as K
 from data_shards.manifest import file_sha256, load_manifest, rereference_transform
 from data_shards.stream import ShardStream
 from finetune.config import FinetuneConfig
-from finetune.resume import EndlessBatches
+from finetune.resume import endless_batches
 from pretrain.config import OBJECTIVES, ObjectiveConfig
 from pretrain.export import export_cutoff, normalisation_from_stats
 from pretrain.loop import objective_transform
@@ -100,7 +100,7 @@ class Replay:
                                   num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.train.seed,
                                   transform=rereference_transform(load_manifest(r.manifest_dir),
                                                                   _transform(self.plan.objective, self.cfg.train.seed)))
-        self.batches = EndlessBatches(self.stream, what=f"the replay split {r.split!r} of {r.manifest_dir}")
+        self.batches = endless_batches(self.stream, what=f"the replay split {r.split!r} of {r.manifest_dir}")
 
     def loss(self, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
         """Pretext loss of the next replay batch (attached to the graph, not yet weighted)."""

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.swa_utils import AveragedModel
 
 from data_shards.config_io import config_hash
+from data_shards.epochs import EpochBatches
 from finetune.forcefield import metrics as M
 from pretrain.checkpoint import PREEMPT_SIGNALS, PreemptionFlag
 from pretrain.nonfinite import NonFiniteGuard
@@ -63,38 +64,9 @@ def preemption_signals():
             signal.signal(s, handler)
 
 
-class EndlessBatches:
-    """Batches of a stream, epoch after epoch, with a position (epoch, batches taken in it) to resume at."""
-
-    def __init__(self, stream, what: str = "the training stream"):
-        self.stream, self.what = stream, what
-        self.epoch, self.consumed, self.iterator = 0, 0, None
-
-    def seek(self, epoch: int, consumed: int) -> None:
-        """Resume: the same epoch deals the same batches, so skip the ones already taken."""
-        self.epoch, self.consumed, self.iterator = epoch, 0, None
-        for _ in range(consumed):
-            next(self)
-
-    def position(self) -> list[int]:
-        return [self.epoch, self.consumed]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        for _ in range(2):
-            if self.iterator is None:
-                self.stream.set_epoch(self.epoch)
-                self.iterator, self.consumed = iter(self.stream), 0
-            batch = next(self.iterator, None)
-            if batch is not None:
-                self.consumed += 1
-                return batch
-            if self.consumed == 0:
-                break
-            self.epoch, self.iterator = self.epoch + 1, None
-        raise RuntimeError(f"{self.what} yielded no batch")
+def endless_batches(stream, what: str = "the training stream") -> EpochBatches:
+    """The finetuning's batches: one process, epoch after epoch, resumable by `seek`."""
+    return EpochBatches(stream, empty=f"{what} yielded no batch")
 
 
 def nonfinite_guard() -> NonFiniteGuard:
@@ -109,7 +81,7 @@ class LoopState:
     ema: AveragedModel | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    batches: EndlessBatches
+    batches: EpochBatches
     replay: Replay | None
     tracker: Tracker
     best: Best

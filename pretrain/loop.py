@@ -13,6 +13,7 @@ from data_shards import keys as K
 from data_shards.config_io import (
     config_hash,
 )
+from data_shards.epochs import EpochBatches
 from data_shards.progress import quiet_libraries as quiet_warnings
 from data_shards.stream import ShardStream
 from data_shards.version import maskpot_version
@@ -140,36 +141,13 @@ class Batches(Protocol):
     def position(self) -> tuple[int, int]: ...
 
 
-class LockstepBatches:
+class LockstepBatches(EpochBatches):
     """Batches of one split, epoch after epoch; an epoch ends for every rank when any rank runs dry."""
 
     def __init__(self, stream, epoch: int = 0, skip: int = 0):
-        self.stream, self.epoch = stream, epoch
-        self._start()
-        for _ in range(skip):  # resume: the same epoch draws the same batches, so skip those done
-            next(self.iterator)
-        self.consumed = skip
-
-    def _start(self) -> None:
-        self.stream.set_epoch(self.epoch)
-        self.iterator, self.consumed = iter(self.stream), 0
-
-    def position(self) -> tuple[int, int]:
-        return self.epoch, self.consumed
-
-    def next(self):
-        for _ in range(2):
-            batch = next(self.iterator, None)
-            if all_ranks(batch is not None):
-                self.consumed += 1
-                return batch
-            self.epoch += 1
-            self._start()
-        raise RuntimeError("the training split yields no batch on at least one rank: use fewer ranks, "
-                           "a smaller data.batch_size, or more shards")
-
-    def close(self) -> None:
-        self.iterator = None
+        super().__init__(stream, epoch, skip, agree=all_ranks,
+                         empty="the training split yields no batch on at least one rank: use fewer ranks, "
+                               "a smaller data.batch_size, or more shards")
 
 
 def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
