@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from data_shards.config_io import from_dict, to_dict
+from pretrain.pretext import PRETEXT_TASKS, PretextTask
 from pretrain.schedule import SCHEDULES, schedule_factor
 from pretrain.tracking_config import TrackingConfig
 from pretrain.transforms import H_MASK_TARGETS, WATER_GROUPINGS
 
-OBJECTIVES = ("mask", "denoise", "mask+denoise", "hmask", "supervised")
+OBJECTIVES = tuple(PRETEXT_TASKS)   # pretrain/pretext.py: what each kind does
 ZERO_STAGES = (0, 1, 2)
 PRECISIONS = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -122,12 +123,16 @@ class ObjectiveConfig:
                  f"{self.energy_weight}, {self.force_weight}")
 
     @property
+    def task(self) -> PretextTask:
+        return PRETEXT_TASKS[self.kind]
+
+    @property
     def uses_mask(self) -> bool:
-        return "mask" in self.kind      # mask, mask+denoise, hmask
+        return self.task.mask
 
     @property
     def uses_denoise(self) -> bool:
-        return "denoise" in self.kind
+        return self.task.denoise
 
 
 @dataclass

@@ -20,7 +20,6 @@ from data_shards.version import maskpot_version
 from pretrain import checkpoint as ckpt
 from pretrain import distributed as D
 from pretrain import objectives
-from pretrain import transforms as T
 from pretrain.config import ObjectiveConfig, PretrainConfig
 from pretrain.engine import (
     WeightEMA,
@@ -30,6 +29,7 @@ from pretrain.export import fp32_state_dict, normalisation_from_stats, save_expo
 from pretrain.models import build_model
 from pretrain.nonfinite import NonFiniteGuard
 from pretrain.objectives import energy_force_loss
+from pretrain.pretext import SELF_SUPERVISED
 from pretrain.stages import init_lineage
 
 STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step, to signal a run mid-way
@@ -49,16 +49,16 @@ def keep_if_best(state: ckpt.TrainState, validation: dict, metrics: MetricsLog) 
 def check_objective_fits_data(cfg: PretrainConfig, manifest: dict) -> None:
     """Refuse, before any rank starts, an objective the data set cannot serve (from its manifest)."""
     kind, where = cfg.objective.kind, f"the manifest in {cfg.data.manifest_dir}"
-    if kind == "supervised" and not manifest.get("labelled"):
-        raise ValueError(f"objective.kind 'supervised' needs energies and forces, but {where} says labelled: "
-                         "false; use one of the self-supervised kinds ('mask', 'denoise', 'mask+denoise', 'hmask')")
+    if cfg.objective.task.needs_labels and not manifest.get("labelled"):
+        raise ValueError(f"objective.kind {kind!r} needs energies and forces, but {where} says labelled: "
+                         f"false; use one of the self-supervised kinds {list(SELF_SUPERVISED)}")
     elements = {int(z) for z in manifest.get("elements", {})}
     if not elements or not cfg.objective.uses_mask:
         return
     if HYDROGEN not in elements:
         raise ValueError(f"objective.kind {kind!r} deletes H atoms, but {where} lists no H (elements "
                          f"{sorted(elements)}); use 'denoise' for this data set")
-    if kind in ("mask", "mask+denoise") and elements != {HYDROGEN, OXYGEN}:
+    if cfg.objective.task.water_only and elements != {HYDROGEN, OXYGEN}:
         raise ValueError(f"objective.kind {kind!r} is water masking (molecules O,H,H) but {where} also holds "
                          f"elements {sorted(elements - {HYDROGEN, OXYGEN})}; use 'hmask' (generic H masking) "
                          "for other molecules")
@@ -104,15 +104,8 @@ def make_transform(cfg: PretrainConfig, seed: int):
 
 def objective_transform(o: ObjectiveConfig, seed: int):
     """The pretext transform of objective `o` (None for "supervised": labels reach the loss untouched)."""
-    if o.kind == "mask":
-        return T.WaterMasking(o.mask_ratio, seed, grouping=o.water_grouping)
-    if o.kind == "denoise":
-        return T.Denoising(o.noise_sigma, seed)
-    if o.kind == "hmask":
-        return T.HydrogenMasking(o.h_mask_p, seed, radius=o.h_mask_radius, target=o.h_mask_target)
-    if o.kind == "supervised":
-        return None
-    return T.MaskDenoise(o.mask_ratio, o.noise_sigma, seed, grouping=o.water_grouping)
+    make = o.task.transform
+    return make(o, seed) if make is not None else None
 
 
 def make_stream(cfg: PretrainConfig, split: str, rank: int, world_size: int, seed: int | None = None,
@@ -154,7 +147,7 @@ def pretext_loss(cfg: PretrainConfig, engine, batch) -> torch.Tensor:
     batch = to_model_precision(batch, engine)
     out = engine(batch, compute_forces=True)
     pred = out[K.PRED_FORCES].float()
-    if cfg.objective.kind == "supervised":
+    if cfg.objective.task.needs_labels:   # supervised pretraining: energies and forces
         o = cfg.objective
         return energy_force_loss(out[K.PRED_ENERGY], batch[K.ENERGY], pred, batch[K.FORCES], batch[K.NATOMS],
                                  energy_weight=o.energy_weight, force_weight=o.force_weight,

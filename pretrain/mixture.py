@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data_shards.manifest import load_manifest
+from pretrain.pretext import SELF_SUPERVISED
 
 MIX_SEED_TAG = 7_919          # separates the set draws from every other use of train.seed
 
@@ -37,9 +38,9 @@ def load_sets(cfg) -> list[ShardSet]:
             for e in entries]
     if len(sets) > 1:
         check_compatible(sets)
-        if cfg.objective.kind == "supervised":
-            raise ValueError("data.sets: objective.kind 'supervised' mixes energies of several sets, whose energy "
-                             "zeros differ; use a self-supervised kind ('mask', 'denoise', 'mask+denoise', 'hmask')")
+        if cfg.objective.task.needs_labels:
+            raise ValueError(f"data.sets: objective.kind {cfg.objective.kind!r} mixes energies of several sets, "
+                             f"whose energy zeros differ; use a self-supervised kind {list(SELF_SUPERVISED)}")
     return sets
 
 

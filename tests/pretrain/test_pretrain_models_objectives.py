@@ -60,3 +60,17 @@ def test_two_ranks_pretrain_every_model_under_every_objective(model, objective, 
     assert all(torch.isfinite(p).all() for p in exported.parameters())
     ds = json.loads((out / "deepspeed_config.json").read_text())
     assert ds["bf16"]["enabled"] == ("deepspeed.precision=bf16" in engine)
+
+
+def test_every_objective_kind_is_one_registry_entry():
+    """config validation, the transform, the losses and the data checks all read pretrain/pretext.py."""
+    from pretrain.config import OBJECTIVES, ObjectiveConfig
+    from pretrain.loop import objective_transform
+    from pretrain.pretext import PRETEXT_TASKS
+
+    assert OBJECTIVES == tuple(PRETEXT_TASKS)
+    for kind, task in PRETEXT_TASKS.items():
+        o = ObjectiveConfig(kind=kind)
+        assert (o.uses_mask, o.uses_denoise) == (task.mask, task.denoise)
+        assert (objective_transform(o, 0) is None) == (task.transform is None)
+    assert [k for k, t in PRETEXT_TASKS.items() if t.water_only] == ["mask", "mask+denoise"]
