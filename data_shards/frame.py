@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_shards.keys import MAX_Z
+from data_shards.keys import ENERGY, FORCES, MAX_Z, STRESS
 
 MIN_PAIR_DISTANCE = 0.1  # Å; closer pairs are treated as corrupt input
 CLOSEST_PAIR_SEARCH = 1.0  # Å; neighbour-search radius of closest_pair (a cheap cell grid)
@@ -89,6 +89,28 @@ def stress_matrix(value) -> np.ndarray:
         xx, yy, zz, yz, xz, xy = flat
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     raise ValueError(f"{flat.size} numbers (expected 9 or 6 in Voigt order)")
+
+
+def read_labels(lookup, source: str, index: int, keys: tuple[str, str, str], where: str = ""):
+    """(energy, forces, stress) of one frame from `lookup(key)` (None where absent), as float / (n, 3) / (3, 3)
+    float64, or the FrameError of the first one that is not numeric. `keys`: the energy, forces and stress
+    keys; `where` starts each message (e.g. "row id 7: ")."""
+    energy_key, forces_key, stress_key = keys
+    energy, forces, stress = lookup(energy_key), lookup(forces_key), lookup(stress_key)
+    try:
+        energy = None if energy is None else float(np.asarray(energy, dtype=np.float64).reshape(()))
+    except (TypeError, ValueError):
+        return FrameError(source, index, ENERGY, f"{where}value {energy!r} under key '{energy_key}' is not "
+                                                   "a single number")
+    try:
+        forces = None if forces is None else np.asarray(forces, dtype=np.float64)
+    except (TypeError, ValueError):
+        return FrameError(source, index, FORCES, f"{where}'{forces_key}' is not numeric")
+    try:
+        stress = None if stress is None else stress_matrix(stress)
+    except (TypeError, ValueError) as e:
+        return FrameError(source, index, STRESS, f"{where}value under key '{stress_key}': {e}")
+    return energy, forces, stress
 
 
 @dataclass

@@ -99,12 +99,7 @@ class Tracker:
     def start(self, params: dict[str, Any], tags: dict[str, Any]) -> None:
         self.journal.params.update({k: _param_value(v) for k, v in params.items()})
         self.journal.tags.update({k: str(v) for k, v in tags.items()})
-        if not self.enabled:
-            return
-        if not server_is_up(self.uri):
-            self._go_offline(f"no MLflow server answers at {self.uri}/health")
-            return
-        self._send()
+        self._connect()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         ms = int(time.time() * 1000)
@@ -181,6 +176,11 @@ class Tracker:
         """Continue the run of `snapshot` (the same MLflow run id); sends what it had not sent yet."""
         self.run_id, self.experiment_id = snapshot["run_id"], snapshot["experiment_id"]
         self.journal = Journal(**snapshot["journal"])
+        self._connect()
+
+    # --- sending -----------------------------------------------------------------------------------
+    def _connect(self) -> None:
+        """Send what the journal holds, or go offline (buffering) when no server answers."""
         if not self.enabled:
             return
         if not server_is_up(self.uri):
@@ -188,7 +188,6 @@ class Tracker:
             return
         self._send()
 
-    # --- sending -----------------------------------------------------------------------------------
     def _go_offline(self, reason: str) -> None:
         if not self.offline:
             log.warning("MLflow tracking unavailable (%s); training continues, metrics are buffered and "

@@ -18,7 +18,7 @@ import numpy as np
 from ase.db.sqlite import SQLite3Database
 
 from data_shards import keys as K
-from data_shards.frame import Frame, FrameError, stress_matrix
+from data_shards.frame import Frame, FrameError, read_labels
 
 SUFFIXES = (".db",)
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -91,25 +91,11 @@ def label_fields(path, frames: int = 20) -> list[str]:
 
 def _to_frame(row, source: str, index: int, energy_key: str, forces_key: str,
               stress_key: str = K.STRESS) -> Frame | FrameError:
-    energy = _lookup(row, energy_key)
-    if energy is not None:
-        try:
-            energy = float(np.asarray(energy, dtype=np.float64).reshape(()))
-        except (TypeError, ValueError):
-            return FrameError(source, index, K.ENERGY, f"row id {row.id}: value {energy!r} under key "
-                                                       f"'{energy_key}' is not a single number")
-    forces = _lookup(row, forces_key)
-    if forces is not None:
-        try:
-            forces = np.asarray(forces, dtype=np.float64)
-        except (TypeError, ValueError):
-            return FrameError(source, index, K.FORCES, f"row id {row.id}: '{forces_key}' is not numeric")
-    stress = _lookup(row, stress_key)
-    if stress is not None:
-        try:
-            stress = stress_matrix(stress)
-        except (TypeError, ValueError) as e:
-            return FrameError(source, index, K.STRESS, f"row id {row.id}: '{stress_key}': {e}")
+    labels = read_labels(lambda key: _lookup(row, key), source, index, (energy_key, forces_key, stress_key),
+                         where=f"row id {row.id}: ")
+    if isinstance(labels, FrameError):
+        return labels
+    energy, forces, stress = labels
     try:
         species = np.asarray(row.numbers, dtype=np.int64)
         positions = np.asarray(row.positions, dtype=np.float64)

@@ -19,7 +19,7 @@ import numpy as np
 from ase.io.extxyz import read_xyz
 
 from data_shards import keys as K
-from data_shards.frame import LABEL_KEYS_FOUND, Frame, FrameError, stress_matrix
+from data_shards.frame import LABEL_KEYS_FOUND, Frame, FrameError, read_labels
 
 SUFFIXES = (".extxyz", ".xyz")
 DEFAULT_ENERGY_KEY = K.ENERGY
@@ -157,24 +157,10 @@ def label_fields(path, frames: int = 20) -> list[str]:
 
 def _to_frame(atoms, source: str, index: int, energy_key: str, forces_key: str,
               stress_key: str = DEFAULT_STRESS_KEY) -> Frame | FrameError:
-    energy = _lookup(atoms, energy_key)
-    if energy is not None:
-        try:
-            energy = float(np.asarray(energy, dtype=np.float64).reshape(()))
-        except (TypeError, ValueError):
-            return FrameError(source, index, K.ENERGY, f"value {energy!r} under key '{energy_key}' is not a number")
-    forces = _lookup(atoms, forces_key)
-    if forces is not None:
-        try:
-            forces = np.asarray(forces, dtype=np.float64)
-        except (TypeError, ValueError):
-            return FrameError(source, index, K.FORCES, f"column '{forces_key}' is not numeric")
-    stress = _lookup(atoms, stress_key)
-    if stress is not None:
-        try:
-            stress = stress_matrix(stress)
-        except (TypeError, ValueError) as e:
-            return FrameError(source, index, K.STRESS, f"value under key '{stress_key}': {e}")
+    labels = read_labels(lambda key: _lookup(atoms, key), source, index, (energy_key, forces_key, stress_key))
+    if isinstance(labels, FrameError):
+        return labels
+    energy, forces, stress = labels
     info = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in atoms.info.items()
             if isinstance(v, _INFO_TYPES) and k not in (energy_key, forces_key, stress_key)}
     if energy is None or forces is None:  # say which keys were there (e.g. REF_energy)
