@@ -145,9 +145,9 @@ def make_context(cfg: TIP3PConfig, positions: np.ndarray, platform: str | None =
     return context
 
 
-def evaluate(context: mm.Context) -> tuple[float, np.ndarray, np.ndarray]:
-    """(energy eV, forces (n,3) eV/Å, positions (n,3) Å, molecules wrapped whole into the box)."""
-    state = context.getState(getEnergy=True, getForces=True, getPositions=True, enforcePeriodicBox=True)
+def evaluate(context: mm.Context, periodic: bool = True) -> tuple[float, np.ndarray, np.ndarray]:
+    """(energy eV, forces (n,3) eV/Å, positions (n,3) Å; molecules wrapped whole into the box when periodic)."""
+    state = context.getState(getEnergy=True, getForces=True, getPositions=True, enforcePeriodicBox=periodic)
     energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL
     forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
     positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)

@@ -28,11 +28,10 @@ from data_shards.tip3p import (
     ANGSTROM_PER_NM,
     AVOGADRO,
     CPU_THREADS,
-    EV_PER_ANGSTROM_PER_KJ_PER_MOL_NM,
-    EV_PER_KJ_PER_MOL,
     MAX_CUTOFF,
     WATER_MOLAR_MASS,
     WATER_SPECIES,
+    evaluate,
     frame_to_atoms,
     random_rotation,
 )
@@ -95,22 +94,12 @@ def iter_frames(cfg: CorpusConfig, traj: Trajectory) -> Iterator[Frame]:
             "md_seed": traj.md_seed}
     for index in range(cfg.frames_per_trajectory):
         integrator.step(cfg.steps_between_frames)
-        energy, forces, positions = read_state(context, traj.periodic)
+        energy, forces, positions = evaluate(context, traj.periodic)
         step = cfg.equilibration_steps + (index + 1) * cfg.steps_between_frames
         yield Frame(species=species.copy(), positions=positions, cell=cell.copy(),
                     pbc=np.full(3, traj.periodic, dtype=bool), energy=energy, forces=forces,
                     source=Path(traj.file_name).stem, index=index,
                     info={**info, "time_ps": round(step * cfg.timestep_fs * 1e-3, 9)})
-
-
-def read_state(context: mm.Context, periodic: bool) -> tuple[float, np.ndarray, np.ndarray]:
-    """(energy eV, forces eV/Å, positions Å; molecules wrapped whole into the box when periodic)."""
-    state = context.getState(getEnergy=True, getForces=True, getPositions=True, enforcePeriodicBox=periodic)
-    energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole) * EV_PER_KJ_PER_MOL
-    forces = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
-    positions = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-    return (float(energy), np.asarray(forces, dtype=np.float64) * EV_PER_ANGSTROM_PER_KJ_PER_MOL_NM,
-            np.asarray(positions, dtype=np.float64) * ANGSTROM_PER_NM)
 
 
 def run_trajectory(cfg: CorpusConfig, traj: Trajectory, out_dir: str) -> dict:
