@@ -21,7 +21,7 @@ from tests.helpers.finetuning import build_tip3p_shards  # noqa: E402
 from tests.helpers.mlflow_server import start_mlflow_server, stop_mlflow_server  # noqa: E402
 from tests.helpers.net import free_port  # noqa: E402
 from tests.helpers.paths import SHARED_DATA  # noqa: E402
-from tests.helpers.shards import write_water_frames  # noqa: E402
+from tests.helpers.pretrain_processes import build_tiny_shards  # noqa: E402
 
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -66,15 +66,7 @@ def one_rank():
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """16 train frames in 4 shards, 8 val frames in 2 shards: every rank of 2 gets whole shards."""
-    from data_shards.build import build_shards
-
-    root = tmp_path_factory.mktemp("pretrain_shards")
-    write_water_frames(root / "train.xyz", 16, seed=1)
-    write_water_frames(root / "val.xyz", 8, seed=2)
-    out = root / "shards"
-    build_shards([f"train={root / 'train.xyz'}", f"val={root / 'val.xyz'}"], str(out), shard_size=4,
-                 use_ray=False, progress=False)
-    return out
+    return build_tiny_shards(tmp_path_factory.mktemp("pretrain_shards"))
 
 
 @pytest.fixture(scope="session")

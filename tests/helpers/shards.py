@@ -44,22 +44,31 @@ def write_deepmd_system(root: Path, types: list[int], type_map: list[str], sets:
     return {name: np.concatenate(parts) for name, parts in written.items()}
 
 
-def write_water_frames(path: Path, frames: int, seed: int) -> None:
-    """8 waters (O,H,H order) on a jittered 2×2×2 grid in a 6.2 Å periodic box, made-up labels."""
+def water_grid_frames(n: int, seed: int, labelled: bool = True, oxygen_only: bool = False) -> list[ase.Atoms]:
+    """8 waters (O,H,H order) on a jittered 2×2×2 grid in a 6.2 Å periodic box, made-up labels; without
+    labels when `labelled` is false (a trajectory of any MD code), only the oxygens with `oxygen_only`."""
     rng = np.random.default_rng(seed)
     box = 6.2
     grid = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)], dtype=float) * box / 2
     structures = []
-    for _ in range(frames):
+    for _ in range(n):
         pos = []
         for oxygen in grid + 0.8 + rng.normal(0, 0.15, (8, 3)):
             q, _ = np.linalg.qr(rng.normal(size=(3, 3)))  # random orientation
-            pos += [oxygen, oxygen + 0.96 * q[0], oxygen + 0.96 * (np.cos(1.82) * q[0] + np.sin(1.82) * q[1])]
-        atoms = ase.Atoms("OH2" * 8, positions=np.array(pos), cell=np.eye(3) * box, pbc=True)
-        forces = rng.normal(0, 0.5, (24, 3))
-        atoms.calc = SinglePointCalculator(atoms, energy=-470.0 * 8 + rng.normal(0, 0.3), forces=forces)
+            pos += [oxygen] if oxygen_only else [oxygen, oxygen + 0.96 * q[0],
+                                                 oxygen + 0.96 * (np.cos(1.82) * q[0] + np.sin(1.82) * q[1])]
+        atoms = ase.Atoms("O8" if oxygen_only else "OH2" * 8, positions=np.array(pos), cell=np.eye(3) * box, pbc=True)
+        forces = rng.normal(0, 0.5, (len(atoms), 3))
+        energy = -470.0 * 8 + rng.normal(0, 0.3)
+        if labelled:
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
         structures.append(atoms)
-    ase.io.write(str(path), structures, format="extxyz")
+    return structures
+
+
+def write_water_frames(path: Path, frames: int, seed: int) -> None:
+    """`water_grid_frames` with labels, as extxyz."""
+    ase.io.write(str(path), water_grid_frames(frames, seed), format="extxyz")
 
 
 def tar_samples(path: str) -> list[dict]:

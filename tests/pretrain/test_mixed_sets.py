@@ -12,36 +12,16 @@ import ase
 import ase.io
 import numpy as np
 import pytest
-from ase.calculators.singlepoint import SinglePointCalculator
 
 from data_shards.build import build_shards
 from data_shards.config_io import load_config
 from pretrain.checkpoint import TrainState
 from pretrain.config import PretrainConfig
 from pretrain.mixture import MixedBatches
+from tests.helpers.shards import water_grid_frames
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "pretrain" / "tiny.yaml"
-
-
-def water_frames(n: int, seed: int, labelled: bool, oxygen_only: bool = False) -> list[ase.Atoms]:
-    """8 waters in a 6.2 Å box; without labels when `labelled` is false (a trajectory of any MD code)."""
-    rng = np.random.default_rng(seed)
-    box = 6.2
-    grid = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)], dtype=float) * box / 2
-    frames = []
-    for _ in range(n):
-        pos = []
-        for oxygen in grid + 0.8 + rng.normal(0, 0.15, (8, 3)):
-            q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
-            pos += [oxygen] if oxygen_only else [oxygen, oxygen + 0.96 * q[0],
-                                                 oxygen + 0.96 * (np.cos(1.82) * q[0] + np.sin(1.82) * q[1])]
-        atoms = ase.Atoms("O8" if oxygen_only else "OH2" * 8, positions=np.array(pos), cell=np.eye(3) * box, pbc=True)
-        if labelled:
-            atoms.calc = SinglePointCalculator(atoms, energy=-470.0 * 8 + rng.normal(0, 0.3),
-                                               forces=rng.normal(0, 0.5, (len(atoms), 3)))
-        frames.append(atoms)
-    return frames
 
 
 def shards(root: Path, name: str, labelled: int, unlabelled: int, seed: int, **kwargs) -> Path:
@@ -50,8 +30,8 @@ def shards(root: Path, name: str, labelled: int, unlabelled: int, seed: int, **k
     for kind, n in (("lab", labelled), ("pos", unlabelled)):
         if n:
             path = root / f"{name}_{kind}.xyz"
-            ase.io.write(path, water_frames(n, seed + (kind == "pos"), kind == "lab", kwargs.pop("oxygen_only", False)),
-                         format="extxyz")
+            frames = water_grid_frames(n, seed + (kind == "pos"), kind == "lab", kwargs.pop("oxygen_only", False))
+            ase.io.write(path, frames, format="extxyz")
             inputs.append(str(path))
     out = root / name
     build_shards(inputs, out, shard_size=4, split_fractions=(0.75, 0.25, 0.0), use_ray=False, progress=False,
@@ -91,7 +71,7 @@ def test_mixed_batches_follow_the_weights_and_resume_exactly():
 
 def deepmd_positions_only(root: Path, n: int, seed: int) -> Path:
     """A DeePMD system with coordinates and boxes only (no energy.npy / force.npy)."""
-    frames = water_frames(n, seed, labelled=False)
+    frames = water_grid_frames(n, seed, labelled=False)
     (root / "set.000").mkdir(parents=True)
     (root / "type_map.raw").write_text("O\nH\n")
     (root / "type.raw").write_text("\n".join("0" if z == 8 else "1" for z in frames[0].numbers) + "\n")
