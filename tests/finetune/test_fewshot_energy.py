@@ -4,6 +4,7 @@ another energy zero is reported, `evaluate` gives the offset-corrected energy er
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import ase
@@ -42,8 +43,15 @@ def ethanol_shards(root: Path, shared: Path, train: int, test: int, shift_test: 
                                            forces=atoms.get_forces())
     ase.io.write(root / "test.xyz", frames, format="extxyz")
     out = root / "shards"
-    build_shards([str(root / "train.xyz"), f"test={root / 'test.xyz'}"], out, shard_size=100,
-                 split_fractions=(0.75, 0.25, 0.0), use_ray=False, progress=False, split_mode="shuffled")
+    # the shuffled split is seeded by (split_seed, the input path as given): a relative path, the same in
+    # every run, keeps the train/val frames (and so the result) the same from run to run
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        build_shards(["train.xyz", "test=test.xyz"], out, shard_size=100, split_fractions=(0.75, 0.25, 0.0),
+                     use_ray=False, progress=False, split_mode="shuffled")
+    finally:
+        os.chdir(here)
     return out
 
 
