@@ -7,7 +7,7 @@ peak RSS of a build and of a loader epoch at 10⁴ and 10⁵ frames (it must not
 Every figure goes through benchmarks/harness.py: arms alternated for `--rounds` rounds, ratios paired per
 round against the first arm of the same run, JSON (samples, load averages, machine, versions) in `--out`.
 
-1. Sharding throughput (frames/s, Ray already up, so start-up is not counted) with 1 and 2 Ray CPUs, for
+1. Sharding throughput (frames/s; Ray up and each worker's imports done before the clock) with 1 and 2 Ray CPUs, for
    64-water periodic frames (192 atoms) and for a small molecule (rMD17 ethanol from ../shared/data when
    present, else generated 9-atom molecules); each arm a fresh process. Target: ≥ 1.8× with 2 workers.
 2. Read rates over the same tars: the raw byte rate (tarfile, every member read, nothing decoded — the
@@ -84,8 +84,15 @@ def small_molecule_input(tmp: Path, frames: int) -> tuple[str, str]:
 
 
 def build_child(inputs: list[str], out: str, cpus: int, shard_size: int) -> dict:
-    """In a fresh process: Ray up with `cpus` CPUs (start-up not timed), then one build; frames/s."""
+    """In a fresh process: Ray up with `cpus` CPUs and every worker's imports done (start-up not timed), then
+    one build; frames/s."""
     import ray
+
+    @ray.remote(num_cpus=1)
+    def warm_worker() -> int:
+        import data_shards.chunk  # noqa: F401  # what a chunk task imports, once per worker
+        time.sleep(1.0)   # held: the next warm-up task must start another worker
+        return os.getpid()
 
     from data_shards.build import build_shards
     from data_shards.ray_tasks import RAY_ENV
@@ -94,7 +101,9 @@ def build_child(inputs: list[str], out: str, cpus: int, shard_size: int) -> dict
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, object_store_memory=256 * 1024**2,
              logging_level="ERROR")
     try:
-        ray.get([ray.remote(lambda: 0).remote() for _ in range(cpus)])   # workers up before the clock starts
+        pids = ray.get([warm_worker.remote() for _ in range(cpus)])   # every worker up, chunk code imported
+        if len(set(pids)) != cpus:
+            raise RuntimeError(f"warm-up reached {len(set(pids))} Ray workers of {cpus}")
         t0 = time.perf_counter()
         manifest = build_shards(inputs, out, shard_size=shard_size, split_fractions=(1.0, 0.0, 0.0),
                                 progress=False)

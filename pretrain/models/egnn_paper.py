@@ -15,8 +15,10 @@ Two implementations of the same function, selected by `implementation`:
   nn.Linear(2H+1, H), torch's SiLU, every activation kept by autograd;
 - "fast": W₁[h_i, h_j, d²] = (W_a h)_i + (W_b h)_j + w d² (the big matmul per node, not per edge), a fused
   SiLU whose backward stays one kernel under double backward, and (`recompute: true`, training only, where
-  forces are differentiated again) per-layer recomputation of the edge activations in both backward passes
-  (`pretrain.models.recompute`) instead of keeping them for the whole step.
+  forces are differentiated again) recomputation of the edge block in both backward passes
+  (`pretrain.models.recompute`), `recompute_chunk` edges at a time, instead of keeping every layer's edge
+  activations for the whole step: the node projections, the aggregation and the node update stay in the
+  ordinary graph (node-sized, small); only the edge block — gathers, edge MLP, φ_x, scatter — is recomputed.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ class PaperEGNNConfig:
     coord_init_gain: float = 0.001  # xavier gain of φ_x's last layer (the authors' value)
     detach_norm: bool = True        # the authors' detached normaliser; False makes F the exact −∂E/∂x
     implementation: str = "fast"    # "fast" or "reference" (same function, see the module docstring)
-    recompute: bool = False         # fast, training: recompute per-layer edge activations (less memory, ~2× CPU)
+    recompute: bool = False         # fast, training: recompute the edge activations (less memory, more CPU)
+    recompute_chunk: int = 16384    # recompute: edges per recomputed chunk (peak memory ∝ chunk); 0 = all at once
 
     def __post_init__(self):
         if self.implementation not in IMPLEMENTATIONS:
@@ -53,6 +56,9 @@ class PaperEGNNConfig:
             raise ValueError(f"egnn_paper hidden must be >= 1, got {self.hidden}")
         if self.layers < 1:
             raise ValueError(f"egnn_paper layers must be >= 1, got {self.layers}")
+        if self.recompute_chunk < 0:
+            raise ValueError(f"egnn_paper recompute_chunk must be >= 0 edges (0 = all at once), "
+                             f"got {self.recompute_chunk}")
         if not self.cutoff > 0:
             raise ValueError(f"egnn_paper cutoff must be > 0 Å, got {self.cutoff}")
         if self.coord_init_gain < 0:
@@ -91,19 +97,40 @@ class PaperEGNNLayer(nn.Module):
         return h, vectors
 
     # --- the fast form --------------------------------------------------------------------------------
-    def forward_fast(self, h, vectors, src, dst, inv_degree):
+    def node_projections(self, h: torch.Tensor) -> torch.Tensor:
+        """(N, 2H): [W_a h + b₁, W_b h], the two node halves of W₁[h_i, h_j, d²] (one matmul per node)."""
         hidden = h.shape[1]
-        weight = self.edge_in.weight
+        weight, bias = self.edge_in.weight, self.edge_in.bias
+        return torch.cat([F.linear(h, weight[:, :hidden], bias), F.linear(h, weight[:, hidden:2 * hidden])], 1)
+
+    def edge_block(self, projections: torch.Tensor, vectors: torch.Tensor, src, dst, num_nodes: int):
+        """Σ_j m_ij per node (N, H) and Σ_j (x_i - x_j) φ_x(m_ij) / norm per node (N, 3; zeros when the
+        layer does not move coordinates) over the edges given — all of them, or one chunk."""
+        hidden = projections.shape[1] // 2
         dist2 = (vectors * vectors).sum(-1, keepdim=True)
-        pre = F.linear(h, weight[:, :hidden], self.edge_in.bias).index_select(0, src)
-        pre += F.linear(h, weight[:, hidden:2 * hidden]).index_select(0, dst)
-        pre = pre.addmm_(dist2, weight[:, 2 * hidden][None])
+        pre = projections[:, :hidden].index_select(0, src)
+        pre += projections[:, hidden:].index_select(0, dst)
+        pre = pre.addmm_(dist2, self.edge_in.weight[:, 2 * hidden][None])
         m = silu(self.edge_out(silu(pre)))
-        aggregated = torch.zeros_like(h).index_add_(0, src, m)
+        aggregated = m.new_zeros(num_nodes, hidden).index_add_(0, src, m)
+        if self.coord_mlp is None:
+            return aggregated, vectors.new_zeros(num_nodes, 3)
+        trans = vectors * (self.coord_mlp(m) / self.normaliser(dist2))
+        return aggregated, vectors.new_zeros(num_nodes, 3).index_add_(0, src, trans)
+
+    def forward_fast(self, h, vectors, src, dst, inv_degree, chunk_edges: int = 0):
+        """chunk_edges > 0: the edge block is recomputed in both backward passes, `chunk_edges` edges at a
+        time (training with recompute); 0: computed once with every activation kept."""
+        projections = self.node_projections(h)
+        if chunk_edges > 0:
+            pieces = [recompute_twice(self.edge_block, projections, vectors[part], src[part], dst[part], h.shape[0])
+                      for part in (slice(at, at + chunk_edges) for at in range(0, src.shape[0], chunk_edges))]
+            aggregated = torch.stack([a for a, _ in pieces]).sum(0)
+            moved = torch.stack([t for _, t in pieces]).sum(0)
+        else:
+            aggregated, moved = self.edge_block(projections, vectors, src, dst, h.shape[0])
         if self.coord_mlp is not None:
-            c = self.coord_mlp(m)
-            trans = vectors * (c / self.normaliser(dist2))
-            delta = torch.zeros(h.shape[0], 3, dtype=h.dtype).index_add_(0, src, trans).mul_(inv_degree)
+            delta = moved * inv_degree
             vectors = vectors - delta.index_select(0, dst) + delta.index_select(0, src)
         h = h + self.node_mlp(torch.cat([h, aggregated], dim=-1))
         return h, vectors
@@ -136,10 +163,9 @@ class PaperEGNN(EnergyCentricModel):
         for layer in self.layers:  # type: ignore[assignment]  # nn.ModuleList yields nn.Module
             if not fast:
                 h, vectors = layer.forward_reference(h, vectors, src, dst, inv_degree)
-            elif self.config.recompute and create_graph:   # training: activations kept for double backward
-                h, vectors = recompute_twice(layer.forward_fast, h, vectors, src, dst, inv_degree)
-            else:
-                h, vectors = layer.forward_fast(h, vectors, src, dst, inv_degree)
+            else:   # training with recompute: edge activations recomputed instead of kept for double backward
+                chunk = (self.config.recompute_chunk or src.shape[0]) if self.config.recompute and create_graph else 0
+                h, vectors = layer.forward_fast(h, vectors, src, dst, inv_degree, chunk)
         atom_energy = self.energy_head(self.energy_norm(h)).squeeze(-1)
         energy, total = self.total_energy(atom_energy, g.species, g.graph_index, g.num_graphs)
         out = {K.PRED_ENERGY: total}

@@ -117,7 +117,8 @@ def training_grads(model, batch) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("fast", [{"recompute": False}, {"recompute": True}])
+@pytest.mark.parametrize("fast", [{"recompute": False}, {"recompute": True},
+                                  {"recompute": True, "recompute_chunk": 7}])   # 7 edges: many chunks, a ragged last
 def test_fast_equals_reference_in_training_including_double_backward(fast):
     """Energy, forces and every parameter gradient of an energy + force loss (double backward) agree."""
     torch.manual_seed(0)
@@ -140,6 +141,11 @@ def test_detached_normaliser_makes_forces_differ_from_the_exact_gradient():
     batch = to_batch([water_box(8, seed=2)], model.config.cutoff)
     torch.testing.assert_close(model(batch)[K.PRED_ENERGY], exact(batch)[K.PRED_ENERGY], rtol=0, atol=1e-12)
     assert (model(batch)[K.PRED_FORCES] - exact(batch)[K.PRED_FORCES]).abs().max() > 1e-6
+
+
+def test_config_rejects_negative_recompute_chunk():
+    with pytest.raises(ValueError, match="recompute_chunk must be >= 0 edges"):
+        PaperEGNNConfig(recompute=True, recompute_chunk=-1)
 
 
 def test_config_rejects_unknown_implementation():
