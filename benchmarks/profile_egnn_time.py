@@ -1,13 +1,16 @@
-"""Where the training step of the paper's EGNN spends its CPU time: a torch.profiler breakdown by op class.
+"""Where a step of the paper's EGNN spends its CPU time: a torch.profiler breakdown by op class.
 
-One warm-up step, then one profiled step per arm (same frames, model and weights as benchmarks/bench_egnn.py).
+A training step (`--mode train`: energy + force loss, double backward, AdamW) or an inference (`--mode infer`:
+energy + forces). One warm-up step, then one profiled step per arm (same frames, model and weights as
+benchmarks/bench_egnn.py).
 Self CPU time of every aten op is summed into classes: matmul (mm, addmm, bmm, linear's kernels), gather /
 scatter (index_select, index_add, scatter, gather), elementwise (everything else that touches tensors), and
 the rest. Printed per arm: seconds and the share of each class, the matmul FLOPs of the step and the rate
 the matmul kernels achieved while they ran — against a plain (E × H) @ (H × H) matmul in the same process.
 If matmuls dominate, a faster step needs fewer FLOPs, not tighter glue code.
 
-    .venv/bin/python benchmarks/profile_egnn_time.py [--batch 4] [--threads 1] [--arms reference fast fast_recompute]
+    .venv/bin/python benchmarks/profile_egnn_time.py [--mode train|infer] [--batch 4] [--threads 1]
+        [--arms reference fast fast_recompute]
 """
 from __future__ import annotations
 
@@ -45,12 +48,12 @@ def op_class(name: str) -> str:
     return "framework (autograd, python, allocation)"
 
 
-def profile_arm(arm: str, frames, batch) -> tuple[dict[str, float], float]:
-    """({class: self CPU seconds of one training step}, matmul GFLOP of that step)."""
+def profile_arm(arm: str, frames, batch, mode: str) -> tuple[dict[str, float], float]:
+    """({class: self CPU seconds of one step}, matmul GFLOP of that step)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     model, _ = build_arm(arm, frames, batch)
-    step = make_step(model, batch, "train")
+    step = make_step(model, batch, mode)
     with FlopCounterMode(display=False) as counter:   # warm-up step, counted
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -63,6 +66,7 @@ def profile_arm(arm: str, frames, batch) -> tuple[dict[str, float], float]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", default="train", choices=["train", "infer"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--arms", nargs="+", default=["reference", "fast", "fast_recompute"], choices=sorted(ARMS))
@@ -71,10 +75,10 @@ def main(argv=None) -> None:
     frames, origin = load_frames(args.batch)
     batch = to_batch(frames, cutoff=PAPER_SIZE["cutoff"], dtype=torch.float32)
     nedges = int(batch[K.EDGE_INDEX].shape[1])
-    print(f"{args.batch} frames ({origin}), {nedges} edges, {args.threads} thread(s); self CPU s of one training "
-          f"step by op class")
+    print(f"{args.batch} frames ({origin}), {nedges} edges, {args.threads} thread(s); self CPU s of one "
+          f"{args.mode} step by op class")
     for arm in args.arms:
-        seconds, gflop = profile_arm(arm, frames, batch)
+        seconds, gflop = profile_arm(arm, frames, batch, args.mode)
         total = sum(seconds.values())
         matmul_rate = gflop / seconds.get("matmul", float("nan"))
         shares = ", ".join(f"{name} {s:.2f} s ({s / total:.0%})" for name, s in sorted(seconds.items(),
