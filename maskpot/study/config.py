@@ -83,6 +83,7 @@ class FinetuneStageConfig:
     val_batches: int | None = None      # None: the whole validation split
     energy_weight: float = 1.0
     force_weight: float = 10.0
+    energy_normalisation: str | None = None   # finetune loss.energy_normalisation; None: maskpot finetune's default
     jobs: int = 2                       # finetunes run side by side, each with cores // jobs threads
     adapt: dict = field(default_factory=dict)  # FinetuneConfig `adapt` section for pretrained variants only
                                                # (e.g. {backbone_lr_mult: 0.25}); scratch has nothing to adapt

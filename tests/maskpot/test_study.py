@@ -54,6 +54,7 @@ def test_bad_study_configs_say_what_is_valid(overrides, needle):
     ({"pretrain": {"mask_ratio": 1.5}}, ["study pretraining egnn_mask", "objective.mask_ratio must be in (0, 1]"]),
     ({"models": {"egnn": {"hiden": 8}}}, ["model.params", "'hiden'"]),
     ({"finetune": {"val_batches": 0}}, ["study finetuning egnn", "train.val_batches must be >= 1"]),
+    ({"finetune": {"energy_normalisation": "eV"}}, ["study finetuning egnn", "loss.energy_normalisation 'eV'"]),
     ({"ablations": {"lr": {"pretrain": {"mask_ratio": 2.0}}}}, ["(ablation lr)", "mask_ratio"]),
 ])
 def test_every_run_config_is_validated_before_any_work(overrides, needle, tmp_path, capsys):
