@@ -152,7 +152,10 @@ def summarize_ablations(records: list[dict]) -> list[dict]:
         base_f = _seed_matched_force(scratch, seeds)
         main_f = _seed_matched_force(main, seeds) if main else math.nan
         main_scratch_f = _seed_matched_force(by_key.get((setting, model, budget, "scratch"), []), seeds)
-        rows.append({"ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
+        conv = G.values(runs, "converged")   # the at-convergence read-out, against the same baseline runs
+        base_conv = G.values([r for r in scratch if r["seed"] in seeds] or scratch, "converged")
+        rows.append({"force_converged": G.fmt(conv), "converged_change_vs_baseline": G.compare(conv, base_conv),
+                     "ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
                      "seeds": sorted(seeds), "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
                      "energy_std": e_std, "baseline": named if own else "scratch",
                      "baseline_force": base_f, "force_change_vs_baseline_pct": 100.0 * (f_mean / base_f - 1.0),
@@ -165,17 +168,20 @@ def ablations_markdown(rows: list[dict], notes: dict[str, str], images: list[str
     lines = ["# Ablations", "",
              "Each ablation re-runs some variants with one change; ΔF compares its test force RMSE with its "
              "baseline over the same seeds (scratch@NAME when the ablation changed the finetune, so that both "
-             "get the same budget; else the main scratch). 'Without': the same variant in the main grid.", "",
+             "get the same budget; else the main scratch). 'Without': the same variant in the main grid. "
+             "At convergence: the second read-out (early stopping, step cap), against the same baseline runs.", "",
              "| ablation | model | labelled frames | variant | seeds | energy RMSE (meV/atom) | force RMSE (meV/Å) "
-             "| baseline F (meV/Å) | ΔF vs baseline | without: F (ΔF) |",
-             "|---|---|---:|---|---|---:|---:|---:|---:|---:|"]
+             "| baseline F (meV/Å) | ΔF vs baseline | without: F (ΔF) | F at convergence (meV/Å) "
+             "| ΔF at convergence |",
+             "|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         without = "—" if not math.isfinite(r["without_ablation_force"]) else \
             f"{r['without_ablation_force']:.1f} ({r['without_ablation_change_pct']:+.1f}%)"
         lines.append(f"| {r['ablation']} | {r['model']} | {r['budget']} | {r['variant']} | "
                      f"{','.join(map(str, r['seeds']))} | {_fmt(r['energy_mean'], r['energy_std'], 2)} | "
                      f"{_fmt(r['force_mean'], r['force_std'], 1)} | {r['baseline_force']:.1f} ({r['baseline']}) | "
-                     f"{r['force_change_vs_baseline_pct']:+.1f}% | {without} |")
+                     f"{r['force_change_vs_baseline_pct']:+.1f}% | {without} | {r['force_converged']} | "
+                     f"{r['converged_change_vs_baseline']} |")
     lines.append("")
     lines += [f"- **{name}**: {note}" for name, note in notes.items() if note]
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in images] + [""]

@@ -83,12 +83,14 @@ def maskpot(*args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
-def _fake_run(root, setting, name, force, energy, curve):
+def _fake_run(root, setting, name, force, energy, curve, converged=None):
     d = root / "finetune" / setting / name
     d.mkdir(parents=True)
     history = [{"step": s, "force_rmse_mev_per_a": f, "energy_rmse_mev_per_atom": 1.0} for s, f in curve]
+    conv = {"converged": {"test": {"force_rmse_mev_per_a": converged, "energy_rmse_mev_per_atom": energy},
+                          "steps": 1000, "stopped_early": True}} if converged is not None else {}
     d.joinpath("results.json").write_text(json.dumps({
-        "test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": energy}, "history": history}))
+        "test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": energy}, "history": history, **conv}))
 
 
 def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
@@ -117,10 +119,10 @@ def test_report_means_changes_and_steps_to_reach_scratch(tmp_path):
 
 def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path):
     curve = [(0, 900), (100, 100)]
-    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, curve)
-    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 140.0, 2.0, curve)   # not a seed of the ablations
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s0", 100.0, 2.0, curve, converged=60.0)
+    _fake_run(tmp_path, "dft_water", "egnn_scratch_n30_s1", 140.0, 2.0, curve, converged=90.0)   # not an ablation seed
     _fake_run(tmp_path, "dft_water", "egnn_mask_n30_s0", 90.0, 2.0, curve)
-    _fake_run(tmp_path, "dft_water", "egnn_mask@lowlr_n30_s0", 80.0, 1.0, curve)         # finetune unchanged
+    _fake_run(tmp_path, "dft_water", "egnn_mask@lowlr_n30_s0", 80.0, 1.0, curve, converged=45.0)   # finetune unchanged
     _fake_run(tmp_path, "dft_water", "egnn_scratch@long_n30_s0", 50.0, 1.0, curve)       # finetune changed
     _fake_run(tmp_path, "dft_water", "egnn_mask@long_n30_s0", 40.0, 1.0, curve)
     _fake_run(tmp_path, "dft_water", "egnn_mask@long2_n30_s0", 45.0, 1.0, curve)   # shares long's scratch
@@ -141,8 +143,9 @@ def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path)
     text = study_report.write_report(tmp_path)
     assert "| egnn | 30 | mask | 2 |" not in text   # the main table counts main runs only (1 mask seed)
     ablations = (tmp_path / "report" / "ablations.md").read_text()
-    assert "| lowlr | egnn | 30 | mask | 0 | 1.00 ± 0.00 | 80.0 ± 0.0 | 100.0 (scratch) | -20.0% | 90.0 (-10.0%) |" \
-        in ablations
+    assert "| lowlr | egnn | 30 | mask | 0 | 1.00 ± 0.00 | 80.0 ± 0.0 | 100.0 (scratch) | -20.0% | 90.0 (-10.0%) " \
+           "| 45.0 ± 0.0 | -25.0% (n/a (one run)) |" in ablations   # at convergence: against scratch seed 0's 60
+    assert "| long | egnn | 30 | mask | 0 |" in ablations and "| — | — |" in ablations   # no converged read-out
     assert (tmp_path / "report" / "ablation_long_dft_water_egnn.png").stat().st_size > 5000
 
 
