@@ -11,7 +11,8 @@ Experiment runs are named VARIANT@TAG on DFT water, next to the main runs:
   sampled conditions (`maskpot generate corpus`, data_shards.corpus), the same steps for every N;
 - diversity: VARIANT@singleN (one condition) against VARIANT@corpusN (sampled conditions, the same N);
 - two-stage: VARIANT@twostage (the main corpus export, then two_stage.steps on the DFT train positions),
-  VARIANT@dftpos (the paper recipe: pretrain.steps on the DFT train positions only), the main VARIANT
+  VARIANT@dft_positions (the paper recipe: pretrain.steps on the DFT train positions only — the
+  same runs as the `dft_positions` ablation, which it reuses), the main VARIANT
   (corpus only) and scratch.
 """
 from __future__ import annotations
@@ -94,7 +95,8 @@ def two_stage_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
             # DeePMD lists all O before all H: molecules by nearest oxygen
             objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}
             corpus_export = out / "pretrain" / f"{model}_{variant}" / "export"
-            runs = {"twostage": (t.steps, second, corpus_export), "dftpos": (cfg.pretrain.steps, cfg.pretrain, None)}
+            runs = {"twostage": (t.steps, second, corpus_export),
+                    "dft_positions": (cfg.pretrain.steps, cfg.pretrain, None)}
             for tag, (steps, stage, init) in runs.items():
                 export = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}{ABLATION_MARK}{tag}", dft, model,
                                       params, objective, steps, cfg.pretrain.batch_size, stage=stage, init=init)
@@ -185,7 +187,8 @@ def _describe_experiment(cfg: StudyConfig, name: str) -> tuple[str, int]:
     if name == "two_stage":
         t = cfg.two_stage
         return (f"two-stage: {t.variants}@twostage (corpus export + {t.steps} steps on the DFT train positions, "
-                f"lr {t.lr:g}) and @dftpos (paper recipe, {cfg.pretrain.steps} steps) vs corpus-only and scratch "
+                f"lr {t.lr:g}) and @dft_positions (paper recipe, {cfg.pretrain.steps} steps) vs corpus-only and "
+                f"scratch "
                 f"× budgets {t.budgets}", len(cfg.models) * 2 * len(t.variants) * len(t.budgets) * seeds)
     if name == "scaling":
         s = cfg.scaling

@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from maskpot.study.config import ABLATION_MARK
 
-EXPERIMENT_TAG = re.compile(r"^(corpus\d+|single\d+|twostage|dftpos)$")
+EXPERIMENT_TAG = re.compile(r"^(corpus\d+|single\d+|twostage)$")   # VARIANT@dft_positions stays an ablation run too
 READOUTS = {"budget": "force", "converged": "force_conv"}
 
 
@@ -153,7 +153,8 @@ def comparisons_markdown(records: list[dict]) -> str:
         if tag == "twostage":
             lines += _table(f"Two-stage, {model} {base}, {budget} labelled frames",
                             [("scratch", runs("scratch")), ("corpus only", runs(base)),
-                             ("paper recipe (DFT positions)", runs(f"{base}@dftpos")), ("two-stage", runs(variant))],
+                             ("paper recipe (DFT positions)", runs(f"{base}@dft_positions")),
+                             ("two-stage", runs(variant))],
                             [(3, 2), (3, 1)], variant)
         elif tag.startswith("single"):
             n = tag.removeprefix("single")

@@ -2,6 +2,7 @@
 scaling / diversity / two-stage grid, the plan's order, and the report's spread rule and tables."""
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -71,13 +72,14 @@ def test_pretraining_seeds_name_their_runs_and_exports(tmp_path):
 def test_two_stage_continues_the_corpus_export_on_the_dft_positions(tmp_path, pretrain_configs):
     cfg = tiny_grid()
     jobs = {Path(j.run_dir).name: j for j in two_stage_jobs(cfg, tmp_path, tmp_path / "dft")}
-    second, paper = pretrain_configs["egnn_mask@twostage"], pretrain_configs["egnn_mask@dftpos"]
+    second, paper = pretrain_configs["egnn_mask@twostage"], pretrain_configs["egnn_mask@dft_positions"]
     assert second["train"]["init"] == str(tmp_path / "pretrain" / "egnn_mask" / "export")
     assert second["train"]["max_steps"] == cfg.two_stage.steps and second["optim"]["lr"] == cfg.two_stage.lr
     assert "init" not in paper["train"] and paper["train"]["max_steps"] == cfg.pretrain.steps
     assert second["data"]["manifest_dir"] == str(tmp_path / "dft")
     assert second["objective"]["water_grouping"] == "nearest_oxygen"
-    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask_n8_s0", "egnn_mask@twostage_n8_s0", "egnn_mask@dftpos_n8_s0"}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask_n8_s0", "egnn_mask@twostage_n8_s0",
+                         "egnn_mask@dft_positions_n8_s0"}
 
 
 def test_tiny_runs_no_experiment_arm_and_the_plan_counts_them_when_on():
@@ -108,7 +110,7 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
     timings = finetunes.Timings(tmp_path / "timings.json")
     run_experiments(cfg, tmp_path, timings, tmp_path / "shards" / "corpus", tmp_path / "dft")
     assert list(finetuned) == ["two_stage finetunes", "scaling finetunes", "diversity finetunes"]
-    assert finetuned["two_stage finetunes"] == ["egnn_mask@dftpos_n8_s0", "egnn_mask@twostage_n8_s0",
+    assert finetuned["two_stage finetunes"] == ["egnn_mask@dft_positions_n8_s0", "egnn_mask@twostage_n8_s0",
                                                 "egnn_mask_n8_s0", "egnn_scratch_n8_s0"]
     assert finetuned["scaling finetunes"] == ["egnn_mask@corpus16_n8_s0", "egnn_mask@corpus8_n8_s0",
                                               "egnn_scratch_n8_s0"]
@@ -116,8 +118,8 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
                                                 "egnn_scratch_n8_s0"]
     # one sampled-conditions corpus serves the curve and the diversity pair; the single condition is its own
     assert generated == [("corpus", [8, 16], [16, 24]), ("corpus", [8, 16], [16, 24]), ("single", [16], [16, 16])]
-    assert sorted(pretrain_configs) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8", "egnn_mask@dftpos",
-                                     "egnn_mask@single16", "egnn_mask@twostage"]   # corpus16: pretrained once
+    assert sorted(pretrain_configs) == ["egnn_mask", "egnn_mask@corpus16", "egnn_mask@corpus8",
+                                        "egnn_mask@dft_positions", "egnn_mask@single16", "egnn_mask@twostage"]
     for tag in ("corpus8", "corpus16", "single16"):
         config = pretrain_configs[f"egnn_mask@{tag}"]
         assert config["data"]["manifest_dir"] == str(tmp_path / "shards" / tag)
@@ -185,7 +187,7 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
             _run(tmp_path, f"egnn_mask@corpus{n}_n30_s{s}", f, f - drop, 100)
         _run(tmp_path, f"egnn_mask@single16_n30_s{s}", f, f - 7, 100)
         _run(tmp_path, f"egnn_mask@twostage_n30_s{s}", f, f - 40, 100)
-        _run(tmp_path, f"egnn_mask@dftpos_n30_s{s}", f, f - 25, 100)
+        _run(tmp_path, f"egnn_mask@dft_positions_n30_s{s}", f, f - 25, 100)
     (tmp_path / "timings.json").write_text(json.dumps({"corpus": 36.0, "pretrain": {"wall_s": 7200, "cpu_s": 14400}}))
     records = study_report.collect(tmp_path)
     assert {r["pseed"] for r in records if r["variant"] == "mask"} == {None, 1}
@@ -200,7 +202,9 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
     assert "two-stage vs paper recipe (DFT positions) (converged): -19.5% (larger than the spread)" in text
     assert "sampled conditions and models vs one condition (converged): -3.2% (within the spread)" in text
     assert "| pretrain | 2.000 | 4.000 |" in text and "| corpus | 0.010 | nan |" in text
-    assert not (tmp_path / "report" / "ablations.md").exists(), "experiment runs are not ablations"
+    ablations = (tmp_path / "report" / "ablations.md").read_text()   # the paper recipe is also an ablation
+    assert "dft_positions" in ablations, ablations
+    assert not re.search(r"twostage|corpus\d|single\d", ablations), "experiment runs are not ablations"
     assert math.isnan(G.mean_std([])[0])
 
 
