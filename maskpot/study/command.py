@@ -22,9 +22,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--config", default=None,
                    help="study YAML (default: the shipped configs/study/water.yaml, package data maskpot.configs)")
     p.add_argument("--scale", default="small",
-                   help="a scale defined in the YAML: tiny (CI, ~3 min, no claims), small (~90 min on 2 cores, "
-                        "the numbers in REPORT.md), full (the whole grid: many hours, or a GPU), paper "
-                        "(258-water boxes, paper epochs: a GPU cluster). Default small")
+                   help="a scale defined in the YAML: tiny (CI, ~3 min, no claims), small (the numbers in "
+                        "REPORT.md: days on 2 cores; --plan lists its runs, --override selects some), full "
+                        "(the whole grid: a GPU), paper (258-water boxes, paper epochs: a GPU cluster). "
+                        "Default small")
     p.add_argument("--out", default=None, help="run folder (default: out_dir from the YAML, with the scale)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")

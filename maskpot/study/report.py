@@ -126,9 +126,14 @@ def summarize(records: list[dict]) -> dict:
     return summary
 
 
+def _seed_matched(runs: list[dict], seeds: set[int]) -> list[dict]:
+    """The runs of `runs` with a finetune seed in `seeds` (all of them when none of `seeds` ran)."""
+    return [r for r in runs if r["seed"] in seeds] or runs
+
+
 def _seed_matched_force(runs: list[dict], seeds: set[int]) -> float:
-    """Mean test force RMSE of `runs` over `seeds` (all of them when none of `seeds` ran)."""
-    matched = [r["force"] for r in runs if r["seed"] in seeds] or [r["force"] for r in runs]
+    """Mean test force RMSE (fixed budget) of `runs` over `seeds`, as `_seed_matched` picks them."""
+    matched = [r["force"] for r in _seed_matched(runs, seeds)]
     return _mean_std(matched)[0] if matched else math.nan
 
 
@@ -153,7 +158,7 @@ def summarize_ablations(records: list[dict]) -> list[dict]:
         main_f = _seed_matched_force(main, seeds) if main else math.nan
         main_scratch_f = _seed_matched_force(by_key.get((setting, model, budget, "scratch"), []), seeds)
         conv = G.values(runs, "converged")   # the at-convergence read-out, against the same baseline runs
-        base_conv = G.values([r for r in scratch if r["seed"] in seeds] or scratch, "converged")
+        base_conv = G.values(_seed_matched(scratch, seeds), "converged")
         rows.append({"force_converged": G.fmt(conv), "converged_change_vs_baseline": G.compare(conv, base_conv),
                      "ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
                      "seeds": sorted(seeds), "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
