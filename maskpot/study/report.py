@@ -48,6 +48,7 @@ def collect(out: Path) -> list[dict]:
                         "energy_conv": (conv.get("test") or {}).get(M.ENERGY_RMSE, math.nan),
                         "steps_conv": conv.get("steps"), "stopped_early": conv.get("stopped_early"),
                         "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history", [])],
+                        "history_conv": [(h["step"], h[M.FORCE_RMSE]) for h in conv.get("history", [])],
                         "baseline": tags.get("study.baseline")})
     return records
 
@@ -69,11 +70,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
 
 
-def _mean_curve(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """Validation force RMSE per step, averaged over the seeds that reached that step."""
+def _mean_curve(runs: list[dict], history: str = "history") -> tuple[np.ndarray, np.ndarray]:
+    """Validation force RMSE per step of read-out `history` ("history": fixed budget, "history_conv": at
+    convergence), averaged over the seeds that reached that step."""
     by_step = defaultdict(list)
     for r in runs:
-        for step, value in r["history"]:
+        for step, value in r[history]:
             by_step[step].append(value)
     steps = np.array(sorted(by_step))
     return steps, np.array([np.mean(by_step[s]) for s in steps])
@@ -201,27 +203,37 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+ABLATION_COLORS = ["black", "tab:cyan", "tab:olive", "tab:brown", "tab:gray"]   # none of ORDER's C0–C6
+
+
 def _color(variant: str, i: int) -> str:
-    base, name = split_variant(variant)
-    if name is None:
-        return f"C{ORDER.index(variant) if variant in ORDER else i}"
-    return f"C{len(ORDER) + i % 4}"
+    """ORDER's variants keep one colour in every plot; ablation runs (dashed) take ABLATION_COLORS by `i`,
+    their rank among the ablation runs of the panel."""
+    if not is_ablation(variant):
+        return f"C{ORDER.index(variant) if variant in ORDER else 7 + i % 3}"
+    return ABLATION_COLORS[i % len(ABLATION_COLORS)]
 
 
-def plot_learning_curves(records: list[dict], setting: str, model: str, path: Path) -> Path:
+def plot_learning_curves(records: list[dict], setting: str, model: str, path: Path, history: str = "history") -> Path:
+    """Mean validation force RMSE vs finetune step per variant, one panel per budget; `history`: the read-out."""
     recs = [r for r in records if r["setting"] == setting and r["model"] == model]
     budgets = sorted({r["budget"] for r in recs})
     fig = Figure(figsize=(4.2 * len(budgets), 3.6))
     axes = np.atleast_1d(fig.subplots(1, len(budgets), squeeze=False)[0])
     for ax, budget in zip(axes, budgets):
         runs = [r for r in recs if r["budget"] == budget]
+        ablations = [v for v in _variants(runs) if is_ablation(v)]
         for i, variant in enumerate(_variants(runs)):
             group = [r for r in runs if r["variant"] == variant]
-            steps, curve = _mean_curve(group)
-            ax.plot(steps, curve, "--" if is_ablation(variant) else "-", color=_color(variant, i),
-                    label=f"{variant} ({len(group)} seeds)")
-        ax.set(title=f"{model}, {budget} labelled frames", xlabel="finetune step",
+            steps, curve = _mean_curve(group, history)
+            rank = ablations.index(variant) if variant in ablations else i
+            ax.plot(steps, curve, "--" if is_ablation(variant) else "-", color=_color(variant, rank),
+                    label=f"{variant} ({len(group)} run{'s' if len(group) > 1 else ''})")
+        readout = " (at convergence)" if history == "history_conv" else ""
+        ax.set(title=f"{model}, {budget} labelled frames{readout}", xlabel="finetune step",
                ylabel="validation force RMSE (meV/Å)", yscale="log")
+        if readout and (seen := [v for r in runs for _, v in r[history]]):
+            ax.set_ylim(top=3 * min(seen))   # long runs: the first steps would flatten what tells the arms apart
         ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -305,6 +317,12 @@ def write_report(out: Path) -> str:
     grid = G.scaling_markdown(rows, G.plot_scaling(rows, report / "scaling.png").name) \
         if (rows := G.scaling_rows(records)) else ""
     grid += G.comparisons_markdown(records)
+    for (model, budget), runs in G.two_stage_groups(records).items():
+        if not any(r["history_conv"] for r in runs):
+            continue
+        image = plot_learning_curves(runs, "dft_water", model, report / f"two_stage_{model}_n{budget}.png",
+                                     history="history_conv")
+        grid += f"\n![two-stage, {model}, {budget} frames, validation at convergence]({image.name})\n"
     records = [r for r in records if not is_ablation(r["variant"])]
     if not records:
         ablations = report / "ablations.md"

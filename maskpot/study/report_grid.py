@@ -140,6 +140,20 @@ def _table(title: str, rows: list[tuple[str, list[dict]]], pairs: list[tuple[int
     return lines + [""]
 
 
+def two_stage_groups(records: list[dict]) -> dict[tuple[str, int], list[dict]]:
+    """{(model, budget): the DFT-water runs of every two-stage table's rows (scratch, corpus only, paper
+    recipe, two-stage)} for the budgets where a two-stage run finished."""
+    dft = [r for r in records if r["setting"] == "dft_water"]
+    groups = {}
+    for model, budget, variant in sorted({(r["model"], r["budget"], r["variant"]) for r in dft}):
+        base, _, tag = variant.partition(ABLATION_MARK)
+        if tag == "twostage":
+            rows = {"scratch", base, f"{base}{ABLATION_MARK}dft_positions", variant}
+            groups[(model, budget)] = [r for r in dft if (r["model"], r["budget"]) == (model, budget)
+                                       and r["variant"] in rows]
+    return groups
+
+
 def comparisons_markdown(records: list[dict]) -> str:
     """Two-stage (against corpus-only, the paper recipe and scratch) and diversity (one condition against
     sampled conditions at the same corpus size), per model × labelled budget."""

@@ -174,7 +174,8 @@ def _run(root, name, force, conv=None, steps=None):
     r = {"test": {"force_rmse_mev_per_a": force, "energy_rmse_mev_per_atom": 1.0}, "history": []}
     if conv is not None:
         r["converged"] = {"test": {"force_rmse_mev_per_a": conv, "energy_rmse_mev_per_atom": 1.0}, "steps": steps,
-                          "stopped_early": True}
+                          "stopped_early": True,
+                          "history": [{"step": s, "force_rmse_mev_per_a": conv * (1 + 10 / (1 + s))} for s in (0, 50)]}
     d.joinpath("results.json").write_text(json.dumps(r))
 
 
@@ -201,6 +202,7 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
     assert (tmp_path / "report" / "scaling.png").stat().st_size > 5000
     assert "two-stage vs paper recipe (DFT positions) (converged): -19.5% (larger than the spread)" in text
     assert "sampled conditions and models vs one condition (converged): -3.2% (within the spread)" in text
+    assert "(two_stage_egnn_n30.png)" in text and (tmp_path / "report" / "two_stage_egnn_n30.png").stat().st_size > 5000
     assert "| pretrain | 2.000 | 4.000 |" in text and "| corpus | 0.010 | nan |" in text
     ablations = (tmp_path / "report" / "ablations.md").read_text()   # the paper recipe is also an ablation
     assert "dft_positions" in ablations, ablations
