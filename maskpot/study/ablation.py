@@ -17,7 +17,7 @@ import yaml
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import Timings, finetune_config, run_finetunes
-from maskpot.study.pretraining import pretrain_one, water_objective
+from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
 from maskpot.study.stages import stage_corpus, stage_dft_shards
 
 
@@ -35,12 +35,13 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
     """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
-    on_dft = a.pretrain_data == "dft_train"
-    pre_changed, fin_changed = pre != cfg.pretrain or on_dft, fin != cfg.finetune
+    on_dft, two_stage = a.pretrain_data == "dft_train", a.pretrain_init == "corpus"
+    pre_changed, fin_changed = pre != cfg.pretrain or on_dft or two_stage, fin != cfg.finetune
     scratch_changed = _scratch_view(fin) != _scratch_view(cfg.finetune)   # adapt/replay act on inits only
     # runs are named after the first ablation (YAML order) with the same pretraining / scratch finetune, so
     # ablations that share one reuse it instead of running it again
-    pname = _first_alike(cfg, name, lambda n: (cfg.ablation_stages(n)[0], cfg.ablations[n].pretrain_data))
+    pname = _first_alike(cfg, name, lambda n: (cfg.ablation_stages(n)[0], cfg.ablations[n].pretrain_data,
+                                               cfg.ablations[n].pretrain_init))
     fname = _first_alike(cfg, name, lambda n: _scratch_view(cfg.ablation_stages(n)[1]))
     baseline = f"scratch{ABLATION_MARK}{fname}" if scratch_changed else "scratch"
     jobs = {}
@@ -52,8 +53,9 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
                 objective = water_objective(pre, variant)
                 if on_dft:   # DeePMD lists all O before all H: molecules by nearest oxygen
                     objective["water_grouping"] = "nearest_oxygen"
+                first = _corpus_export(cfg, out, corpus, model, params, variant) if two_stage else None
                 init = pretrain_one(cfg, out / "pretrain" / run, dft_shards if on_dft else corpus, model, params,
-                                    objective, pre.steps, pre.batch_size, stage=pre)
+                                    objective, pre.steps, pre.batch_size, stage=pre, init=first)
                 changed = pre_changed or fin_changed or variant not in cfg.variants
                 tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
             for budget in a.budgets:
@@ -63,6 +65,13 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
                     job.config["tracking"]["tags"]["study.baseline"] = baseline
                     jobs[job.run_dir] = job
     return list(jobs.values())
+
+
+def _corpus_export(cfg: StudyConfig, out: Path, corpus: Path, model: str, params: dict, variant: str) -> Path:
+    """The main corpus pretraining of `variant` (run first if missing): a two-stage ablation's first stage."""
+    run = out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed)
+    return pretrain_one(cfg, run, corpus, model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+                        cfg.pretrain.batch_size)
 
 
 def _first_alike(cfg: StudyConfig, name: str, key) -> str:
@@ -80,7 +89,8 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
         a = cfg.ablations[name]
         changes = {**{f"pretrain.{k}": v for k, v in a.pretrain.items()},
                    **{f"finetune.{k}": v for k, v in a.finetune.items()},
-                   **({"pretrain_data": a.pretrain_data} if a.pretrain_data != "corpus" else {})}
+                   **({"pretrain_data": a.pretrain_data} if a.pretrain_data != "corpus" else {}),
+                   **({"pretrain_init": a.pretrain_init} if a.pretrain_init != "none" else {})}
         lines.append(f"  ablation {name}: {list(a.models or cfg.models)} × {a.variants} (+ scratch) × budgets "
                      f"{a.budgets} × seeds {a.seeds}; "
                      f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))

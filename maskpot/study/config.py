@@ -176,6 +176,8 @@ class AblationConfig:
     models: dict = field(default_factory=dict)     # other models (name → params) instead of the study's
     pretrain_data: str = "corpus"                  # corpus (TIP3P) | dft_train (positions of the labelled
                                                    # DFT train split only, the paper's own recipe)
+    pretrain_init: str = "none"                    # none (random) | corpus: continue the main corpus
+                                                   # pretraining's export (two-stage, pretrain train.init)
     note: str = ""                                 # what the ablation asks, for the report
 
     def __post_init__(self):
@@ -187,6 +189,11 @@ class AblationConfig:
         _require(bool(self.seeds), "seeds: name at least one")
         _require(self.pretrain_data in ("corpus", "dft_train"),
                  f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
+        _require(self.pretrain_init in ("none", "corpus"),
+                 f"pretrain_init must be 'none' or 'corpus', got {self.pretrain_init!r}")
+        scratch_only = [v for v in self.variants if VARIANTS[v] is None]
+        _require(self.pretrain_init == "none" or not scratch_only,
+                 f"pretrain_init: corpus continues a pretraining; variants {scratch_only} have none")
         from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
         unknown = [m for m in self.models if m not in MODELS]

@@ -169,6 +169,27 @@ def test_ablations_reuse_a_shared_pretraining_and_a_shared_scratch_baseline(tmp_
     assert names["c"]["egnn_mask@c_n8_s0"].config["train"]["max_steps"] == 9
 
 
+def test_a_two_stage_ablation_continues_the_main_corpus_export(tmp_path, pretrain_configs):
+    """pretrain_init: corpus — the DFT-position pretraining starts from the main corpus export (train.init),
+    is its own run (not the paper recipe's, which has the same stages), and a scratch variant is refused."""
+    from maskpot.study.ablation import ablation_jobs
+
+    same = {"variants": ["mask"], "budgets": [8], "pretrain_data": "dft_train"}
+    cfg = load_study(STUDY, "tiny", {"ablations": {"paper": same, "two": {**same, "pretrain_init": "corpus"}}})
+    jobs = {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, "two", tmp_path / "corpus", tmp_path / "dft")}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_mask@two_n8_s0"}
+    assert jobs["egnn_mask@two_n8_s0"].config["init"] == str(tmp_path / "pretrain/egnn_mask@two/export")
+    first, second = pretrain_configs["egnn_mask"], pretrain_configs["egnn_mask@two"]   # in the order they ran
+    assert first["data"]["manifest_dir"] == str(tmp_path / "corpus") and "init" not in first["train"]
+    assert second["data"]["manifest_dir"] == str(tmp_path / "dft")
+    assert second["train"]["init"] == str(tmp_path / "pretrain/egnn_mask/export")
+    assert list(pretrain_configs) == ["egnn_mask", "egnn_mask@two"]
+    with pytest.raises(ConfigError, match="pretrain_init: corpus continues a pretraining"):
+        load_study(STUDY, "tiny", {"ablations": {"x": {"variants": ["scratch"], "pretrain_init": "corpus"}}})
+    with pytest.raises(ConfigError, match="pretrain_init must be 'none' or 'corpus', got 'tip3p'"):
+        load_study(STUDY, "tiny", {"ablations": {"x": {"pretrain_init": "tip3p"}}})
+
+
 def test_ethanol_variants_pretrain_with_the_nearest_or_the_farthest_deleted_h(tmp_path, pretrain_configs):
     from maskpot.study.stages import ethanol_jobs
 
