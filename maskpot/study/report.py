@@ -47,8 +47,9 @@ def collect(out: Path) -> list[dict]:
                         "force_conv": (conv.get("test") or {}).get(M.FORCE_RMSE, math.nan),
                         "energy_conv": (conv.get("test") or {}).get(M.ENERGY_RMSE, math.nan),
                         "steps_conv": conv.get("steps"), "stopped_early": conv.get("stopped_early"),
-                        "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history", [])],
-                        "history_conv": [(h["step"], h[M.FORCE_RMSE]) for h in conv.get("history", [])],
+                        "history": [(h["step"], h[M.FORCE_RMSE]) for h in r.get("history") or []],
+                        # an unfinished at-convergence read-out holds None in every key
+                        "history_conv": [(h["step"], h[M.FORCE_RMSE]) for h in conv.get("history") or []],
                         "baseline": tags.get("study.baseline")})
     return records
 

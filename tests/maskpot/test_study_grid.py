@@ -161,6 +161,19 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
     assert len(calls) == 3, "a finished run is never redone"
 
 
+def test_an_unfinished_convergence_readout_counts_as_missing(tmp_path):
+    """An interrupted study leaves the at-convergence keys of results.json as None: the fixed-budget read-out
+    is reported, the converged one is missing (NaN, no curve), and the report still renders."""
+    _run(tmp_path, "egnn_scratch_n30_s0", 100.0, 60.0, 6000)
+    _run(tmp_path, "egnn_mask_n30_s0", 90.0)
+    path = tmp_path / "finetune" / "dft_water" / "egnn_mask_n30_s0" / "results.json"
+    r = json.loads(path.read_text())
+    path.write_text(json.dumps({**r, "converged": {k: None for k in finetunes.CONVERGED_KEYS}}))
+    mask = next(r for r in study_report.collect(tmp_path) if r["variant"] == "mask")
+    assert mask["force"] == 90.0 and math.isnan(mask["force_conv"]) and mask["history_conv"] == []
+    assert "| egnn | 30 | mask | 1 | 90.0 ± 0.0 | — |" in study_report.write_report(tmp_path)
+
+
 def test_spread_rule():
     assert G.spread_mark([10, 12], [20, 22]) == "larger than the spread"
     assert G.spread_mark([10, 14], [15, 19]) == "within the spread"
