@@ -17,7 +17,7 @@ import yaml
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import Timings, finetune_config, run_finetunes
-from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
+from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
 from maskpot.study.stages import stage_corpus, stage_dft_shards
 
 
@@ -53,7 +53,7 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
                 objective = water_objective(pre, variant)
                 if on_dft:   # DeePMD lists all O before all H: molecules by nearest oxygen
                     objective["water_grouping"] = "nearest_oxygen"
-                first = _corpus_export(cfg, out, corpus, model, params, variant) if two_stage else None
+                first = corpus_pretraining(cfg, out, corpus, model, params, variant) if two_stage else None
                 init = pretrain_one(cfg, out / "pretrain" / run, dft_shards if on_dft else corpus, model, params,
                                     objective, pre.steps, pre.batch_size, stage=pre, init=first)
                 changed = pre_changed or fin_changed or variant not in cfg.variants
@@ -65,13 +65,6 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
                     job.config["tracking"]["tags"]["study.baseline"] = baseline
                     jobs[job.run_dir] = job
     return list(jobs.values())
-
-
-def _corpus_export(cfg: StudyConfig, out: Path, corpus: Path, model: str, params: dict, variant: str) -> Path:
-    """The main corpus pretraining of `variant` (run first if missing): a two-stage ablation's first stage."""
-    run = out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed)
-    return pretrain_one(cfg, run, corpus, model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
-                        cfg.pretrain.batch_size)
 
 
 def _first_alike(cfg: StudyConfig, name: str, key) -> str:

@@ -25,7 +25,7 @@ from data_shards.corpus.conditions import CorpusConfig as Conditions
 from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import _banner, finetune_config, run_finetunes
-from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
+from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
 
 GENERATED = Path("data") / "generated"
 
@@ -77,10 +77,8 @@ def _main_jobs(cfg, out, dft, variants, budgets, models) -> list:
     jobs = []
     for model, params in (models or cfg.models).items():
         for variant in ["scratch", *variants]:
-            init = None if VARIANTS[variant] is None else pretrain_one(
-                cfg, out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed),
-                out / "shards" / "corpus", model, params, water_objective(cfg.pretrain, variant),
-                cfg.pretrain.steps, cfg.pretrain.batch_size)
+            init = None if VARIANTS[variant] is None else \
+                corpus_pretraining(cfg, out, out / "shards" / "corpus", model, params, variant)
             jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, variant, budget, seed, init)
                      for budget in budgets for seed in cfg.seeds]
     return jobs
@@ -94,7 +92,7 @@ def two_stage_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
         for variant in t.variants:
             # DeePMD lists all O before all H: molecules by nearest oxygen
             objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}
-            corpus_export = out / "pretrain" / f"{model}_{variant}" / "export"
+            corpus_export = corpus_pretraining(cfg, out, out / "shards" / "corpus", model, params, variant)
             runs = {"twostage": (t.steps, second, corpus_export),
                     "dft_positions": (cfg.pretrain.steps, cfg.pretrain, None)}
             for tag, (steps, stage, init) in runs.items():

@@ -94,6 +94,14 @@ def water_objective(p: PretrainStageConfig, variant: str) -> dict:
     return {"kind": VARIANTS[variant], "mask_ratio": p.mask_ratio, "noise_sigma": p.noise_sigma}
 
 
+def corpus_pretraining(cfg: StudyConfig, out: Path, corpus: Path, model: str, params: dict, variant: str) -> Path:
+    """The export of `variant`'s main pretraining on the corpus (study pretrain seed), run first if missing:
+    the corpus-only arm of the experiments and the first stage of every two-stage pretraining."""
+    return pretrain_one(cfg, out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed), corpus,
+                        model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+                        cfg.pretrain.batch_size)
+
+
 def pretrain_run_name(cfg: StudyConfig, model: str, variant: str, seed: int) -> str:
     """MODEL_VARIANT for the study's pretrain.seed, MODEL_VARIANT_pSEED for another pretraining seed."""
     return f"{model}_{variant}" + ("" if seed == cfg.pretrain.seed else f"_p{seed}")
