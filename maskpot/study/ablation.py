@@ -9,6 +9,7 @@ each beside its baseline: scratch@NAME when the finetune budget changed, else th
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
@@ -47,24 +48,42 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
     jobs = {}
     for model, params in (a.models or cfg.models).items():
         for variant in dict.fromkeys(["scratch", *a.variants]):  # the baseline always, first
-            init, tag = None, baseline
-            if VARIANTS[variant] is not None:
-                run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
-                objective = water_objective(pre, variant)
-                if on_dft:   # DeePMD lists all O before all H: molecules by nearest oxygen
-                    objective["water_grouping"] = "nearest_oxygen"
-                first = corpus_pretraining(cfg, out, corpus, model, params, variant) if two_stage else None
-                init = pretrain_one(cfg, out / "pretrain" / run, dft_shards if on_dft else corpus, model, params,
-                                    objective, pre.steps, pre.batch_size, stage=pre, init=first)
-                changed = pre_changed or fin_changed or variant not in cfg.variants
-                tag = f"{variant}{ABLATION_MARK}{name}" if changed else variant
-            for budget in a.budgets:
-                for seed in a.seeds:
-                    job = finetune_config(cfg, out, "dft_water", dft_shards, model, params, tag, budget, seed, init,
-                                          stage=fin)
-                    job.config["tracking"]["tags"]["study.baseline"] = baseline
-                    jobs[job.run_dir] = job
+            pretrained = VARIANTS[variant] is not None
+            changed = pre_changed or fin_changed or variant not in cfg.variants
+            tag = (f"{variant}{ABLATION_MARK}{name}" if changed else variant) if pretrained else baseline
+            run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
+            for pseed in (a.pretrain_seeds or [pre.seed]) if pretrained else [pre.seed]:
+                init = _pretraining(cfg, out, name, model, params, variant, pseed, run, corpus, dft_shards) \
+                    if pretrained else None
+                for budget in a.budgets:
+                    for seed in a.seeds:
+                        job = finetune_config(cfg, out, "dft_water", dft_shards, model, params, tag, budget, seed,
+                                              init, stage=fin, pretrain_seed=None if pseed == pre.seed else pseed)
+                        job.config["tracking"]["tags"].update({"study.baseline": baseline,
+                                                               "study.pretrain_seed": pseed})
+                        jobs[job.run_dir] = job
     return list(jobs.values())
+
+
+def _pretraining(cfg: StudyConfig, out: Path, name: str, model: str, params: dict, variant: str, pseed: int,
+                 run: str, corpus: Path, dft_shards: Path) -> Path:
+    """The export of ablation `name`'s pretraining of `variant` with seed `pseed` (run RUN, or RUN_pSEED for a
+    seed other than the ablation's pretrain.seed), run first if missing."""
+    a, (pre, _) = cfg.ablations[name], cfg.ablation_stages(name)
+    objective = water_objective(pre, variant)
+    if a.pretrain_data == "dft_train":   # DeePMD lists all O before all H: molecules by nearest oxygen
+        objective["water_grouping"] = "nearest_oxygen"
+    first = corpus_pretraining(cfg, out, corpus, model, params, variant) if a.pretrain_init == "corpus" else None
+    return pretrain_one(cfg, out / "pretrain" / (run + ("" if pseed == pre.seed else f"_p{pseed}")),
+                        dft_shards if a.pretrain_data == "dft_train" else corpus, model, params, objective, pre.steps,
+                        pre.batch_size, stage=dataclasses.replace(pre, seed=pseed), init=first)
+
+
+def needs_corpus(cfg: StudyConfig, name: str) -> bool:
+    """Whether ablation `name` reads the TIP3P corpus: it pretrains on it (or continues its export), or its
+    finetunes replay it. The paper recipe (pretrain_data: dft_train) alone needs no corpus."""
+    a, (_, fin) = cfg.ablations[name], cfg.ablation_stages(name)
+    return a.pretrain_data == "corpus" or a.pretrain_init == "corpus" or bool(fin.replay)
 
 
 def _first_alike(cfg: StudyConfig, name: str, key) -> str:
@@ -85,8 +104,9 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
                    **({"pretrain_data": a.pretrain_data} if a.pretrain_data != "corpus" else {}),
                    **({"pretrain_init": a.pretrain_init} if a.pretrain_init != "none" else {})}
         lines.append(f"  ablation {name}: {list(a.models or cfg.models)} × {a.variants} (+ scratch) × budgets "
-                     f"{a.budgets} × seeds {a.seeds}; "
-                     f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))
+                     f"{a.budgets} × seeds {a.seeds}"
+                     + (f" × pretraining seeds {a.pretrain_seeds}; " if a.pretrain_seeds else "; ")
+                     + f"changes {changes or 'nothing'}" + (f" — {a.note}" if a.note else ""))
     return "\n".join(lines)
 
 
@@ -97,7 +117,9 @@ def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     (out / "study_ablations.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print(f"study '{cfg.experiment}', scale {cfg.scale}, ablations → {out}\n{describe(cfg, names)}", flush=True)
     timings = Timings(out / "timings_ablations.json")
-    corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
+    corpus = out / "shards" / "corpus"
+    if any(needs_corpus(cfg, name) for name in names):
+        corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
     shards = stage_dft_shards(cfg, out)
     for name in names:
         jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))  # noqa: B023 - run at once

@@ -29,6 +29,10 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", default=None, help="run folder (default: out_dir from the YAML, with the scale)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")
+    p.add_argument("--only", nargs="+", default=[], metavar="GLOB",
+                   help="run only the finetunes whose name SETTING/RUN matches a shell glob, e.g. "
+                        "'dft_water/egnn_mask@dft_positions_n30_s*p1' (--plan lists the names); the pretrainings "
+                        "they need still run; the report covers every finished run")
     p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME",
@@ -46,7 +50,10 @@ def resolve_config_path(path: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_study(resolve_config_path(args.config), args.scale, parse_dotted_overrides(args.override))
+    overrides = parse_dotted_overrides(args.override)
+    if args.only:
+        overrides["only"] = list(args.only)
+    cfg = load_study(resolve_config_path(args.config), args.scale, overrides)
     out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
     check_run_configs(cfg, out)
     names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []

@@ -171,6 +171,7 @@ class AblationConfig:
     variants: list[str] = field(default_factory=lambda: ["mask"])
     budgets: list[int] = field(default_factory=lambda: [30, 240])
     seeds: list[int] = field(default_factory=lambda: [0])
+    pretrain_seeds: list[int] = field(default_factory=list)  # pretrainings per variant; empty: pretrain.seed only
     pretrain: dict = field(default_factory=dict)   # overrides of the study's pretrain section
     finetune: dict = field(default_factory=dict)   # overrides of the study's finetune section
     models: dict = field(default_factory=dict)     # other models (name → params) instead of the study's
@@ -187,6 +188,8 @@ class AblationConfig:
         _require(max(self.budgets, default=0) <= 240, f"budgets: the DFT train split holds 240 frames, "
                                                        f"got {self.budgets}")
         _require(bool(self.seeds), "seeds: name at least one")
+        _require(len(set(self.pretrain_seeds)) == len(self.pretrain_seeds) and min(self.pretrain_seeds, default=0) >= 0,
+                 f"pretrain_seeds must be distinct integers >= 0, got {self.pretrain_seeds}")
         _require(self.pretrain_data in ("corpus", "dft_train"),
                  f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
         _require(self.pretrain_init in ("none", "corpus"),
@@ -281,6 +284,9 @@ class StudyConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
+    # run only the finetunes whose name SETTING/RUN (e.g. dft_water/egnn_mask_n30_s1p1) matches one of these
+    # shell globs (`maskpot study --only`); the pretrainings they need still run; empty: every finetune
+    only: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start

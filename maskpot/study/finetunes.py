@@ -10,6 +10,7 @@ results.json; an interrupted study finishes only what is missing (a finished rea
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import resource
@@ -139,9 +140,16 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
             "converged": (results.get(CONVERGED) or {}).get("test")}
 
 
+def selected(cfg: StudyConfig, jobs: list[FinetuneJob]) -> list[FinetuneJob]:
+    """The jobs that `cfg.only` (shell globs on SETTING/RUN) selects; all of them when it is empty."""
+    return [j for j in jobs if not cfg.only or any(fnmatch.fnmatchcase(j.name, p) for p in cfg.only)]
+
+
 def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetuning") -> None:
-    todo = [j for j in jobs if not j.finished()]
-    _banner(f"{what}: {len(jobs) - len(todo)} of {len(jobs)} runs already finished, {len(todo)} to go, "
+    chosen = selected(cfg, jobs)
+    todo = [j for j in chosen if not j.finished()]
+    skipped = f" ({len(jobs) - len(chosen)} not selected by `only`)" if len(chosen) < len(jobs) else ""
+    _banner(f"{what}: {len(chosen) - len(todo)} of {len(chosen)} runs already finished{skipped}, {len(todo)} to go, "
             f"{cfg.finetune.jobs} at a time")
     if not todo:
         return

@@ -1,4 +1,5 @@
 """`maskpot study`: config scales, the report maths on hand-made results, and the tiny scale end to end."""
+import dataclasses
 import json
 import math
 import os
@@ -214,6 +215,33 @@ def test_an_ablation_can_rerun_a_pretraining_with_another_seed(tmp_path, pretrai
     assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_scratch_n8_s1", "egnn_mask@again_n8_s0", "egnn_mask@again_n8_s1"}
     assert jobs["egnn_mask@again_n8_s1"].config["init"] == str(tmp_path / "pretrain/egnn_mask@again/export")
     assert cfg.pretrain.seed == 0
+
+
+def test_an_ablation_with_two_pretraining_seeds_runs_each_pretraining_under_each_finetune_seed(tmp_path,
+                                                                                               pretrain_configs):
+    """pretrain_seeds: the paper recipe's headline row is 2 pretraining × 2 finetune seeds; the second
+    pretraining is VARIANT@NAME_pSEED and its finetunes RUN_sSEEDpPSEED (the report's run-name pattern)."""
+    from maskpot.study.ablation import ablation_jobs, needs_corpus
+    from maskpot.study.finetunes import selected
+
+    cfg = load_study(STUDY, "tiny", {"ablations": {"paper": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
+                                                             "pretrain_seeds": [0, 1], "pretrain_data": "dft_train"}}})
+    jobs = {Path(j.run_dir).name: j for j in ablation_jobs(cfg, tmp_path, "paper", tmp_path / "c", tmp_path / "d")}
+    assert {name: c["train"]["seed"] for name, c in pretrain_configs.items()} == {"egnn_mask@paper": 0,
+                                                                                  "egnn_mask@paper_p1": 1}
+    assert set(jobs) == {"egnn_scratch_n8_s0", "egnn_scratch_n8_s1", "egnn_mask@paper_n8_s0", "egnn_mask@paper_n8_s1",
+                         "egnn_mask@paper_n8_s0p1", "egnn_mask@paper_n8_s1p1"}
+    assert jobs["egnn_mask@paper_n8_s0p1"].config["init"] == str(tmp_path / "pretrain/egnn_mask@paper_p1/export")
+    assert jobs["egnn_mask@paper_n8_s0p1"].config["tracking"]["tags"]["study.pretrain_seed"] == 1
+    assert study_report.RUN_NAME.match("egnn_mask@paper_n8_s0p1")["pseed"] == "1"
+    assert not needs_corpus(cfg, "paper")   # the paper recipe reads no TIP3P corpus: none is generated for it
+    assert needs_corpus(load_study(STUDY, "tiny", {"ablations": {"x": {"variants": ["mask"]}}}), "x")
+    only = dataclasses.replace(cfg, only=["dft_water/*_s*p1", "dft_water/egnn_scratch_n8_s1"])
+    assert [Path(j.run_dir).name for j in selected(only, list(jobs.values()))] == [
+        "egnn_scratch_n8_s1", "egnn_mask@paper_n8_s0p1", "egnn_mask@paper_n8_s1p1"]
+    assert selected(cfg, list(jobs.values())) == list(jobs.values())
+    with pytest.raises(ConfigError, match="pretrain_seeds must be distinct"):
+        load_study(STUDY, "tiny", {"ablations": {"x": {"pretrain_seeds": [1, 1]}}})
 
 
 @pytest.mark.parametrize("ablation,needle", [
