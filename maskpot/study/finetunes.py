@@ -113,6 +113,10 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class FinetuneInterrupted(Exception):
+    """A finetune stopped by a signal before the end of its read-out (it left a checkpoint)."""
+
+
 def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
     import torch  # startup: torch (+7 s) off the maskpot CLI start; the parent never needs it to plan or report
 
@@ -127,15 +131,22 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
 
     def finetune(config: dict) -> dict:
         config = {**config, "train": {"threads": threads, **config.get("train", {})}}   # the pool's share
-        return run_finetune(from_dict(FinetuneConfig, config))
+        results = run_finetune(from_dict(FinetuneConfig, config))
+        if "preempted" in results:   # SIGTERM/SIGUSR1: a checkpoint to resume from, not a read-out to record
+            raise FinetuneInterrupted(f"{job.name}: stopped by {results['preempted']} at step {results.get('step')}, "
+                                      f"checkpoint in {results.get('checkpoint')}")
+        return results
 
     path = run_dir / RESULTS
-    results = json.loads(path.read_text()) if path.is_file() else finetune(job.config)
-    if job.converge_steps and CONVERGED not in results:
-        done = run_dir / CONVERGED / RESULTS      # finished before an interruption, not yet merged
-        conv = json.loads(done.read_text()) if done.is_file() else finetune(job.converged_config())
-        results = {**json.loads(path.read_text()), CONVERGED: {k: conv.get(k) for k in CONVERGED_KEYS}}
-        _write_json(path, results)
+    try:
+        results = json.loads(path.read_text()) if path.is_file() else finetune(job.config)
+        if job.converge_steps and CONVERGED not in results:
+            done = run_dir / CONVERGED / RESULTS      # finished before an interruption, not yet merged
+            conv = json.loads(done.read_text()) if done.is_file() else finetune(job.converged_config())
+            results = {**json.loads(path.read_text()), CONVERGED: {k: conv.get(k) for k in CONVERGED_KEYS}}
+            _write_json(path, results)
+    except FinetuneInterrupted as stop:
+        return {"name": job.name, "seconds": time.perf_counter() - t0, "interrupted": str(stop)}
     return {"name": job.name, "seconds": time.perf_counter() - t0, "test": results.get("test"),
             "converged": (results.get(CONVERGED) or {}).get("test")}
 
@@ -158,18 +169,22 @@ def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetu
     env_before = os.environ.get("TQDM_DISABLE")
     if cfg.finetune.jobs > 1:
         os.environ["TQDM_DISABLE"] = "1"  # interleaved bars from parallel runs are unreadable; one line per run
+    interrupted = []
     try:
         if cfg.finetune.jobs == 1:
             for i, job in enumerate(todo, 1):
-                _report(i, len(todo), _finetune_worker(job, threads))
-            return
-        with ProcessPoolExecutor(cfg.finetune.jobs, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(_finetune_worker, job, threads) for job in todo]
-            for i, fut in enumerate(as_completed(futures), 1):
-                _report(i, len(todo), fut.result())
+                interrupted += _report(i, len(todo), _finetune_worker(job, threads))
+        else:
+            with ProcessPoolExecutor(cfg.finetune.jobs, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(_finetune_worker, job, threads) for job in todo]
+                for i, fut in enumerate(as_completed(futures), 1):
+                    interrupted += _report(i, len(todo), fut.result())
     finally:
         if env_before is None:
             os.environ.pop("TQDM_DISABLE", None)
+    if interrupted:   # never recorded as read-outs: the same command resumes them from their checkpoints
+        raise SystemExit(f"study: {len(interrupted)} finetune(s) interrupted ({'; '.join(interrupted)}); "
+                         f"rerun the same command to resume them")
 
 
 def _banner(text: str) -> None:
@@ -183,10 +198,15 @@ def _figures(test: dict | None) -> str:
             f"E {test.get('energy_rmse_mev_per_atom', float('nan')):.2f} meV/atom")
 
 
-def _report(i: int, n: int, result: dict) -> None:
+def _report(i: int, n: int, result: dict) -> list[str]:
+    """Print one finished (or interrupted) finetune; returns [what stopped it] for an interrupted one."""
+    if result.get("interrupted"):
+        print(f"[{i}/{n}] interrupted: {result['interrupted']} ({result['seconds']:.0f} s)", flush=True)
+        return [result["interrupted"]]
     conv = f"; at convergence {_figures(result['converged'])}" if result.get("converged") else ""
     print(f"[{i}/{n}] {result['name']}: {_figures(result.get('test'))}{conv} ({result['seconds']:.0f} s)",
           flush=True)
+    return []
 
 
 def _prepare_tracking(cfg: StudyConfig, job: FinetuneJob) -> None:

@@ -161,6 +161,39 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
     assert len(calls) == 3, "a finished run is never redone"
 
 
+def test_a_signalled_convergence_readout_is_not_recorded_and_resumes(tmp_path, monkeypatch):
+    """SIGTERM (SLURM preemption, a killed study) makes run_finetune return {"preempted": ...} after writing a
+    checkpoint: that is not a read-out. It was once merged into results.json as a converged read-out of None
+    figures, and the study then counted the run as finished and never resumed it."""
+    import finetune.loop
+
+    calls = []
+
+    def fake_finetune(cfg):
+        out = Path(cfg.train.out_dir)
+        calls.append(out.name)
+        if out.name == "converged" and calls.count("converged") == 1:
+            return {"preempted": "SIGTERM", "step": 13, "checkpoint": str(out / "checkpoint")}
+        result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
+                  "steps": cfg.train.max_steps, "stopped_early": False, "history": []}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result))
+        return result
+
+    monkeypatch.setattr(finetune.loop, "run_finetune", fake_finetune)
+    cfg = load_study(STUDY, "tiny", {"finetune": {"jobs": 1}})
+    job = water_jobs(cfg, tmp_path, "dft_water", tmp_path / "dft", ["scratch"], [8], {})[0]
+    with pytest.raises(SystemExit, match=r"1 finetune\(s\) interrupted \(dft_water/egnn_scratch_n8_s0: stopped by "
+                                         r"SIGTERM at step 13.*rerun the same command"):
+        finetunes.run_finetunes(cfg, [job])
+    assert "converged" not in json.loads((Path(job.run_dir) / "results.json").read_text())
+    assert not job.finished()
+    finetunes.run_finetunes(cfg, [job])
+    assert calls == [Path(job.run_dir).name, "converged", "converged"] and job.finished()
+    assert json.loads((Path(job.run_dir) / "results.json").read_text())["converged"]["test"] == {
+        "force_rmse_mev_per_a": 50.0}
+
+
 def test_an_unfinished_convergence_readout_counts_as_missing(tmp_path):
     """An interrupted study leaves the at-convergence keys of results.json as None: the fixed-budget read-out
     is reported, the converged one is missing (NaN, no curve), and the report still renders."""
