@@ -128,6 +128,15 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
                                  for s in ("pretrain", "finetune")}
 
 
+def _finished_readout(out: Path, steps: int) -> dict:
+    """What a fake run_finetune writes and returns: test F 50 at convergence, 80 at the fixed budget."""
+    result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
+              "steps": steps, "stopped_early": out.name == "converged", "history": []}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result))
+    return result
+
+
 def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp_path, monkeypatch):
     import finetune.loop
 
@@ -138,11 +147,7 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
         calls.append((out.name, cfg.train.max_steps, cfg.train.early_stopping_patience))
         if len(calls) == 2 and not getattr(fake_finetune, "resumed", False):
             raise KeyboardInterrupt   # killed during the at-convergence run
-        result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
-                  "steps": cfg.train.max_steps, "stopped_early": out.name == "converged", "history": []}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result))
-        return result
+        return _finished_readout(out, cfg.train.max_steps)
 
     monkeypatch.setattr(finetune.loop, "run_finetune", fake_finetune)
     cfg = load_study(STUDY, "tiny", {"finetune": {"jobs": 1}})
@@ -174,11 +179,7 @@ def test_a_signalled_convergence_readout_is_not_recorded_and_resumes(tmp_path, m
         calls.append(out.name)
         if out.name == "converged" and calls.count("converged") == 1:
             return {"preempted": "SIGTERM", "step": 13, "checkpoint": str(out / "checkpoint")}
-        result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
-                  "steps": cfg.train.max_steps, "stopped_early": False, "history": []}
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps(result))
-        return result
+        return _finished_readout(out, cfg.train.max_steps)
 
     monkeypatch.setattr(finetune.loop, "run_finetune", fake_finetune)
     cfg = load_study(STUDY, "tiny", {"finetune": {"jobs": 1}})
