@@ -145,12 +145,16 @@ class BackboneFreeze:
 
 
 class EarlyStopping:
-    """Stop after `patience` consecutive validations without a new best (None: never)."""
+    """Stop after `patience` consecutive validations without a new best (None: never), but not before step
+    `min_steps`: while the learning rate is still high the validation error is noisy, and a plateau there is
+    not convergence (a study run stopped at step 2,200 of a 6,000-step cosine, best at 1,700, 15% worse than
+    the runs that went on)."""
 
-    def __init__(self, patience: int | None):
+    def __init__(self, patience: int | None, min_steps: int = 0):
         self.patience = patience
+        self.min_steps = min_steps
         self.stale = 0
 
-    def should_stop(self, improved: bool) -> bool:
+    def should_stop(self, improved: bool, step: int) -> bool:
         self.stale = 0 if improved else self.stale + 1
-        return self.patience is not None and self.stale >= self.patience
+        return self.patience is not None and self.stale >= self.patience and step >= self.min_steps

@@ -109,6 +109,7 @@ class TrainConfig:
     out_dir: str = "runs/finetune"
     device: str = "auto"                # cpu | cuda | auto (cuda when available)
     early_stopping_patience: int | None = None  # stop after N validations without a new best `select` score
+    early_stopping_min_steps: int = 0   # ... but never before this step (a plateau at high LR is not the end)
     # CPU threads for torch; null: $OMP_NUM_THREADS when set, else 1 (under CPU contention torch's default,
     # one per core, ran 18x slower than 1 thread); 0: torch's default
     threads: int | None = None
@@ -127,6 +128,9 @@ class TrainConfig:
                  f"got {self.checkpoint_every}")
         _require(self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                  f"train.early_stopping_patience must be >= 1 or null (off), got {self.early_stopping_patience}")
+        _require(0 <= self.early_stopping_min_steps <= self.max_steps,
+                 f"train.early_stopping_min_steps must be in [0, max_steps={self.max_steps}], "
+                 f"got {self.early_stopping_min_steps}")
         _require(self.threads is None or self.threads >= 0,
                  f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), "
                  f"got {self.threads}")

@@ -91,7 +91,7 @@ class Trainer:
         L.tracker.flush()
         self.bar.set_postfix(loss=f"{L.train_curve[-1][1]:.4g}" if L.train_curve else "-",
                              val_F=f"{figures[M.FORCE_RMSE]:.1f} meV/Å")
-        return L.stopper.should_stop(improved)
+        return L.stopper.should_stop(improved, step)
 
     def train(self, start: int, out_dir: Path, preempt) -> dict | None:
         """Steps start+1 … max_steps (or an early stop); a stop signal checkpoints and returns

@@ -90,14 +90,17 @@ class FinetuneStageConfig:
     replay: dict = field(default_factory=dict)  # FinetuneConfig `replay` section for pretrained water variants,
                                                 # e.g. {weight: 0.1, fraction: 0.25}; manifest_dir = the corpus
     # the second read-out of every finetune, "at convergence": the same run again with early stopping on the
-    # validation force RMSE (`patience` validations without a new best) and at most `converge_steps` steps
-    # (the LR schedule spans the cap); 0: only the fixed-budget read-out
+    # validation force RMSE (`patience` validations without a new best, not before step `patience_min_steps`)
+    # and at most `converge_steps` steps (the LR schedule spans the cap); 0: only the fixed-budget read-out
     converge_steps: int = 0
     patience: int = 10
+    patience_min_steps: int = 0
 
     def __post_init__(self):
         _positive("finetune.steps/batch_size/val_every/jobs/patience",
                   [self.steps, self.batch_size, self.val_every, self.jobs, self.patience])
+        _require(0 <= self.patience_min_steps <= max(self.converge_steps, self.steps),
+                 f"finetune.patience_min_steps must be in [0, converge_steps], got {self.patience_min_steps}")
         _require(self.converge_steps == 0 or self.converge_steps >= self.steps,
                  f"finetune.converge_steps must be 0 (off) or >= finetune.steps ({self.steps}), "
                  f"got {self.converge_steps}")

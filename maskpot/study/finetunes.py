@@ -42,6 +42,7 @@ class FinetuneJob:
     run_dir: str
     converge_steps: int = 0             # 0: no at-convergence read-out
     patience: int = 10
+    patience_min_steps: int = 0
 
     @property
     def name(self) -> str:
@@ -50,6 +51,7 @@ class FinetuneJob:
     def converged_config(self) -> dict:
         c = json.loads(json.dumps(self.config))
         c["train"].update(max_steps=self.converge_steps, early_stopping_patience=self.patience,
+                          early_stopping_min_steps=self.patience_min_steps,
                           out_dir=str(Path(self.run_dir) / CONVERGED))
         c["tracking"]["run_name"] += f"/{CONVERGED}"
         c["tracking"]["tags"]["study.readout"] = CONVERGED
@@ -104,7 +106,8 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
         "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": cfg.experiment,
                      "run_name": f"{setting}/{name}", "tags": tags, "parent_run_id": pretraining_run_id(init)},
     }
-    return FinetuneJob(setting, model, variant, budget, seed, config, str(run_dir), f.converge_steps, f.patience)
+    return FinetuneJob(setting, model, variant, budget, seed, config, str(run_dir), f.converge_steps, f.patience,
+                       f.patience_min_steps)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -41,6 +41,7 @@ def init(tmp_path):
     ({"adapt": {"backbone_lr_mult": -1.0}}, ["backbone_lr_mult"]),
     ({"adapt": {"freeze_backbone": 5}}, ["freeze_backbone", "freeze_backbone_steps"]),
     ({"train": {"early_stopping_patience": 0}}, ["early_stopping_patience", ">= 1"]),
+    ({"train": {"max_steps": 10, "early_stopping_min_steps": 11}}, ["early_stopping_min_steps", "max_steps=10"]),
     ({"tracking": {"parent_run_id": "not-a-run"}}, ["parent_run_id", "32 hex"]),
     ({"tracking": {"registered_model": "  "}}, ["registered_model"]),
     ({"tracking": {"registered_model": "it's"}}, ["registered_model", "quotes"]),
@@ -219,6 +220,10 @@ def test_early_stopping_ends_training_and_records_where(water_shards, tmp_path):
     assert results["max_steps"] == 20 and results["best_step"] == 0
     saved = json.loads((out / "results.json").read_text())
     assert saved["stopped_early"] is True and saved["stopped_at_step"] == 4
+
+    late = run_finetune(cfg_with(where(water_shards, tmp_path / "late"), SHORT, frozen,
+                                 {"train": {"early_stopping_min_steps": 8}}))   # stale from step 4, armed at 8
+    assert [h["step"] for h in late["history"]] == [0, 2, 4, 6, 8] and late["stopped_at_step"] == 8
 
     full = run_finetune(cfg_with(where(water_shards, tmp_path / "full"), SHORT, frozen,
                                  {"train": {"max_steps": 6, "early_stopping_patience": None}}))

@@ -166,6 +166,16 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
     assert len(calls) == 3, "a finished run is never redone"
 
 
+def test_the_convergence_readout_does_not_stop_early_before_patience_min_steps(tmp_path):
+    small = load_study(STUDY, "small")
+    job = water_jobs(small, tmp_path, "dft_water", tmp_path / "dft", ["scratch"], [30], {})[0]
+    train = job.converged_config()["train"]
+    assert (train["max_steps"], train["early_stopping_patience"], train["early_stopping_min_steps"]) == (6000, 10, 3000)
+    assert "early_stopping_min_steps" not in job.config["train"]   # the fixed budget never stops early
+    with pytest.raises(ConfigError, match="patience_min_steps must be in"):
+        load_study(STUDY, "tiny", {"finetune": {"patience_min_steps": 13}})
+
+
 def test_a_signalled_convergence_readout_is_not_recorded_and_resumes(tmp_path, monkeypatch):
     """SIGTERM (SLURM preemption, a killed study) makes run_finetune return {"preempted": ...} after writing a
     checkpoint: that is not a read-out. It was once merged into results.json as a converged read-out of None
