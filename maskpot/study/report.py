@@ -164,7 +164,8 @@ def summarize_ablations(records: list[dict]) -> list[dict]:
         base_conv = G.values(_seed_matched(scratch, seeds), "converged")
         rows.append({"force_converged": G.fmt(conv), "converged_change_vs_baseline": G.compare(conv, base_conv),
                      "ablation": name, "setting": setting, "model": model, "budget": budget, "variant": base,
-                     "seeds": sorted(seeds), "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
+                     "seeds": sorted(seeds), "pretrainings": len({r["pseed"] for r in runs}),
+                     "force_mean": f_mean, "force_std": f_std, "energy_mean": e_mean,
                      "energy_std": e_std, "baseline": named if own else "scratch",
                      "baseline_force": base_f, "force_change_vs_baseline_pct": 100.0 * (f_mean / base_f - 1.0),
                      "without_ablation_force": main_f,
@@ -185,8 +186,9 @@ def ablations_markdown(rows: list[dict], notes: dict[str, str], images: list[str
     for r in rows:
         without = "—" if not math.isfinite(r["without_ablation_force"]) else \
             f"{r['without_ablation_force']:.1f} ({r['without_ablation_change_pct']:+.1f}%)"
+        pretrainings = f" × {r['pretrainings']} pretrainings" if r.get("pretrainings", 1) > 1 else ""
         lines.append(f"| {r['ablation']} | {r['model']} | {r['budget']} | {r['variant']} | "
-                     f"{','.join(map(str, r['seeds']))} | {_fmt(r['energy_mean'], r['energy_std'], 2)} | "
+                     f"{','.join(map(str, r['seeds']))}{pretrainings} | {_fmt(r['energy_mean'], r['energy_std'], 2)} | "
                      f"{_fmt(r['force_mean'], r['force_std'], 1)} | {r['baseline_force']:.1f} ({r['baseline']}) | "
                      f"{r['force_change_vs_baseline_pct']:+.1f}% | {without} | {r['force_converged']} | "
                      f"{r['converged_change_vs_baseline']} |")

@@ -236,6 +236,18 @@ def _run(root, name, force, conv=None, steps=None):
     d.joinpath("results.json").write_text(json.dumps(r))
 
 
+def test_an_ablation_row_pools_and_counts_its_pretrainings(tmp_path):
+    for s in (0, 1):
+        _run(tmp_path, f"egnn_scratch_n30_s{s}", 100.0)
+        _run(tmp_path, f"egnn_mask@paper_n30_s{s}", 80.0)
+        _run(tmp_path, f"egnn_mask@paper_n30_s{s}p1", 90.0)   # pretraining seed 1
+    rows = study_report.summarize_ablations(study_report.collect(tmp_path))
+    assert [(r["pretrainings"], r["force_mean"]) for r in rows] == [(2, 85.0)]
+    assert rows[0]["force_change_vs_baseline_pct"] == pytest.approx(-15.0)
+    assert "| paper | egnn | 30 | mask | 0,1 × 2 pretrainings | 1.00 ± 0.00 | 85.0 ± 5.8 |" in \
+        study_report.ablations_markdown(rows, {}, [])
+
+
 def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(tmp_path):
     for s, f in ((0, 100.0), (1, 104.0)):
         _run(tmp_path, f"egnn_scratch_n30_s{s}", f + 10, f, 300)
