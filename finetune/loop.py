@@ -194,8 +194,8 @@ def make_trainer(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device,
     best = Best(scorer=lambda figures: E.selection_score(
         figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight))
     loop = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer), RS.endless_batches(train_stream),
-                        replay, tracker, best, A.EarlyStopping(t.early_stopping_patience,
-                                                                         t.early_stopping_min_steps))
+                        replay, tracker, best,
+                        A.EarlyStopping(t.early_stopping_patience, t.early_stopping_min_steps))
     return Trainer(cfg, inputs, loop, freeze, ema.module if ema is not None else model, device, train_stream,
                    val_stream, refit_stream, energy_scale, energy_term_scale)
 

@@ -53,7 +53,7 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
             tag = (f"{variant}{ABLATION_MARK}{name}" if changed else variant) if pretrained else baseline
             run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
             for pseed in (a.pretrain_seeds or [pre.seed]) if pretrained else [pre.seed]:
-                init = _pretraining(cfg, out, name, model, params, variant, pseed, run, corpus, dft_shards) \
+                init = _pretraining(cfg, out, name, pre, model, params, variant, pseed, run, corpus, dft_shards) \
                     if pretrained else None
                 for budget in a.budgets:
                     for seed in a.seeds:
@@ -65,11 +65,11 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
     return list(jobs.values())
 
 
-def _pretraining(cfg: StudyConfig, out: Path, name: str, model: str, params: dict, variant: str, pseed: int,
+def _pretraining(cfg: StudyConfig, out: Path, name: str, pre, model: str, params: dict, variant: str, pseed: int,
                  run: str, corpus: Path, dft_shards: Path) -> Path:
-    """The export of ablation `name`'s pretraining of `variant` with seed `pseed` (run RUN, or RUN_pSEED for a
-    seed other than the ablation's pretrain.seed), run first if missing."""
-    a, (pre, _) = cfg.ablations[name], cfg.ablation_stages(name)
+    """The export of ablation `name`'s pretraining (stage `pre`) of `variant` with seed `pseed` (run RUN, or
+    RUN_pSEED for a seed other than pre.seed), run first if missing."""
+    a = cfg.ablations[name]
     objective = water_objective(pre, variant)
     if a.pretrain_data == "dft_train":   # DeePMD lists all O before all H: molecules by nearest oxygen
         objective["water_grouping"] = "nearest_oxygen"

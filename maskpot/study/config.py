@@ -30,6 +30,11 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _pretrain_seeds(seeds: list[int]) -> None:
+    _require(len(set(seeds)) == len(seeds) and min(seeds, default=0) >= 0,
+             f"pretrain_seeds must be distinct integers >= 0, got {seeds}")
+
+
 def _positive(name: str, values) -> None:
     bad = [v for v in values if v < 1]
     _require(not bad, f"{name} must all be >= 1, got {list(values)}")
@@ -191,8 +196,7 @@ class AblationConfig:
         _require(max(self.budgets, default=0) <= 240, f"budgets: the DFT train split holds 240 frames, "
                                                        f"got {self.budgets}")
         _require(bool(self.seeds), "seeds: name at least one")
-        _require(len(set(self.pretrain_seeds)) == len(self.pretrain_seeds) and min(self.pretrain_seeds, default=0) >= 0,
-                 f"pretrain_seeds must be distinct integers >= 0, got {self.pretrain_seeds}")
+        _pretrain_seeds(self.pretrain_seeds)
         _require(self.pretrain_data in ("corpus", "dft_train"),
                  f"pretrain_data must be 'corpus' or 'dft_train', got {self.pretrain_data!r}")
         _require(self.pretrain_init in ("none", "corpus"),
@@ -308,8 +312,7 @@ class StudyConfig:
         self.ablations = {str(n): a if isinstance(a, AblationConfig) else
                           from_dict(AblationConfig, a or {}, where=f"ablations.{n}")
                           for n, a in self.ablations.items()}
-        _require(len(set(self.pretrain_seeds)) == len(self.pretrain_seeds) and min(self.pretrain_seeds, default=0) >= 0,
-                 f"pretrain_seeds must be distinct integers >= 0, got {self.pretrain_seeds}")
+        _pretrain_seeds(self.pretrain_seeds)
         if self.diversity.frames:
             _require(self.diversity.frames in self.scaling.sizes,
                      f"diversity.frames {self.diversity.frames} must be one of scaling.sizes {self.scaling.sizes} "
