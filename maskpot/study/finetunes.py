@@ -7,17 +7,21 @@ with early stopping on the validation force RMSE (`finetune.patience` validation
 finetune.adapt.EarlyStopping) and at most `converge_steps` steps; its test figures, steps and stop reason
 are merged into RUN/results.json under "converged". A run is finished when both read-outs are in
 results.json; an interrupted study finishes only what is missing (a finished read-out is never redone).
+A stop signal (SIGTERM, SIGUSR1: SLURM preemption, `kill`) checkpoints the running finetunes, starts no other,
+and exits naming them; the same command resumes them.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
+import multiprocessing
 import os
 import resource
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import yaml
@@ -29,6 +33,11 @@ RESULTS = "results.json"
 CONVERGED = "converged"      # sub-folder and results.json key of the at-convergence read-out
 CONVERGED_KEYS = ("test", "best_step", "best_val", "steps", "max_steps", "stopped_early", "stopped_at_step",
                   "train_seconds", "history")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # finetune's preemption signals (pretrain.checkpoint.PREEMPT_SIGNALS)
+# The stop signal this process received outside a finetune's training loop (which has its own flag), or that
+# stopped one: the study parent, or a pool worker, starts no further finetune once it is set.
+_stopped_by: list[str] = []
+NOT_STARTED = "not started"
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,8 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
     from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
     from finetune.loop import run_finetune  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
+    if _stopped_by:   # a stop signal came before this job started: leave it to the rerun
+        return {"name": job.name, "seconds": 0.0, "not_started": _stopped_by[0]}
     torch.set_num_threads(threads)
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +147,7 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
         config = {**config, "train": {"threads": threads, **config.get("train", {})}}   # the pool's share
         results = run_finetune(from_dict(FinetuneConfig, config))
         if "preempted" in results:   # SIGTERM/SIGUSR1: a checkpoint to resume from, not a read-out to record
+            _stopped_by.append(results["preempted"])
             raise FinetuneInterrupted(f"{job.name}: stopped by {results['preempted']} at step {results.get('step')}, "
                                       f"checkpoint in {results.get('checkpoint')}")
         return results
@@ -144,6 +156,8 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
     try:
         results = json.loads(path.read_text()) if path.is_file() else finetune(job.config)
         if job.converge_steps and CONVERGED not in results:
+            if _stopped_by:
+                raise FinetuneInterrupted(f"{job.name}: stopped by {_stopped_by[0]} before its at-convergence read-out")
             done = run_dir / CONVERGED / RESULTS      # finished before an interruption, not yet merged
             conv = json.loads(done.read_text()) if done.is_file() else finetune(job.converged_config())
             results = {**json.loads(path.read_text()), CONVERGED: {k: conv.get(k) for k in CONVERGED_KEYS}}
@@ -172,22 +186,69 @@ def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetu
     env_before = os.environ.get("TQDM_DISABLE")
     if cfg.finetune.jobs > 1:
         os.environ["TQDM_DISABLE"] = "1"  # interleaved bars from parallel runs are unreadable; one line per run
-    interrupted = []
+    _stopped_by.clear()
+    stopped: list[str] = []   # what stopped each interrupted run, or "not started"
     try:
         if cfg.finetune.jobs == 1:
-            for i, job in enumerate(todo, 1):
-                interrupted += _report(i, len(todo), _finetune_worker(job, threads))
+            with _stop_signals(_note_stop):
+                for i, job in enumerate(todo, 1):
+                    stopped += _report(i, len(todo), _finetune_worker(job, threads))
         else:
-            with ProcessPoolExecutor(cfg.finetune.jobs, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(_finetune_worker, job, threads) for job in todo]
-                for i, fut in enumerate(as_completed(futures), 1):
-                    interrupted += _report(i, len(todo), fut.result())
+            stopped = _run_pool(cfg.finetune.jobs, todo, threads)
     finally:
         if env_before is None:
             os.environ.pop("TQDM_DISABLE", None)
-    if interrupted:   # never recorded as read-outs: the same command resumes them from their checkpoints
-        raise SystemExit(f"study: {len(interrupted)} finetune(s) interrupted ({'; '.join(interrupted)}); "
+    if stopped:   # never recorded as read-outs: the same command resumes them from their checkpoints
+        interrupted = [s for s in stopped if s != NOT_STARTED]
+        waiting = f", {len(stopped) - len(interrupted)} not started" if len(interrupted) < len(stopped) else ""
+        raise SystemExit(f"study: {len(interrupted)} finetune(s) interrupted ({'; '.join(interrupted)}){waiting}; "
                          f"rerun the same command to resume them")
+
+
+def _run_pool(jobs: int, todo: list[FinetuneJob], threads: int) -> list[str]:
+    """`jobs` finetunes at a time in spawned workers. A stop signal to this process (or to its process group)
+    reaches every worker: each running finetune checkpoints and returns, queued ones are not started, and this
+    process waits for them all, so no worker outlives it."""
+    futures: list[Future] = []
+
+    def forward(signum, frame) -> None:
+        _note_stop(signum, frame)
+        for f in futures:
+            f.cancel()   # only the ones no worker has taken yet
+        for child in multiprocessing.active_children():   # the pool's workers (their own children are theirs)
+            if child.pid is not None:
+                os.kill(child.pid, signum)
+
+    stopped: list[str] = []
+    with _stop_signals(forward), ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_stop_signals_noted) as pool:
+        futures += [pool.submit(_finetune_worker, job, threads) for job in todo]
+        for i, fut in enumerate(as_completed(futures), 1):
+            result = {"name": "?", "not_started": _stopped_by[0]} if fut.cancelled() else fut.result()
+            stopped += _report(i, len(todo), result)
+    return stopped
+
+
+def _note_stop(signum, frame) -> None:
+    _stopped_by.append(signal.Signals(signum).name)
+
+
+@contextmanager
+def _stop_signals(handler):
+    """`handler` for the stop signals while the block runs (a finetune's training loop installs its own flag
+    and restores this one after); the previous handlers come back after."""
+    saved = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, previous in saved.items():
+            signal.signal(s, previous)
+
+
+def _stop_signals_noted() -> None:
+    """Pool worker initializer: a stop signal between two finetunes is noted, so the worker starts no other."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, _note_stop)
 
 
 def _banner(text: str) -> None:
@@ -203,6 +264,8 @@ def _figures(test: dict | None) -> str:
 
 def _report(i: int, n: int, result: dict) -> list[str]:
     """Print one finished (or interrupted) finetune; returns [what stopped it] for an interrupted one."""
+    if result.get("not_started"):
+        return [NOT_STARTED]
     if result.get("interrupted"):
         print(f"[{i}/{n}] interrupted: {result['interrupted']} ({result['seconds']:.0f} s)", flush=True)
         return [result["interrupted"]]
@@ -214,13 +277,14 @@ def _report(i: int, n: int, result: dict) -> list[str]:
 
 def _prepare_tracking(cfg: StudyConfig, job: FinetuneJob) -> None:
     """Create the sqlite store and the experiment once, before parallel runs race to migrate the schema."""
-    if not job.config["tracking"]["uri"].startswith("sqlite:"):
+    tracking = job.config["tracking"]
+    if not tracking.get("enabled", True) or not str(tracking.get("uri")).startswith("sqlite:"):
         return
     from mlflow import MlflowClient  # startup: mlflow (+12 s over torch) only when tracking is on
 
     from finetune.tracking import ARTIFACTS_DIR  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
-    uri = job.config["tracking"]["uri"]
+    uri = tracking["uri"]
     client = MlflowClient(tracking_uri=uri)
     if client.get_experiment_by_name(cfg.experiment) is None:
         artifacts = Path(uri.removeprefix("sqlite:///")).parent / ARTIFACTS_DIR
