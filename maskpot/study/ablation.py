@@ -10,6 +10,7 @@ each beside its baseline: scratch@NAME when the finetune budget changed, else th
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import yaml
 
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.finetunes import Timings, finetune_config, run_finetunes
+from maskpot.study.finetunes import Timings, finetune_config, run_finetunes, run_name, wanted
 from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
 from maskpot.study.stages import stage_corpus, stage_dft_shards
 
@@ -32,8 +33,11 @@ def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
     return names
 
 
-def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path) -> list:
-    """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first."""
+def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shards: Path,
+                  pretrain: bool = True) -> list:
+    """Finetune jobs of ablation `name` and of its baseline; runs the pretrainings they need first. Under
+    `only`, a pretraining none of whose finetunes is selected is not run, and its finetunes are left out.
+    `pretrain=False`: every job, with no pretraining run and no init (their names, for check_only)."""
     a = cfg.ablations[name]
     pre, fin = cfg.ablation_stages(name)
     on_dft, two_stage = a.pretrain_data == "dft_train", a.pretrain_init == "corpus"
@@ -53,16 +57,26 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
             tag = (f"{variant}{ABLATION_MARK}{name}" if changed else variant) if pretrained else baseline
             run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
             for pseed in (a.pretrain_seeds or [pre.seed]) if pretrained else [pre.seed]:
+                tag_seed = None if pseed == pre.seed else pseed
+                if pretrain and pretrained and not _any_selected(cfg, name, model, tag, tag_seed):
+                    continue
                 init = _pretraining(cfg, out, name, pre, model, params, variant, pseed, run, corpus, dft_shards) \
-                    if pretrained else None
+                    if pretrain and pretrained else None
                 for budget in a.budgets:
                     for seed in a.seeds:
                         job = finetune_config(cfg, out, "dft_water", dft_shards, model, params, tag, budget, seed,
-                                              init, stage=fin, pretrain_seed=None if pseed == pre.seed else pseed)
+                                              init, stage=fin, pretrain_seed=tag_seed)
                         job.config["tracking"]["tags"].update({"study.baseline": baseline,
                                                                "study.pretrain_seed": pseed})
                         jobs[job.run_dir] = job
     return list(jobs.values())
+
+
+def _any_selected(cfg: StudyConfig, name: str, model: str, tag: str, pretrain_seed: int | None) -> bool:
+    """Whether `only` selects a finetune of ablation `name` of MODEL_TAG from pretraining seed `pretrain_seed`."""
+    a = cfg.ablations[name]
+    return any(wanted(cfg, f"dft_water/{run_name(model, tag, budget, seed, pretrain_seed)}")
+               for budget in a.budgets for seed in a.seeds)
 
 
 def _pretraining(cfg: StudyConfig, out: Path, name: str, pre, model: str, params: dict, variant: str, pseed: int,
@@ -77,6 +91,18 @@ def _pretraining(cfg: StudyConfig, out: Path, name: str, pre, model: str, params
     return pretrain_one(cfg, out / "pretrain" / (run + ("" if pseed == pre.seed else f"_p{pseed}")),
                         dft_shards if a.pretrain_data == "dft_train" else corpus, model, params, objective, pre.steps,
                         pre.batch_size, stage=dataclasses.replace(pre, seed=pseed), init=first)
+
+
+def check_only(cfg: StudyConfig, out: Path, names: list[str]) -> None:
+    """Every `only` glob must match some finetune of ablations `names`: a mistyped one fails before any work
+    (it would select nothing, silently)."""
+    if not cfg.only:
+        return
+    runs = [j.name for n in names for j in ablation_jobs(cfg, out, n, out, out, pretrain=False)]
+    unmatched = [p for p in cfg.only if not any(fnmatch.fnmatchcase(r, p) for r in runs)]
+    if unmatched:
+        raise ValueError(f"--only {unmatched}: no finetune of ablation(s) {names} is named like that; "
+                         f"their names: {', '.join(runs)}")
 
 
 def needs_corpus(cfg: StudyConfig, name: str) -> bool:
@@ -113,6 +139,7 @@ def describe(cfg: StudyConfig, names: list[str]) -> str:
 def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     if not cfg.dft_water.enabled:
         raise ValueError("ablations run on DFT water: dft_water.enabled must be true")
+    check_only(cfg, out, names)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study_ablations.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     print(f"study '{cfg.experiment}', scale {cfg.scale}, ablations → {out}\n{describe(cfg, names)}", flush=True)
@@ -124,3 +151,4 @@ def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     for name in names:
         jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))  # noqa: B023 - run at once
         timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))  # noqa: B023 - run at once
+

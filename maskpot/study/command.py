@@ -31,8 +31,9 @@ def add_command(subparsers) -> None:
                    help="dotted overrides, e.g. finetune.jobs=1 seeds=[0] dft_water.budgets=[30]")
     p.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                    help="run only the finetunes whose name SETTING/RUN matches a shell glob, e.g. "
-                        "'dft_water/egnn_mask@dft_positions_n30_s*p1' (--plan lists the names); the pretrainings "
-                        "they need still run; the report covers every finished run")
+                        "'dft_water/egnn_mask@dft_positions_n30_s*p1' (pretraining seed 0 has no p suffix); "
+                        "the pretrainings they need still run (with --ablation only those, and a glob that "
+                        "matches none of its finetunes is refused); the report covers every finished run")
     p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME",

@@ -168,9 +168,14 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
             "converged": (results.get(CONVERGED) or {}).get("test")}
 
 
+def wanted(cfg: StudyConfig, name: str) -> bool:
+    """Whether `cfg.only` (shell globs on SETTING/RUN) selects the finetune `name`; every one when it is empty."""
+    return not cfg.only or any(fnmatch.fnmatchcase(name, p) for p in cfg.only)
+
+
 def selected(cfg: StudyConfig, jobs: list[FinetuneJob]) -> list[FinetuneJob]:
-    """The jobs that `cfg.only` (shell globs on SETTING/RUN) selects; all of them when it is empty."""
-    return [j for j in jobs if not cfg.only or any(fnmatch.fnmatchcase(j.name, p) for p in cfg.only)]
+    """The jobs that `cfg.only` selects."""
+    return [j for j in jobs if wanted(cfg, j.name)]
 
 
 def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetuning") -> None:

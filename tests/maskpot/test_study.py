@@ -323,3 +323,25 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     assert adapt["backbone_lr_mult"] == 0.2
     table = (out / "report" / "ablations.md").read_text()
     assert "| backbone_lr | egnn | 8 | mask | 0 |" in table
+
+
+def test_only_runs_just_the_pretrainings_of_the_selected_ablation_finetunes_and_a_typo_fails_first(
+        tmp_path, pretrain_configs):
+    """`--only` on a 2 × 2 ablation: the pretraining no selected finetune reads is not run (it once cost a
+    20-minute pretraining for nothing), and a glob that names no finetune — pretraining seed 0 has no p0
+    suffix — fails before any work instead of silently selecting nothing."""
+    from maskpot.study.ablation import ablation_jobs, run_ablations
+    from maskpot.study.finetunes import selected
+
+    cfg = load_study(STUDY, "tiny", {"ablations": {"paper": {"variants": ["mask"], "budgets": [8], "seeds": [0, 1],
+                                                             "pretrain_seeds": [0, 1], "pretrain_data": "dft_train"}},
+                                     "only": ["dft_water/egnn_mask@paper_n8_s1"]})
+    jobs = ablation_jobs(cfg, tmp_path, "paper", tmp_path / "c", tmp_path / "d")
+    assert list(pretrain_configs) == ["egnn_mask@paper"]    # not egnn_mask@paper_p1
+    assert [j.name for j in selected(cfg, jobs)] == ["dft_water/egnn_mask@paper_n8_s1"]
+    typo = dataclasses.replace(cfg, only=["dft_water/egnn_mask@paper_n8_s1", "dft_water/egnn_mask@paper_n8_s1p0"])
+    with pytest.raises(ValueError, match=r"--only \['dft_water/egnn_mask@paper_n8_s1p0'\]: no finetune of "
+                                         r"ablation\(s\) \['paper'\] is named like that; their names: "
+                                         r"dft_water/egnn_scratch_n8_s0, .*dft_water/egnn_mask@paper_n8_s1p1"):
+        run_ablations(typo, tmp_path / "run", ["paper"])
+    assert not (tmp_path / "run").exists() and list(pretrain_configs) == ["egnn_mask@paper"]   # before any work
