@@ -25,7 +25,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from data_shards.config_io import config_hash, to_dict
 from data_shards.manifest import load_manifest, rereference_transform
 from data_shards.stream import ShardStream
-from data_shards.version import maskpot_version
+from data_shards.version import maskpot_version, platform_info
 from finetune import adapt as A
 from finetune import energy as E
 from finetune import replay as R
@@ -78,7 +78,8 @@ def make_model(cfg: FinetuneConfig, inputs: Inputs) -> tuple[torch.nn.Module, di
 
 def tracking_tags(cfg: FinetuneConfig, inputs: Inputs) -> dict:
     tags: dict[str, object] = {"maskpot.version": maskpot_version(), "maskpot.config_sha256": config_hash(cfg),
-                               "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch"}
+                               "maskpot.manifest_sha256": inputs.manifest_sha256, "maskpot.init": cfg.init or "scratch",
+                               **{f"maskpot.platform.{k}": v for k, v in platform_info().items()}}
     if inputs.init_meta is not None:
         tags["maskpot.init_sha256"] = inputs.init_sha256
         for key, value in flatten_config(inputs.init_meta["lineage"]).items():
@@ -248,7 +249,7 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "manifest_sha256": inputs.manifest_sha256, "config_sha256": config_hash(cfg),
         "export_dir": str(export_dir), "export_last_dir": str(last_dir), "select": t.select,
         "best_score": best.score, "energy_loss_scale_ev_per_atom": trainer.energy_term_scale,
-        "device": str(trainer.device), "ema_decay": cfg.optim.ema_decay,
+        "device": str(trainer.device), "platform": platform_info(), "ema_decay": cfg.optim.ema_decay,
         "adapt": {**to_dict(cfg.adapt), "new_species": inputs.new_species,
                   "head_parameters": sum(p.numel() for _, p in A.split_parameters(model)[A.HEAD])},
         "replay": L.replay.summary() if L.replay is not None else None,

@@ -15,7 +15,7 @@ from numbers import Real
 from pathlib import Path
 
 from data_shards.config_io import config_hash
-from data_shards.version import maskpot_version
+from data_shards.version import maskpot_version, platform_info
 from pretrain.config import PretrainConfig, flatten
 from pretrain.tracking import Tracker
 from pretrain.tracking_links import LINEAGE_EXPERIMENT_ID, LINEAGE_RUN_ID, LINEAGE_TRACKING_URI, ui_command
@@ -37,7 +37,8 @@ def start(cfg: PretrainConfig, rank: int, world_size: int, out_dir: Path, manife
     params["world_size"] = world_size
     tags = {"maskpot.stage": "pretrain", "maskpot.version": maskpot_version(),
             "maskpot.config_sha256": config_hash(cfg), "maskpot.manifest_sha256": manifest_hash,
-            "maskpot.objective": cfg.objective.kind, "maskpot.model": cfg.model.name}
+            "maskpot.objective": cfg.objective.kind, "maskpot.model": cfg.model.name,
+            **{f"maskpot.platform.{k}": v for k, v in platform_info().items()}}
     tracker.start(params, tags)
     if tracker.run_id is not None:
         run_file.write_text(json.dumps({"run_id": tracker.run_id, "experiment_id": tracker.experiment_id,

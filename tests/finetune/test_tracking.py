@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from finetune.forcefield import metrics as M
 from tests.helpers.finetuning import LEARNS, cfg_with, where
@@ -85,6 +86,9 @@ def test_finetune_logs_everything_to_an_mlflow_server(mlflow_server, water_shard
     assert tags["purpose"] == "test" and tags["maskpot.init"] == "scratch"
     assert tags["maskpot.manifest_sha256"] == results["manifest_sha256"]
     assert tags["maskpot.config_sha256"] == results["config_sha256"]
+    # the machine: the same run gives other digits on another CPU model (data_shards.version.platform_info)
+    assert tags["maskpot.platform.cpu"] == results["platform"]["cpu"] != ""
+    assert tags["maskpot.platform.torch"] == results["platform"]["torch"] == torch.__version__
 
     val = client.get_metric_history(run.info.run_id, "val/force_rmse_mev_per_a")
     assert [m.step for m in sorted(val, key=lambda m: m.step)] == [0, 4, 8, 12]

@@ -56,6 +56,7 @@ def test_pretraining_is_a_run_and_finetuning_links_to_it(mlflow_server, water_sh
     experiment = client.get_experiment_by_name("lineage")
     (run,) = client.search_runs([experiment.experiment_id])      # rank 0 only: one run, not two
     assert run.info.status == "FINISHED" and run.data.tags["maskpot.stage"] == "pretrain"
+    assert run.data.tags["maskpot.platform.cpu"] and run.data.tags["maskpot.platform.torch"].startswith("2.")
     assert run.data.params["model.name"] == "egnn" and run.data.params["world_size"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
