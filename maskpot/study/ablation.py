@@ -151,4 +151,3 @@ def run_ablations(cfg: StudyConfig, out: Path, names: list[str]) -> None:
     for name in names:
         jobs = timings.stage(f"{name}_pretrain", lambda: ablation_jobs(cfg, out, name, corpus, shards))  # noqa: B023 - run at once
         timings.stage(f"{name}_finetune", lambda: run_finetunes(cfg, jobs))  # noqa: B023 - run at once
-

@@ -130,13 +130,13 @@ class FinetuneInterrupted(Exception):
 
 
 def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
+    if _stopped_by:   # a stop signal came before this job started: leave it to the rerun
+        return {"not_started": _stopped_by[0]}
     import torch  # startup: torch (+7 s) off the maskpot CLI start; the parent never needs it to plan or report
 
     from finetune.config import FinetuneConfig  # startup: imports torch (+7 s); kept off the maskpot CLI start
     from finetune.loop import run_finetune  # startup: imports torch (+7 s); kept off the maskpot CLI start
 
-    if _stopped_by:   # a stop signal came before this job started: leave it to the rerun
-        return {"name": job.name, "seconds": 0.0, "not_started": _stopped_by[0]}
     torch.set_num_threads(threads)
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def _run_pool(jobs: int, todo: list[FinetuneJob], threads: int) -> list[str]:
                                                      initializer=_stop_signals_noted) as pool:
         futures += [pool.submit(_finetune_worker, job, threads) for job in todo]
         for i, fut in enumerate(as_completed(futures), 1):
-            result = {"name": "?", "not_started": _stopped_by[0]} if fut.cancelled() else fut.result()
+            result = {"not_started": _stopped_by[0]} if fut.cancelled() else fut.result()
             stopped += _report(i, len(todo), result)
     return stopped
 

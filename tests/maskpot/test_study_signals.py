@@ -47,6 +47,8 @@ def test_a_stop_signal_checkpoints_the_running_finetunes_starts_no_other_and_res
         tmp_path, water_shards, monkeypatch, capfd, caplog, jobs, signum):
     monkeypatch.setenv("MASKPOT_TEST_STEP_SLEEP_S", "1")     # slow steps: the signal lands mid-run
     cfg, todo = _jobs(tmp_path, water_shards, jobs)
+    from pretrain.checkpoint import PREEMPT_SIGNALS
+    assert finetunes.STOP_SIGNALS == PREEMPT_SIGNALS   # the study's copy (kept off torch) is finetune's set
     handlers = [signal.getsignal(s) for s in finetunes.STOP_SIGNALS]
     watcher = _signal_once_training(todo, jobs, signum)
     with pytest.raises(SystemExit) as stop:
