@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,11 +104,14 @@ def make_scheduler(cfg: FinetuneConfig, optimizer):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.optim.lr_multiplier(step, cfg.train.max_steps))
 
 
-def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
+def run_finetune(cfg: FinetuneConfig, resume: str = "auto",
+                 pending_stop: Callable[[], str | None] | None = None) -> dict:
     """Train, keep the best model, test it, export it, track it; returns the content of results.json.
 
     `resume`: auto continues from OUT_DIR/checkpoint when there is one (finetune.resume), never ignores it.
     A run stopped by SIGUSR1/SIGTERM returns {"preempted": signal name, "step": …, "checkpoint": …}.
+    `pending_stop`: a caller that catches those signals itself says here which one came during the setup
+    (finetune.resume.preemption_signals); the run then stops after its first step.
     """
     if resume not in RS.RESUME_MODES:
         raise ValueError(f"--resume {resume!r} is not one of {list(RS.RESUME_MODES)}")
@@ -144,7 +148,7 @@ def run_finetune(cfg: FinetuneConfig, resume: str = "auto") -> dict:
         tracker.start(params, {**tracking_tags(cfg, inputs), **{str(k): v for k, v in cfg.tracking.tags.items()}})
         tracker.log_artifact(config_path)
     try:
-        with RS.preemption_signals() as preempt:
+        with RS.preemption_signals(pending_stop) as preempt:
             results = _train_and_test(cfg, inputs, model, arch, device, tracker, out_dir, checkpoint, preempt)
         results["energy_offset_refit"] = refit
     except BaseException:

@@ -20,6 +20,7 @@ import shutil
 import signal
 import threading
 import types
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,16 +50,22 @@ STEP_SLEEP_ENV = "MASKPOT_TEST_STEP_SLEEP_S"  # tests: seconds to sleep per step
 
 
 @contextmanager
-def preemption_signals():
+def preemption_signals(pending: Callable[[], str | None] | None = None):
     """SIGUSR1/SIGTERM only set a flag (`.signal`) while the loop runs; the previous handlers come back after.
 
+    `pending`: the name of a stop signal the caller's own handler caught before the loop's was installed
+    (during the run's setup), or None; the flag starts raised with it, so the loop stops after its first step.
     Off the main thread (signals cannot be caught there) the flag simply never rises."""
     if threading.current_thread() is not threading.main_thread():
         yield types.SimpleNamespace(signal=None)
         return
     saved = {s: signal.getsignal(s) for s in PREEMPT_SIGNALS}
     try:
-        yield PreemptionFlag()
+        flag = PreemptionFlag()   # installed first: a signal from here on raises the flag itself
+        caught_before = pending() if pending is not None else None
+        if caught_before and flag.signal is None:
+            flag.signal = signal.Signals[caught_before]
+        yield flag
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)

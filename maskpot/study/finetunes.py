@@ -145,7 +145,7 @@ def _finetune_worker(job: FinetuneJob, threads: int) -> dict:
 
     def finetune(config: dict) -> dict:
         config = {**config, "train": {"threads": threads, **config.get("train", {})}}   # the pool's share
-        results = run_finetune(from_dict(FinetuneConfig, config))
+        results = run_finetune(from_dict(FinetuneConfig, config), pending_stop=_pending_stop)
         if "preempted" in results:   # SIGTERM/SIGUSR1: a checkpoint to resume from, not a read-out to record
             _stopped_by.append(results["preempted"])
             raise FinetuneInterrupted(f"{job.name}: stopped by {results['preempted']} at step {results.get('step')}, "
@@ -248,6 +248,11 @@ def _stop_signals(handler):
     finally:
         for s, previous in saved.items():
             signal.signal(s, previous)
+
+
+def _pending_stop() -> str | None:
+    """The stop signal noted before a finetune's training loop installed its own flag (during its setup)."""
+    return _stopped_by[0] if _stopped_by else None
 
 
 def _stop_signals_noted() -> None:

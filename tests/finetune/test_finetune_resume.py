@@ -128,3 +128,22 @@ def test_a_checkpoint_of_another_config_is_refused(water_shards, tmp_path, monke
         loop.run_finetune(config(water_shards, out, max_steps=4, val_every=2))
     fresh = loop.run_finetune(config(water_shards, out, max_steps=4, val_every=2), resume="never")
     assert fresh["steps"] == 4
+
+
+def test_a_signal_during_setup_stops_after_the_first_step(water_shards, tmp_path, monkeypatch):
+    """A caller that catches the stop signals itself (the study's pool worker) and got one while the run was
+    still being set up hands it over with `pending_stop`: the loop checkpoints after step 1 instead of
+    training to the end."""
+    caught: list[str] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signal.Signals(signum).name))
+    real = loop.check_cutoff_fits_data
+
+    def signalled_during_setup(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "check_cutoff_fits_data", signalled_during_setup)
+    out = tmp_path / "run"
+    stopped = loop.run_finetune(config(water_shards, out), pending_stop=lambda: caught[0] if caught else None)
+    assert caught == ["SIGTERM"] and stopped["preempted"] == "SIGTERM" and stopped["step"] == 1
+    assert json.loads((out / CHECKPOINT_DIR / "state.json").read_text())["step"] == 1
