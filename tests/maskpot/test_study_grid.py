@@ -142,7 +142,7 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
 
     calls = []
 
-    def fake_finetune(cfg):
+    def fake_finetune(cfg, pending_stop=None):
         out = Path(cfg.train.out_dir)
         calls.append((out.name, cfg.train.max_steps, cfg.train.early_stopping_patience))
         if len(calls) == 2 and not getattr(fake_finetune, "resumed", False):
@@ -184,7 +184,7 @@ def test_a_signalled_convergence_readout_is_not_recorded_and_resumes(tmp_path, m
 
     calls = []
 
-    def fake_finetune(cfg):
+    def fake_finetune(cfg, pending_stop=None):
         out = Path(cfg.train.out_dir)
         calls.append(out.name)
         if out.name == "converged" and calls.count("converged") == 1:
