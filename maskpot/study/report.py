@@ -317,9 +317,9 @@ def write_report(out: Path) -> str:
         (report / "summary.md").write_text(text)
         return text
     write_ablations(out, [r for r in records if not G.experiment_tag(r["variant"])])
-    grid = G.scaling_markdown(rows, G.plot_scaling(rows, report / "scaling.png").name) \
+    scaling = G.scaling_markdown(rows, G.plot_scaling(rows, report / "scaling.png").name) \
         if (rows := G.scaling_rows(records)) else ""
-    grid += G.comparisons_markdown(records)
+    grid = "\n".join(part for part in (scaling, G.comparisons_markdown(records)) if part)   # a blank line between
     for (model, budget), runs in G.two_stage_groups(records).items():
         if not any(r["history_conv"] for r in runs):
             continue

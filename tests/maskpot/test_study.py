@@ -272,8 +272,8 @@ def test_ablation_plan_names_what_changes_and_refuses_unknown_names(tmp_path):
 def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, shared_data):
     """corpus → one pretraining (mask) → scratch and mask finetunes on DFT water, each read out at the budget
     and at convergence → report; a rerun redoes nothing; an ablation reuses the pretraining and scratch run.
-    TIP3P, ethanol and the scaling / diversity / two-stage arms are off at tiny: their jobs, plan and report
-    are tested without training (here and in test_study_grid.py)."""
+    Then the scaling, diversity and two-stage arms switched on (off at tiny by default) run over the same
+    folder. TIP3P and ethanol are off at tiny: their jobs, plan and report are tested without training."""
     out = tmp_path / "study"
     args = ["study", "--scale", "tiny", "--out", out, "--config", STUDY, "--override",
             f"dft_water.path={shared_data / 'water_deepmd'}"]
@@ -323,6 +323,40 @@ def test_tiny_study_runs_every_stage_resumes_and_tracks_each_run(tmp_path, share
     assert adapt["backbone_lr_mult"] == 0.2
     table = (out / "report" / "ablations.md").read_text()
     assert "| backbone_lr | egnn | 8 | mask | 0 |" in table
+    _extended_arms_reuse_the_main_runs_and_report(args, out, stamps, tmp_path)
+
+
+EXTENDED = ["scaling.sizes=[8,16]", "diversity.frames=16", "two_stage.enabled=true"]
+
+
+def _extended_arms_reuse_the_main_runs_and_report(args, out, stamps, cwd):
+    """The scaling, diversity and two-stage arms switched on over the finished tiny study: a corpus with sampled
+    conditions and both water models (one Ray task per trajectory), one pretraining per size and arm, a
+    two-stage export whose lineage holds both stages, both read-outs of every new finetune, and the report's
+    scaling curve, comparisons and stage times; the main runs are reused."""
+    done = maskpot(*args, *EXTENDED, cwd=cwd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}, "the main runs are reused, never redone"
+    arms = {"twostage", "dft_positions", "corpus8", "corpus16", "single16"}
+    for arm in arms:
+        results = json.loads((out / f"finetune/dft_water/egnn_mask@{arm}_n8_s0/results.json").read_text())
+        assert results["test"] and results["converged"]["test"], arm
+        assert (out / f"pretrain/egnn_mask@{arm}/export/model.json").is_file(), arm
+    lineage = json.loads((out / "pretrain/egnn_mask@twostage/export/model.json").read_text())["lineage"]
+    assert Path(lineage["init"]) == out / "pretrain/egnn_mask/export" and lineage["init_lineage"]["steps"] == 4
+    sampled = json.loads((out / "data/generated/corpus/corpus.json").read_text())
+    assert {t["model"] for t in sampled["trajectories"]} == {"tip3p", "spcfw"}
+    assert len({(t["temperature_k"], t["density_g_cm3"]) for t in sampled["trajectories"]}) == 4
+    assert len(list((out / "data/generated/corpus").glob("traj-*.extxyz"))) == 4
+    single = json.loads((out / "data/generated/single/corpus.json").read_text())
+    assert {(t["model"], t["temperature_k"]) for t in single["trajectories"]} == {("tip3p", 300.0)}
+    summary = (out / "report" / "summary.md").read_text()
+    assert "| egnn | mask | 8 | 8 | 1 |" in summary and "| egnn | mask | 8 | 16 | 1 |" in summary   # the curve
+    assert "\n\n## Two-stage and diversity" in summary and "| two-stage | 1 |" in summary
+    assert "| sampled conditions and models | 1 |" in summary and "| one condition | 1 |" in summary
+    for stage in ("scaling_pretrain", "diversity_finetune", "two_stage_pretrain"):
+        assert f"| {stage} |" in summary
+    assert (out / "report" / "scaling.png").is_file() and (out / "report" / "two_stage_egnn_n8.png").is_file()
 
 
 def test_only_runs_just_the_pretrainings_of_the_selected_ablation_finetunes_and_a_typo_fails_first(
