@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -206,3 +207,19 @@ def destroy() -> None:
     if is_ready():
         barrier()
         dist.destroy_process_group()
+
+
+def exit_rank(code: int) -> NoReturn:
+    """End this rank now with status `code`: flush stdout/stderr, then skip interpreter finalization.
+
+    For a rank whose work is finished and agreed on (after `destroy()`). torch's C++ threads (gloo's
+    workers, the TCPStore rank 0 hosts) may still release Python objects while the interpreter is being
+    torn down; a thread that then needs the GIL aborts the process ("terminate called without an active
+    exception", status 134) after the rank succeeded (pytorch/pytorch#179291). atexit handlers do not run.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(code)

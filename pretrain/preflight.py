@@ -214,4 +214,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    D.exit_rank(main())  # not sys.exit: a finished rank must not abort in torch's teardown (see exit_rank)

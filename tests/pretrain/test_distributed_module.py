@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,20 @@ def test_launch_checks_name_the_setting_and_value():
         D.check_launch(cpu, "gloo", env={"MASTER_ADDR": "no-such-node.invalid"}, gpus=0)
     D.check_launch(cpu, "gloo", env={"MASTER_ADDR": "127.0.0.1"}, gpus=0)
     D.check_launch(cpu, "gloo", env={"MASTER_ADDR": socket.gethostname()}, gpus=0)
+
+
+EXIT_RANK = """
+import atexit, sys
+from pretrain import distributed as D
+atexit.register(lambda: print("finalization ran"))
+print("table", end="")                     # stdout is a pipe here: block-buffered, not yet written
+sys.stderr.write("warning")
+D.exit_rank(3)
+print("not reached")
+"""
+
+
+def test_exit_rank_keeps_the_output_and_status_and_skips_finalization():
+    out = subprocess.run([sys.executable, "-c", EXIT_RANK], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert (out.returncode, out.stdout, out.stderr) == (3, "table", "warning")
