@@ -24,7 +24,7 @@ from data_shards.config_io import from_dict
 from data_shards.corpus.conditions import CorpusConfig as Conditions
 from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.finetunes import _banner, finetune_config, run_finetunes
+from maskpot.study.finetunes import _banner, finetune_config, run_finetunes, run_name, wanted
 from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
 
 GENERATED = Path("data") / "generated"
@@ -59,11 +59,16 @@ def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes
 
 
 def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budgets, models) -> list:
-    """Pretrain each variant on each corpus (tag → shards) and finetune it on DFT water as VARIANT@TAG."""
+    """Pretrain each variant on each corpus (tag → shards) and finetune it on DFT water as VARIANT@TAG. Under
+    `only`, a pretraining none of whose finetunes is selected is not run, and its finetunes are left out."""
     jobs = []
     for model, params in (models or cfg.models).items():
         for tag, shards in corpora.items():
             for variant in variants:
+                names = [f"dft_water/{run_name(model, f'{variant}{ABLATION_MARK}{tag}', budget, seed)}"
+                         for budget in budgets for seed in cfg.seeds]
+                if not any(wanted(cfg, name) for name in names):
+                    continue
                 init = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}{ABLATION_MARK}{tag}", shards, model,
                                     params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
                                     cfg.pretrain.batch_size)

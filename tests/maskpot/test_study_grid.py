@@ -128,6 +128,24 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
                                  for s in ("pretrain", "finetune")}
 
 
+def test_only_skips_the_experiment_pretrainings_no_selected_finetune_reads(tmp_path, monkeypatch, pretrain_configs):
+    """`--only` on the scaling curve of two models: one model and one size are pretrained, not all six (a GNS
+    scaling arm nobody selected once cost an hour of pretraining); the selected finetunes and the scratch
+    baseline are still handed to the runner."""
+    finetuned = {}
+    monkeypatch.setattr(grid, "stage_generated",
+                        lambda cfg, out, name, mapping, sizes: {n: out / "shards" / f"{name}{n}" for n in sizes})
+    monkeypatch.setattr(grid, "run_finetunes",
+                        lambda cfg, jobs, what: finetuned.update({what: finetunes.selected(cfg, jobs)}))
+    cfg = load_study(STUDY, "tiny", {
+        "scaling": {"sizes": [8, 16], "models": {"egnn": {"hidden": 8, "layers": 1}, "gns": {"latent": 8, "steps": 1}}},
+        "only": ["dft_water/egnn_mask@corpus16_n8_s0", "dft_water/gns_scratch_n8_s0"]})
+    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "corpus", tmp_path / "dft")
+    assert sorted(pretrain_configs) == ["egnn_mask@corpus16"]
+    assert sorted(j.name for j in finetuned["scaling finetunes"]) == ["dft_water/egnn_mask@corpus16_n8_s0",
+                                                                      "dft_water/gns_scratch_n8_s0"]
+
+
 def _finished_readout(out: Path, steps: int) -> dict:
     """What a fake run_finetune writes and returns: test F 50 at convergence, 80 at the fixed budget."""
     result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
