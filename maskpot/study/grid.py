@@ -65,15 +65,14 @@ def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budget
     for model, params in (models or cfg.models).items():
         for tag, shards in corpora.items():
             for variant in variants:
-                names = [f"dft_water/{run_name(model, f'{variant}{ABLATION_MARK}{tag}', budget, seed)}"
-                         for budget in budgets for seed in cfg.seeds]
-                if not any(wanted(cfg, name) for name in names):
+                run = f"{variant}{ABLATION_MARK}{tag}"
+                if not any(wanted(cfg, f"dft_water/{run_name(model, run, budget, seed)}")
+                           for budget in budgets for seed in cfg.seeds):
                     continue
-                init = pretrain_one(cfg, out / "pretrain" / f"{model}_{variant}{ABLATION_MARK}{tag}", shards, model,
-                                    params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
-                                    cfg.pretrain.batch_size)
-                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, f"{variant}{ABLATION_MARK}{tag}",
-                                         budget, seed, init) for budget in budgets for seed in cfg.seeds]
+                init = pretrain_one(cfg, out / "pretrain" / f"{model}_{run}", shards, model, params,
+                                    water_objective(cfg.pretrain, variant), cfg.pretrain.steps, cfg.pretrain.batch_size)
+                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, run, budget, seed, init)
+                         for budget in budgets for seed in cfg.seeds]
     return jobs
 
 
