@@ -313,12 +313,17 @@ class Timings:
 
     def __init__(self, path: Path):
         self.path = path
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        self.data = {k: v if isinstance(v, dict) else {"wall_s": v, "cpu_s": 0.0} for k, v in data.items()}
+        self.data = self._read()
+
+    def _read(self) -> dict[str, dict[str, float]]:
+        data = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return {k: v if isinstance(v, dict) else {"wall_s": v, "cpu_s": 0.0} for k, v in data.items()}
 
     def stage(self, name: str, fn):
         t0, c0 = time.perf_counter(), _cpu_seconds()
         result = fn()
+        # re-read: another study process on the same folder may have recorded its stages meanwhile
+        self.data = self._read()
         old = self.data.get(name, {"wall_s": 0.0, "cpu_s": 0.0})
         self.data[name] = {"wall_s": old["wall_s"] + time.perf_counter() - t0,
                            "cpu_s": old["cpu_s"] + _cpu_seconds() - c0}

@@ -309,3 +309,16 @@ def test_generated_corpus_is_made_once_and_sharded_by_prefix(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert grid.stage_generated(cfg, tmp_path, "corpus", cfg.scaling.conditions, [8, 16]) == shards
     assert stamps == {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+
+def test_two_study_processes_on_one_folder_keep_each_others_stage_timings(tmp_path):
+    """Each Timings re-reads timings.json before it writes: a second study process on the same folder (e.g. a
+    denoising arm started beside a masking arm) once dropped the stages the first one recorded."""
+    path = tmp_path / "timings.json"
+    first, second = finetunes.Timings(path), finetunes.Timings(path)   # both read the file before either writes
+    first.stage("scaling_pretrain", lambda: None)
+    second.stage("headline_finetune", lambda: None)
+    first.stage("scaling_pretrain", lambda: None)
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk) == {"scaling_pretrain", "headline_finetune"}
+    assert all(set(v) == {"wall_s", "cpu_s"} and v["wall_s"] >= 0.0 for v in on_disk.values())
