@@ -285,8 +285,9 @@ class StudyConfig:
     tip3p: Tip3pSetting = field(default_factory=Tip3pSetting)
     ethanol: EthanolSetting = field(default_factory=EthanolSetting)
     ablations: dict = field(default_factory=dict)  # name → AblationConfig mapping (`--ablation NAME`)
-    # pretraining seeds of the headline DFT-water rows (each pretrained variant × each finetune seed);
-    # empty: [pretrain.seed]. Runs of another seed than pretrain.seed are named ..._sSEEDpPSEED
+    # pretraining seeds of the headline DFT-water rows and of the scaling and diversity arms (each pretrained
+    # variant × each finetune seed); empty: [pretrain.seed]. Runs of another seed than pretrain.seed are named
+    # ..._sSEEDpPSEED
     pretrain_seeds: list[int] = field(default_factory=list)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     diversity: DiversityConfig = field(default_factory=DiversityConfig)

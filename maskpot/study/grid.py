@@ -8,7 +8,8 @@ checkpoint), and a finetune with both read-outs in results.json is never redone.
 
 Experiment runs are named VARIANT@TAG on DFT water, next to the main runs:
 - scaling: VARIANT@corpusN, pretrained for pretrain.steps on the first N frames of a corpus generated with
-  sampled conditions (`maskpot generate corpus`, data_shards.corpus), the same steps for every N;
+  sampled conditions (`maskpot generate corpus`, data_shards.corpus), the same steps for every N, once per
+  pretraining seed (pretrain_seeds; another seed than pretrain.seed is VARIANT@corpusN_pSEED, runs ..._sSpP);
 - diversity: VARIANT@singleN (one condition) against VARIANT@corpusN (sampled conditions, the same N);
 - two-stage: VARIANT@twostage (the main corpus export, then two_stage.steps on the DFT train positions),
   VARIANT@dft_positions (the paper recipe: pretrain.steps on the DFT train positions only — the
@@ -25,7 +26,7 @@ from data_shards.corpus.conditions import CorpusConfig as Conditions
 from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import _banner, finetune_config, run_finetunes, run_name, wanted
-from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
+from maskpot.study.pretraining import corpus_pretraining, pretrain_one, pretrain_run_name, water_objective
 
 GENERATED = Path("data") / "generated"
 
@@ -59,20 +60,24 @@ def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes
 
 
 def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budgets, models) -> list:
-    """Pretrain each variant on each corpus (tag → shards) and finetune it on DFT water as VARIANT@TAG. Under
-    `only`, a pretraining none of whose finetunes is selected is not run, and its finetunes are left out."""
+    """Pretrain each variant on each corpus (tag → shards) with every headline pretraining seed, and finetune it
+    on DFT water as VARIANT@TAG (VARIANT@TAG_pSEED and runs ..._sSEEDpPSEED for another seed than pretrain.seed:
+    the error bars of the scaling curve). Under `only`, a pretraining none of whose finetunes is selected is not
+    run, and its finetunes are left out."""
     jobs = []
     for model, params in (models or cfg.models).items():
         for tag, shards in corpora.items():
-            for variant in variants:
+            for variant, pseed in ((v, p) for v in variants for p in cfg.headline_pretrain_seeds()):
                 run = f"{variant}{ABLATION_MARK}{tag}"
-                if not any(wanted(cfg, f"dft_water/{run_name(model, run, budget, seed)}")
+                tag_seed = None if pseed == cfg.pretrain.seed else pseed
+                if not any(wanted(cfg, f"dft_water/{run_name(model, run, budget, seed, tag_seed)}")
                            for budget in budgets for seed in cfg.seeds):
                     continue
-                init = pretrain_one(cfg, out / "pretrain" / f"{model}_{run}", shards, model, params,
-                                    water_objective(cfg.pretrain, variant), cfg.pretrain.steps, cfg.pretrain.batch_size)
-                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, run, budget, seed, init)
-                         for budget in budgets for seed in cfg.seeds]
+                init = pretrain_one(cfg, out / "pretrain" / pretrain_run_name(cfg, model, run, pseed), shards, model,
+                                    params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+                                    cfg.pretrain.batch_size, stage=dataclasses.replace(cfg.pretrain, seed=pseed))
+                jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, run, budget, seed, init,
+                                         pretrain_seed=tag_seed) for budget in budgets for seed in cfg.seeds]
     return jobs
 
 
@@ -185,7 +190,7 @@ def describe_plan(cfg: StudyConfig, out: Path) -> str:
 
 
 def _describe_experiment(cfg: StudyConfig, name: str) -> tuple[str, int]:
-    seeds = len(cfg.seeds)
+    seeds, pseeds = len(cfg.seeds), cfg.headline_pretrain_seeds()
     if name == "two_stage":
         t = cfg.two_stage
         return (f"two-stage: {t.variants}@twostage (corpus export + {t.steps} steps on the DFT train positions, "
@@ -196,8 +201,9 @@ def _describe_experiment(cfg: StudyConfig, name: str) -> tuple[str, int]:
         s = cfg.scaling
         models = list(s.models or cfg.models)
         return (f"scaling: {models} × {s.variants} × corpus sizes {s.sizes} (sampled conditions, "
-                f"{cfg.pretrain.steps} pretraining steps each) × budgets {s.budgets}",
-                len(models) * len(s.variants) * len(s.sizes) * len(s.budgets) * seeds)
+                f"{cfg.pretrain.steps} pretraining steps each) × pretraining seeds {pseeds} × budgets {s.budgets}",
+                len(models) * len(s.variants) * len(s.sizes) * len(pseeds) * len(s.budgets) * seeds)
     d = cfg.diversity
     return (f"diversity at {d.frames} frames: {d.variants} on one condition ({cfg.diversity.single}) vs sampled "
-            f"conditions × budgets {d.budgets}", len(cfg.models) * len(d.variants) * len(d.budgets) * seeds)
+            f"conditions × pretraining seeds {pseeds} × budgets {d.budgets}",
+            len(cfg.models) * len(d.variants) * len(pseeds) * len(d.budgets) * seeds)

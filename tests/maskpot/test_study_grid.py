@@ -146,6 +146,27 @@ def test_only_skips_the_experiment_pretrainings_no_selected_finetune_reads(tmp_p
                                                                       "dft_water/gns_scratch_n8_s0"]
 
 
+def test_the_scaling_curve_is_pretrained_with_every_pretraining_seed(tmp_path, monkeypatch, pretrain_configs):
+    """Error bars on the curve: each corpus size is pretrained with each pretraining seed (the study's own seed
+    keeps the plain name, so finished exports are reused) and finetuned from it as ..._sSEEDpPSEED."""
+    finetuned = {}
+    monkeypatch.setattr(grid, "stage_generated",
+                        lambda cfg, out, name, mapping, sizes: {n: out / "shards" / f"{name}{n}" for n in sizes})
+    monkeypatch.setattr(grid, "run_finetunes", lambda cfg, jobs, what: finetuned.update({what: jobs}))
+    cfg = load_study(STUDY, "tiny", {"scaling": {"sizes": [8, 16]}, "pretrain_seeds": [0, 1]})
+    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "corpus", tmp_path / "dft")
+    assert sorted(pretrain_configs) == ["egnn_mask@corpus16", "egnn_mask@corpus16_p1", "egnn_mask@corpus8",
+                                        "egnn_mask@corpus8_p1"]
+    assert {k: c["train"]["seed"] for k, c in pretrain_configs.items()} == {
+        "egnn_mask@corpus16": 0, "egnn_mask@corpus16_p1": 1, "egnn_mask@corpus8": 0, "egnn_mask@corpus8_p1": 1}
+    jobs = {Path(j.run_dir).name: j for j in finetuned["scaling finetunes"]}
+    assert sorted(jobs) == ["egnn_mask@corpus16_n8_s0", "egnn_mask@corpus16_n8_s0p1", "egnn_mask@corpus8_n8_s0",
+                            "egnn_mask@corpus8_n8_s0p1", "egnn_scratch_n8_s0"]
+    assert jobs["egnn_mask@corpus8_n8_s0p1"].config["init"] == str(tmp_path / "pretrain" / "egnn_mask@corpus8_p1"
+                                                                   / "export")
+    assert "→ 4 new finetunes" in describe_plan(cfg, tmp_path).split("scaling:")[1].splitlines()[0]
+
+
 def _finished_readout(out: Path, steps: int) -> dict:
     """What a fake run_finetune writes and returns: test F 50 at convergence, 80 at the fixed budget."""
     result = {"test": {"force_rmse_mev_per_a": 50.0 if out.name == "converged" else 80.0},
