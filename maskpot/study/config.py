@@ -35,6 +35,16 @@ def _pretrain_seeds(seeds: list[int]) -> None:
              f"pretrain_seeds must be distinct integers >= 0, got {seeds}")
 
 
+def _models(name: str, models: dict) -> dict:
+    """`models` without the entries set to null — how an override drops a model that a scale merges in
+    (`--override scaling.models.gns=null`) — after checking that every name is a registered model."""
+    from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
+
+    unknown = [m for m in models if m not in MODELS]
+    _require(not unknown, f"{name}: unknown {unknown}; registered: {sorted(MODELS)}")
+    return {m: params for m, params in models.items() if params is not None}
+
+
 def _positive(name: str, values) -> None:
     bad = [v for v in values if v < 1]
     _require(not bad, f"{name} must all be >= 1, got {list(values)}")
@@ -204,10 +214,7 @@ class AblationConfig:
         scratch_only = [v for v in self.variants if VARIANTS[v] is None]
         _require(self.pretrain_init == "none" or not scratch_only,
                  f"pretrain_init: corpus continues a pretraining; variants {scratch_only} have none")
-        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
-
-        unknown = [m for m in self.models if m not in MODELS]
-        _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
+        self.models = _models("models", self.models)
 
 
 def _conditions(name: str, mapping: dict, frames: int) -> None:
@@ -227,7 +234,7 @@ class ScalingConfig:
     variants: list[str] = field(default_factory=lambda: ["mask", "denoise"])
     budgets: list[int] = field(default_factory=lambda: [30])
     conditions: dict = field(default_factory=dict)           # data_shards.corpus CorpusConfig, no trajectories
-    models: dict = field(default_factory=dict)               # name → params; empty: the study's models
+    models: dict = field(default_factory=dict)               # name → params (null: dropped); empty: the study's
 
     def __post_init__(self):
         _positive("scaling.sizes/budgets", [*self.sizes, *self.budgets])
@@ -236,6 +243,7 @@ class ScalingConfig:
                           f"{[v for v in VARIANTS if VARIANTS[v] and v != 'supervised']}")
         for n in self.sizes:
             _conditions("scaling.conditions", self.conditions, n)
+        self.models = _models("scaling.models", self.models)
 
 
 @dataclass
@@ -297,10 +305,7 @@ class StudyConfig:
     only: list[str] = field(default_factory=list)
 
     def __post_init__(self):
-        from pretrain.models import MODELS  # startup: imports torch (+7 s); kept off the maskpot CLI start
-
-        unknown = [m for m in self.models if m not in MODELS]
-        _require(not unknown, f"models: unknown {unknown}; registered: {sorted(MODELS)}")
+        self.models = _models("models", self.models)
         _require(bool(self.models), "models: name at least one model")
         bad = [v for v in self.variants if v not in VARIANTS]
         _require(not bad, f"variants: unknown {bad}; valid: {list(VARIANTS)}")

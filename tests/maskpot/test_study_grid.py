@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from data_shards.config_io import ConfigError, merge
+from data_shards.config_io import ConfigError, merge, parse_dotted_overrides
 from maskpot.study import finetunes, grid
 from maskpot.study import report as study_report
 from maskpot.study import report_grid as G
@@ -33,6 +33,7 @@ def tiny_grid(overrides: dict | None = None):
     ({"scaling": {"conditions": {"density_g_cm3": [-1.0, 1.0]}}}, "density"),
     ({"two_stage": {"budgets": [300]}}, "two_stage.budgets"),
     ({"pretrain_seeds": [1, 1]}, "distinct"),
+    ({"scaling": {"models": {"schnet": {"hidden": 8}}}}, "scaling.models: unknown ['schnet']; registered: ["),
 ])
 def test_bad_grid_settings_fail_when_the_config_is_read(overrides, needle):
     with pytest.raises(ConfigError) as err:
@@ -46,6 +47,14 @@ def test_small_scale_has_the_issue_13_grid():
     assert cfg.scaling.sizes == [1000, 4000, 16000] and set(cfg.scaling.variants) == {"mask", "denoise"}
     assert "gns" in cfg.scaling.models and cfg.diversity.frames in cfg.scaling.sizes and cfg.two_stage.enabled
     assert cfg.finetune.converge_steps > cfg.finetune.steps
+
+
+def test_a_null_model_drops_one_the_scale_merges_in():
+    """`--override scaling.models.gns=null`: the small scale's scaling curve without its GNS arm (a merge alone
+    cannot remove a key, and `--only` skips the GNS pretrainings but not their place in the plan)."""
+    cfg = load_study(STUDY, "small", parse_dotted_overrides(["scaling.models.gns=null"]))
+    assert list(cfg.scaling.models) == ["egnn"]
+    assert "scaling: ['egnn'] × ['mask', 'denoise']" in describe_plan(cfg, Path("runs/x"))
 
 
 def test_plan_runs_the_headline_rows_first_and_states_the_cap():
