@@ -99,8 +99,12 @@ def scaling_markdown(rows: list[dict], image: str | None) -> str:
     for (model, variant, budget), group in sorted(_by(rows, "model", "variant", "budget").items()):
         means = [mean_std(values(r["runs"], r["readout"]))[0] for r in group]
         falls = all(b < a for a, b in pairwise(means))
+        steps = "; ".join(f"{a['frames']} → {b['frames']} frames: "
+                          f"{compare(values(b['runs'], b['readout']), values(a['runs'], a['readout']))}"
+                          for a, b in pairwise(group))
         lines.append(f"\n{model} {variant}, {budget} frames: the curve {'falls' if falls else 'does not fall'} "
-                     f"monotonically with corpus size ({', '.join(f'{m:.1f}' for m in means)} meV/Å).")
+                     f"monotonically with corpus size ({', '.join(f'{m:.1f}' for m in means)} meV/Å); "
+                     f"each step: {steps}.")
     return "\n".join(lines + ([f"\n![scaling]({image})"] if image else []) + [""])
 
 
