@@ -4,7 +4,8 @@ two-stage and the CPU-hours per stage (maskpot.study.report calls these; records
 Read-outs: "budget" (the fixed finetune budget, test force RMSE of results.json) and "converged" (early
 stopping with a step cap, results.json["converged"]). Means ± sample std are over every run of a row
 (finetune seeds × pretraining seeds). A difference between two rows is "larger than the spread" when
-|mean_a − mean_b| > std_a + std_b, "within the spread" when not, and "n/a" when either row has one run.
+|mean_a − mean_b| > std_a + std_b, "within the spread" when not, and "n/a (runs: 2 vs 1)" when either row has
+one run (the counts say which).
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
 def spread_mark(a: list[float], b: list[float]) -> str:
     """Is the difference of the means of `a` and `b` larger than the spread (std_a + std_b)?"""
     if len(a) < 2 or len(b) < 2:
-        return "n/a (one run)"
+        return f"n/a (runs: {len(a)} vs {len(b)})"
     (ma, sa), (mb, sb) = mean_std(a), mean_std(b)
     return "larger than the spread" if abs(ma - mb) > sa + sb else "within the spread"
 

@@ -145,7 +145,7 @@ def test_ablations_compare_with_their_own_baseline_over_the_same_seeds(tmp_path)
     assert "| egnn | 30 | mask | 2 |" not in text   # the main table counts main runs only (1 mask seed)
     ablations = (tmp_path / "report" / "ablations.md").read_text()
     assert "| lowlr | egnn | 30 | mask | 0 | 1.00 ± 0.00 | 80.0 ± 0.0 | 100.0 (scratch) | -20.0% | 90.0 (-10.0%) " \
-           "| 45.0 ± 0.0 | -25.0% (n/a (one run)) |" in ablations   # at convergence: against scratch seed 0's 60
+           "| 45.0 ± 0.0 | -25.0% (n/a (runs: 1 vs 1)) |" in ablations   # at convergence: against scratch seed 0's 60
     assert "| long | egnn | 30 | mask | 0 |" in ablations and "| — | — |" in ablations   # no converged read-out
     assert (tmp_path / "report" / "ablation_long_dft_water_egnn.png").stat().st_size > 5000
 

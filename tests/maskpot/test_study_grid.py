@@ -269,7 +269,7 @@ def test_an_unfinished_convergence_readout_counts_as_missing(tmp_path):
 def test_spread_rule():
     assert G.spread_mark([10, 12], [20, 22]) == "larger than the spread"
     assert G.spread_mark([10, 14], [15, 19]) == "within the spread"
-    assert G.spread_mark([10], [20, 22]) == "n/a (one run)"
+    assert G.spread_mark([10], [20, 22]) == "n/a (runs: 1 vs 2)"
     assert G.compare([10, 12], [20, 24]).startswith("-50.0% (larger")
 
 
