@@ -15,6 +15,8 @@ The *head* is the energy/force output MLPs a model names in `head_parameter_pref
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -148,13 +150,44 @@ class EarlyStopping:
     """Stop after `patience` consecutive validations without a new best (None: never), but not before step
     `min_steps`: while the learning rate is still high the validation error is noisy, and a plateau there is
     not convergence (a study run stopped at step 2,200 of a 6,000-step cosine, best at 1,700, 15% worse than
-    the runs that went on)."""
+    the runs that went on).
 
-    def __init__(self, patience: int | None, min_steps: int = 0):
+    With `anneal_steps` > 0 the criterion does not end training at once: it starts an annealing tail, `anneal_steps`
+    more steps with the learning rate on a half-cosine from its value at that step down to the schedule's floor
+    (`lr_factor`), then training ends. A cosine schedule stopped early otherwise ends at a high learning rate
+    and skips the annealing that runs reaching the cap get (two study runs stopped at step ~3,700 of 6,000, at a
+    third of the peak learning rate, ended 4-7% worse than the runs that reached the cap)."""
+
+    def __init__(self, patience: int | None, min_steps: int = 0, anneal_steps: int = 0):
         self.patience = patience
         self.min_steps = min_steps
+        self.anneal_steps = anneal_steps
         self.stale = 0
+        self.fired_at: int | None = None    # the step the criterion was met (checkpointed)
 
     def should_stop(self, improved: bool, step: int) -> bool:
+        """After the validation of `step`: True when training ends here (the criterion met, no annealing tail)."""
         self.stale = 0 if improved else self.stale + 1
-        return self.patience is not None and self.stale >= self.patience and step >= self.min_steps
+        if self.fired_at is not None:       # in the annealing tail: it runs to its end
+            return False
+        if self.patience is None or self.stale < self.patience or step < self.min_steps:
+            return False
+        self.fired_at = step
+        return self.anneal_steps == 0
+
+    def end_step(self, max_steps: int) -> int:
+        """The last step of training as far as known now."""
+        if self.fired_at is None or self.anneal_steps == 0:
+            return max_steps
+        return min(max_steps, self.fired_at + self.anneal_steps)
+
+    def lr_factor(self, step: int, scheduled: Callable[[int], float], floor: float) -> float:
+        """Multiplier of the peak learning rate after `step` steps: `scheduled(step)` until the criterion is met,
+        then a half-cosine from its value there to `floor` over `anneal_steps` steps."""
+        start = self.fired_at
+        if start is None or self.anneal_steps == 0 or step <= start:
+            return scheduled(step)
+        at_start = scheduled(start)
+        floor = min(floor, at_start)        # never raise the learning rate
+        progress = min(1.0, (step - start) / self.anneal_steps)
+        return floor + (at_start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))

@@ -110,6 +110,9 @@ class TrainConfig:
     device: str = "auto"                # cpu | cuda | auto (cuda when available)
     early_stopping_patience: int | None = None  # stop after N validations without a new best `select` score
     early_stopping_min_steps: int = 0   # ... but never before this step (a plateau at high LR is not the end)
+    # when early stopping fires, N more steps with the LR on a half-cosine from its value there to optim.min_lr,
+    # then stop (0: stop at once); a cosine stopped early otherwise ends at a high LR, without annealing
+    early_stopping_anneal_steps: int = 0
     # CPU threads for torch; null: $OMP_NUM_THREADS when set, else 1 (under CPU contention torch's default,
     # one per core, ran 18x slower than 1 thread); 0: torch's default
     threads: int | None = None
@@ -131,6 +134,10 @@ class TrainConfig:
         _require(0 <= self.early_stopping_min_steps <= self.max_steps,
                  f"train.early_stopping_min_steps must be in [0, max_steps={self.max_steps}], "
                  f"got {self.early_stopping_min_steps}")
+        _require(self.early_stopping_anneal_steps >= 0, f"train.early_stopping_anneal_steps must be >= 0 "
+                 f"(0: stop at once), got {self.early_stopping_anneal_steps}")
+        _require(not self.early_stopping_anneal_steps or self.early_stopping_patience is not None,
+                 "train.early_stopping_anneal_steps needs train.early_stopping_patience (early stopping is off)")
         _require(self.threads is None or self.threads >= 0,
                  f"train.threads must be >= 1, 0 (torch's default) or null ($OMP_NUM_THREADS, else 1), "
                  f"got {self.threads}")

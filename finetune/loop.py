@@ -100,8 +100,16 @@ def make_stream(cfg: FinetuneConfig, split: str, cutoff: float, training: bool, 
                        transform=rereference if rereference.active else None)
 
 
-def make_scheduler(cfg: FinetuneConfig, optimizer):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.optim.lr_multiplier(step, cfg.train.max_steps))
+def make_scheduler(cfg: FinetuneConfig, optimizer, stopper: A.EarlyStopping | None = None):
+    """The optimizer's schedule: optim's warm-up and decay over train.max_steps, and once early stopping fires
+    with train.early_stopping_anneal_steps, the annealing tail (`stopper` holds where it started)."""
+    def scheduled(step: int) -> float:
+        return cfg.optim.lr_multiplier(step, cfg.train.max_steps)
+
+    if stopper is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, scheduled)
+    floor = cfg.optim.min_lr / cfg.optim.lr
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: stopper.lr_factor(step, scheduled, floor))
 
 
 def run_finetune(cfg: FinetuneConfig, resume: str = "auto",
@@ -198,9 +206,9 @@ def make_trainer(cfg: FinetuneConfig, inputs: Inputs, model, arch: dict, device,
                     if cfg.loss.refit_energy_offset else None)
     best = Best(scorer=lambda figures: E.selection_score(
         figures, t.select, energy_term_scale, energy_scale, cfg.loss.energy_weight, cfg.loss.force_weight))
-    loop = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer), RS.endless_batches(train_stream),
-                        replay, tracker, best,
-                        A.EarlyStopping(t.early_stopping_patience, t.early_stopping_min_steps))
+    stopper = A.EarlyStopping(t.early_stopping_patience, t.early_stopping_min_steps, t.early_stopping_anneal_steps)
+    loop = RS.LoopState(model, ema, optimizer, make_scheduler(cfg, optimizer, stopper),
+                        RS.endless_batches(train_stream), replay, tracker, best, stopper)
     return Trainer(cfg, inputs, loop, freeze, ema.module if ema is not None else model, device, train_stream,
                    val_stream, refit_stream, energy_scale, energy_term_scale)
 
@@ -246,6 +254,9 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "final_train_loss": L.train_curve[-1][1] if L.train_curve else None,
         "steps": last_step, "max_steps": t.max_steps, "stopped_early": trainer.stopped_early,
         "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.nonfinite.skipped,
+        # where the early-stopping criterion was met, and the annealing tail's steps after it
+        "early_stop_step": L.stopper.fired_at if trainer.stopped_early else None,
+        "anneal_steps": last_step - L.stopper.fired_at if trainer.stopped_early and L.stopper.fired_at else 0,
         "train_frames": trainer.train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -228,7 +228,8 @@ def capture(step: int, loop, device: torch.device) -> tuple[dict, dict[str, dict
                         if loop.replay is not None else None),
              "best": {"step": best.step, "force_rmse": best.force_rmse, "score": best.score,
                       "figures": M.without_arrays(best.figures) if best.figures else None},
-             "early_stopping_stale": loop.stopper.stale, "history": loop.history, "train_curve": loop.train_curve,
+             "early_stopping_stale": loop.stopper.stale, "early_stopping_fired_at": loop.stopper.fired_at,
+             "history": loop.history, "train_curve": loop.train_curve,
              "skipped": loop.nonfinite.skipped, "nonfinite_run": loop.nonfinite.run,
              "tracking": loop.tracker.snapshot()}
     return state, tensors
@@ -252,6 +253,7 @@ def restore(ckpt: Checkpoint, loop, device: torch.device) -> int:
         arrays = {k: v.numpy() for k, v in ckpt.part("best_arrays").items()}
         loop.best.figures, loop.best.state = {**b["figures"], M.ARRAYS: arrays}, ckpt.part("best")
     loop.stopper.stale = s["early_stopping_stale"]
+    loop.stopper.fired_at = s.get("early_stopping_fired_at")   # absent from checkpoints before annealing tails
     loop.history[:] = s["history"]
     loop.train_curve[:] = [tuple(x) for x in s["train_curve"]]
     loop.nonfinite.skipped, loop.nonfinite.run = s["skipped"], s["nonfinite_run"]

@@ -3,8 +3,9 @@
 Each step: energies + forces (autograd, create_graph), `energy_force_loss` (+ the replay's pretext loss), AdamW
 with the schedule, the EMA. A non-finite loss skips its batch (`pretrain.nonfinite.NonFiniteGuard`: too many in a row
 end the run). Validation at step 0, every `val_every` steps and at the end keeps the best weights (`Best`); early
-stopping ends training after `early_stopping_patience` validations without a new best; SIGUSR1/SIGTERM
-checkpoint and stop (finetune.resume).
+stopping ends training after `early_stopping_patience` validations without a new best, at once or after an
+annealing tail of `early_stopping_anneal_steps` (finetune.adapt.EarlyStopping); SIGUSR1/SIGTERM checkpoint and
+stop (finetune.resume).
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class Trainer:
     energy_term_scale: float            # the energy loss term's scale at the end of training (eV/atom)
     started: float = field(default_factory=time.perf_counter)
     last_step: int = 0                  # where training ended (max_steps unless stopped early)
-    stopped_early: bool = False
+    stopped_early: bool = False         # the early-stopping criterion was met before max_steps
 
     def __post_init__(self):
         self.last_step = self.cfg.train.max_steps
@@ -94,18 +95,18 @@ class Trainer:
         return L.stopper.should_stop(improved, step)
 
     def train(self, start: int, out_dir: Path, preempt) -> dict | None:
-        """Steps start+1 … max_steps (or an early stop); a stop signal checkpoints and returns
-        {"preempted": signal name, "step", "checkpoint"}, else None."""
+        """Steps start+1 … max_steps (or an early stop, after its annealing tail if any); a stop signal
+        checkpoints and returns {"preempted": signal name, "step", "checkpoint"}, else None."""
         t, L = self.cfg.train, self.loop
         step_sleep = float(os.environ.get(RS.STEP_SLEEP_ENV) or 0)
-        for step in range(start + 1, t.max_steps + 1):
+        step = start
+        self.stopped_early = L.stopper.fired_at is not None   # resumed inside an annealing tail
+        while step < L.stopper.end_step(t.max_steps):
+            step += 1
             if self._step(step) is None:
                 continue
-            if step % t.val_every == 0 or step == t.max_steps:
-                if self.validate(step) and step < t.max_steps:
-                    self.last_step, self.stopped_early = step, True
-                    log.info("step %d: early stop, no better validation force RMSE in the last %d validations "
-                             "(best %.2f meV/Å at step %d)", step, L.stopper.patience, L.best.force_rmse, L.best.step)
+            if step % t.val_every == 0 or step == L.stopper.end_step(t.max_steps):
+                if self._validate_and_decide(step):
                     break
                 L.model.train()
             elif step % t.log_every == 0:
@@ -120,8 +121,27 @@ class Trainer:
                 log.warning("%s: stopped after step %d, checkpoint written to %s (continue with --resume auto)",
                             name, step, where)
                 return {"preempted": name, "step": step, "checkpoint": str(where)}
+        self.last_step = step
         self._end()
         return None
+
+    def _validate_and_decide(self, step: int) -> bool:
+        """Validate after `step`; True: training ends here (early stop without an annealing tail)."""
+        L, t = self.loop, self.cfg.train
+        fired_before = L.stopper.fired_at is not None
+        stop_now = self.validate(step) and step < t.max_steps
+        if L.stopper.fired_at is None or fired_before or step >= t.max_steps:
+            return stop_now
+        self.stopped_early = True
+        best = f"best {L.best.force_rmse:.2f} meV/Å at step {L.best.step}"
+        if stop_now:
+            log.info("step %d: early stop, no better validation force RMSE in the last %d validations (%s)",
+                     step, L.stopper.patience, best)
+        else:
+            log.info("step %d: no better validation force RMSE in the last %d validations (%s): annealing the LR "
+                     "to optim.min_lr over %d more steps, then stop", step, L.stopper.patience, best,
+                     L.stopper.end_step(t.max_steps) - step)
+        return stop_now
 
     def _end(self) -> None:
         self.bar.close()

@@ -110,12 +110,15 @@ class FinetuneStageConfig:
     converge_steps: int = 0
     patience: int = 10
     patience_min_steps: int = 0
+    anneal_steps: int = 0               # once the early stop fires: steps of LR annealing to min_lr before the end
 
     def __post_init__(self):
         _positive("finetune.steps/batch_size/val_every/jobs/patience",
                   [self.steps, self.batch_size, self.val_every, self.jobs, self.patience])
         _require(0 <= self.patience_min_steps <= max(self.converge_steps, self.steps),
                  f"finetune.patience_min_steps must be in [0, converge_steps], got {self.patience_min_steps}")
+        _require(self.anneal_steps >= 0,
+                 f"finetune.anneal_steps must be >= 0 (0: stop at once), got {self.anneal_steps}")
         _require(self.converge_steps == 0 or self.converge_steps >= self.steps,
                  f"finetune.converge_steps must be 0 (off) or >= finetune.steps ({self.steps}), "
                  f"got {self.converge_steps}")

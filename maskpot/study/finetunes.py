@@ -3,10 +3,11 @@ with two read-outs, and the per-stage wall and CPU time.
 
 Read-out 1, the fixed budget: `finetune.steps` steps for every variant (RUN/results.json).
 Read-out 2, at convergence (when `finetune.converge_steps` > 0): the same finetune again in RUN/converged/
-with early stopping on the validation force RMSE (`finetune.patience` validations without a new best,
-finetune.adapt.EarlyStopping) and at most `converge_steps` steps; its test figures, steps and stop reason
-are merged into RUN/results.json under "converged". A run is finished when both read-outs are in
-results.json; an interrupted study finishes only what is missing (a finished read-out is never redone).
+with early stopping on the validation force RMSE (`finetune.patience` validations without a new best, then
+`finetune.anneal_steps` of LR annealing; finetune.adapt.EarlyStopping) and at most `converge_steps` steps; its
+test figures, steps and stop reason are merged into RUN/results.json under "converged". A run is finished when
+both read-outs are in results.json; an interrupted study finishes only what is missing (a finished read-out is
+never redone).
 A stop signal (SIGTERM, SIGUSR1: SLURM preemption, `kill`) checkpoints the running finetunes, starts no other,
 and exits naming them; the same command resumes them.
 """
@@ -32,7 +33,7 @@ from maskpot.study.config import ABLATION_MARK, FinetuneStageConfig, StudyConfig
 RESULTS = "results.json"
 CONVERGED = "converged"      # sub-folder and results.json key of the at-convergence read-out
 CONVERGED_KEYS = ("test", "best_step", "best_val", "steps", "max_steps", "stopped_early", "stopped_at_step",
-                  "train_seconds", "history")
+                  "early_stop_step", "anneal_steps", "train_seconds", "history")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)   # finetune's preemption signals (pretrain.checkpoint.PREEMPT_SIGNALS)
 # The stop signal this process received outside a finetune's training loop (which has its own flag), or that
 # stopped one: the study parent, or a pool worker, starts no further finetune once it is set.
@@ -52,6 +53,7 @@ class FinetuneJob:
     converge_steps: int = 0             # 0: no at-convergence read-out
     patience: int = 10
     patience_min_steps: int = 0
+    anneal_steps: int = 0
 
     @property
     def name(self) -> str:
@@ -61,6 +63,7 @@ class FinetuneJob:
         c = json.loads(json.dumps(self.config))
         c["train"].update(max_steps=self.converge_steps, early_stopping_patience=self.patience,
                           early_stopping_min_steps=self.patience_min_steps,
+                          early_stopping_anneal_steps=self.anneal_steps,
                           out_dir=str(Path(self.run_dir) / CONVERGED))
         c["tracking"]["run_name"] += f"/{CONVERGED}"
         c["tracking"]["tags"]["study.readout"] = CONVERGED
@@ -116,7 +119,7 @@ def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Pat
                      "run_name": f"{setting}/{name}", "tags": tags, "parent_run_id": pretraining_run_id(init)},
     }
     return FinetuneJob(setting, model, variant, budget, seed, config, str(run_dir), f.converge_steps, f.patience,
-                       f.patience_min_steps)
+                       f.patience_min_steps, f.anneal_steps)
 
 
 def _write_json(path: Path, data: dict) -> None:

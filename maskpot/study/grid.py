@@ -146,8 +146,10 @@ def _readouts(cfg: StudyConfig) -> str:
     f = cfg.finetune
     if not f.converge_steps:
         return f"one read-out per finetune: {f.steps} steps"
+    anneal = f", then {f.anneal_steps} steps of LR annealing" if f.anneal_steps else ""
     return (f"two read-outs per finetune: {f.steps} steps, and at convergence (early stop after {f.patience} "
-            f"validations without a better val force RMSE, every {f.val_every} steps; cap {f.converge_steps} steps)")
+            f"validations without a better val force RMSE, every {f.val_every} steps{anneal}; "
+            f"cap {f.converge_steps} steps)")
 
 
 def describe_plan(cfg: StudyConfig, out: Path) -> str:

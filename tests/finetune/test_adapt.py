@@ -42,6 +42,9 @@ def init(tmp_path):
     ({"adapt": {"freeze_backbone": 5}}, ["freeze_backbone", "freeze_backbone_steps"]),
     ({"train": {"early_stopping_patience": 0}}, ["early_stopping_patience", ">= 1"]),
     ({"train": {"max_steps": 10, "early_stopping_min_steps": 11}}, ["early_stopping_min_steps", "max_steps=10"]),
+    ({"train": {"early_stopping_patience": 3, "early_stopping_anneal_steps": -1}},
+     ["early_stopping_anneal_steps", ">= 0"]),
+    ({"train": {"early_stopping_anneal_steps": 5}}, ["early_stopping_anneal_steps needs", "early_stopping_patience"]),
     ({"tracking": {"parent_run_id": "not-a-run"}}, ["parent_run_id", "32 hex"]),
     ({"tracking": {"registered_model": "  "}}, ["registered_model"]),
     ({"tracking": {"registered_model": "it's"}}, ["registered_model", "quotes"]),
@@ -104,6 +107,34 @@ def test_lr_multipliers_give_each_part_its_groups_and_the_schedule_keeps_the_rat
         optimizer.step()
         scheduler.step()
     assert len(seen) >= 5, "the schedule did change the learning rates"
+
+
+def test_an_early_stop_anneals_the_lr_from_where_it_is_to_min_lr_then_ends():
+    from finetune.loop import make_scheduler
+
+    cfg = cfg_with({"optim": {"lr": 1e-3, "warmup_steps": 0, "min_lr": 1e-5, "schedule": "cosine"},
+                    "train": {"max_steps": 100, "early_stopping_patience": 1, "early_stopping_anneal_steps": 10}})
+    stopper = A.EarlyStopping(1, 0, anneal_steps=10)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    scheduler = make_scheduler(cfg, optimizer, stopper)
+    lrs = {}
+    for step in range(1, 61):
+        optimizer.step()
+        scheduler.step()
+        lrs[step] = optimizer.param_groups[0]["lr"]
+        if step == 40:
+            assert lrs[40] == pytest.approx(1e-3 * cfg.optim.lr_multiplier(40, 100))   # the schedule until here
+            assert stopper.should_stop(improved=True, step=40) is False and stopper.end_step(100) == 100
+            assert stopper.should_stop(improved=False, step=40) is False   # criterion met: anneal, do not stop
+            assert stopper.fired_at == 40 and stopper.end_step(100) == 50
+    tail = [lrs[s] for s in range(40, 51)]
+    assert all(a > b for a, b in zip(tail, tail[1:])), "the tail decays monotonically"
+    assert lrs[50] == pytest.approx(1e-5) and lrs[60] == pytest.approx(1e-5)   # min_lr at the end, and after
+    assert lrs[45] == pytest.approx(1e-5 + (lrs[40] - 1e-5) * 0.5)            # half-way down the half-cosine
+    assert stopper.should_stop(improved=False, step=50) is False               # the tail is never cut short
+    late = A.EarlyStopping(1, 0, anneal_steps=10)
+    late.should_stop(improved=False, step=95)
+    assert late.end_step(100) == 100                                            # the cap still ends training
 
 
 def test_backbone_is_bit_identical_while_frozen_and_trains_after(water_shards, init, tmp_path,
@@ -229,3 +260,10 @@ def test_early_stopping_ends_training_and_records_where(water_shards, tmp_path):
                                  {"train": {"max_steps": 6, "early_stopping_patience": None}}))
     assert [h["step"] for h in full["history"]] == [0, 2, 4, 6]
     assert full["stopped_early"] is False and full["stopped_at_step"] is None and full["steps"] == 6
+    assert full["early_stop_step"] is None and full["anneal_steps"] == 0
+
+    tail = run_finetune(cfg_with(where(water_shards, tmp_path / "tail"), SHORT, frozen,
+                                 {"train": {"early_stopping_anneal_steps": 4}}))   # criterion at 4, 4 more steps
+    assert [h["step"] for h in tail["history"]] == [0, 2, 4, 6, 8]
+    assert tail["stopped_early"] is True and tail["early_stop_step"] == 4 and tail["anneal_steps"] == 4
+    assert tail["steps"] == tail["stopped_at_step"] == 8 and tail["max_steps"] == 20

@@ -147,3 +147,40 @@ def test_a_signal_during_setup_stops_after_the_first_step(water_shards, tmp_path
     stopped = loop.run_finetune(config(water_shards, out), pending_stop=lambda: caught[0] if caught else None)
     assert caught == ["SIGTERM"] and stopped["preempted"] == "SIGTERM" and stopped["step"] == 1
     assert json.loads((out / CHECKPOINT_DIR / "state.json").read_text())["step"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_stopped_inside_its_annealing_tail_resumes_the_tail(water_shards, tmp_path, monkeypatch):
+    """Early stopping fires at step 3 (lr 1e-12 moves no weight: no validation beats step 0's) and starts a
+    6-step annealing tail; SIGUSR1 at step 5 and a resume give the same LR at every step and the same end (9)
+    as the run that was never stopped. A resume that forgot where the tail began would keep the constant LR
+    and train to max_steps."""
+    def tail_config(out_dir: Path) -> FinetuneConfig:
+        return load_config(FinetuneConfig, TINY, {
+            "data": {"manifest_dir": str(water_shards)},
+            "optim": {"lr": 1e-12, "min_lr": 0.0, "schedule": "constant", "warmup_steps": 0},
+            "train": {"out_dir": str(out_dir), "max_steps": STEPS, "val_every": 3, "log_every": 1,
+                      "early_stopping_patience": 1, "early_stopping_anneal_steps": 6},
+            "tracking": {"enabled": True}})
+
+    def lr_per_step(out_dir: Path) -> dict[int, float]:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{out_dir / 'mlflow.db'}")
+        (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+        return {m.step: m.value for m in sorted(client.get_metric_history(run.info.run_id, "train/lr"),
+                                                key=lambda m: m.timestamp)}
+
+    full = loop.run_finetune(tail_config(tmp_path / "full"))
+    assert (full["early_stop_step"], full["steps"], full["anneal_steps"]) == (3, 9, 6)
+    out = tmp_path / "split"
+    interrupt_at(monkeypatch, 5, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+    assert loop.run_finetune(tail_config(out))["step"] == 5
+    assert json.loads((out / CHECKPOINT_DIR / "state.json").read_text())["early_stopping_fired_at"] == 3
+    resumed = loop.run_finetune(tail_config(out))
+    assert (resumed["early_stop_step"], resumed["steps"], resumed["stopped_early"]) == (3, 9, True)
+    assert resumed["history"] == full["history"]
+    full_lrs, resumed_lrs = lr_per_step(tmp_path / "full"), lr_per_step(out)
+    assert sorted(full_lrs) == list(range(1, 10)) and resumed_lrs == full_lrs
+    # train/lr is the LR a step used: step 4's was set before step 3's validation fired the criterion
+    assert full_lrs[3] == full_lrs[4] == 1e-12 > full_lrs[5] > full_lrs[7] > full_lrs[9] > 0.0

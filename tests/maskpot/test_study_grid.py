@@ -214,14 +214,18 @@ def test_both_readouts_are_merged_and_an_interrupted_convergence_run_resumes(tmp
     assert len(calls) == 3, "a finished run is never redone"
 
 
-def test_the_convergence_readout_does_not_stop_early_before_patience_min_steps(tmp_path):
+def test_the_convergence_readout_does_not_stop_early_before_patience_min_steps_and_anneals(tmp_path):
     small = load_study(STUDY, "small")
     job = water_jobs(small, tmp_path, "dft_water", tmp_path / "dft", ["scratch"], [30], {})[0]
     train = job.converged_config()["train"]
     assert (train["max_steps"], train["early_stopping_patience"], train["early_stopping_min_steps"]) == (6000, 10, 3000)
+    assert train["early_stopping_anneal_steps"] == 1000   # an early stop anneals the LR before it ends the run
     assert "early_stopping_min_steps" not in job.config["train"]   # the fixed budget never stops early
+    assert "early_stopping_anneal_steps" not in job.config["train"]
     with pytest.raises(ConfigError, match="patience_min_steps must be in"):
         load_study(STUDY, "tiny", {"finetune": {"patience_min_steps": 13}})
+    with pytest.raises(ConfigError, match="anneal_steps must be >= 0"):
+        load_study(STUDY, "tiny", {"finetune": {"anneal_steps": -1}})
 
 
 def test_a_signalled_convergence_readout_is_not_recorded_and_resumes(tmp_path, monkeypatch):
