@@ -15,7 +15,6 @@ The *head* is the energy/force output MLPs a model names in `head_parameter_pref
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from data_shards.keys import CHEMICAL_SYMBOLS
 from finetune.config import AdaptConfig, OptimConfig
+from pretrain.schedule import lr_factor
 
 log = logging.getLogger("finetune")
 
@@ -188,6 +188,7 @@ class EarlyStopping:
         if start is None or self.anneal_steps == 0 or step <= start:
             return scheduled(step)
         at_start = scheduled(start)
-        floor = min(floor, at_start)        # never raise the learning rate
-        progress = min(1.0, (step - start) / self.anneal_steps)
-        return floor + (at_start - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        if at_start <= floor:               # already at the floor: never raise the learning rate
+            return at_start
+        # the schedules' half-cosine, started at `at_start` instead of the peak
+        return at_start * lr_factor(step - start, at_start, floor, 0, self.anneal_steps)

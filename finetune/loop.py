@@ -256,7 +256,8 @@ def _results(trainer: Trainer, test: dict | None, train_seconds: float, export_d
         "stopped_at_step": last_step if trainer.stopped_early else None, "skipped_nonfinite": L.nonfinite.skipped,
         # where the early-stopping criterion was met, and the annealing tail's steps after it
         "early_stop_step": L.stopper.fired_at if trainer.stopped_early else None,
-        "anneal_steps": last_step - L.stopper.fired_at if trainer.stopped_early and L.stopper.fired_at else 0,
+        "anneal_steps": last_step - L.stopper.fired_at if L.stopper.fired_at is not None and trainer.stopped_early
+        else 0,
         "train_frames": trainer.train_stream.num_samples,
         "train_seconds": train_seconds,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -70,11 +70,16 @@ class Trainer:
     energy_term_scale: float            # the energy loss term's scale at the end of training (eV/atom)
     started: float = field(default_factory=time.perf_counter)
     last_step: int = 0                  # where training ended (max_steps unless stopped early)
-    stopped_early: bool = False         # the early-stopping criterion was met before max_steps
 
     def __post_init__(self):
         self.last_step = self.cfg.train.max_steps
         self.bar = progress(total=self.cfg.train.max_steps, desc="finetune", unit="step")
+
+    @property
+    def stopped_early(self) -> bool:
+        """The early-stopping criterion was met before max_steps (training ended there or after its tail)."""
+        fired_at = self.loop.stopper.fired_at
+        return fired_at is not None and fired_at < self.cfg.train.max_steps
 
     def validate(self, step: int) -> bool:
         """Evaluate, keep the weights if best, log; True: early stopping says stop here."""
@@ -100,7 +105,6 @@ class Trainer:
         t, L = self.cfg.train, self.loop
         step_sleep = float(os.environ.get(RS.STEP_SLEEP_ENV) or 0)
         step = start
-        self.stopped_early = L.stopper.fired_at is not None   # resumed inside an annealing tail
         while step < L.stopper.end_step(t.max_steps):
             step += 1
             if self._step(step) is None:
@@ -130,9 +134,8 @@ class Trainer:
         L, t = self.loop, self.cfg.train
         fired_before = L.stopper.fired_at is not None
         stop_now = self.validate(step) and step < t.max_steps
-        if L.stopper.fired_at is None or fired_before or step >= t.max_steps:
+        if fired_before or not self.stopped_early:
             return stop_now
-        self.stopped_early = True
         best = f"best {L.best.force_rmse:.2f} meV/Å at step {L.best.step}"
         if stop_now:
             log.info("step %d: early stop, no better validation force RMSE in the last %d validations (%s)",
