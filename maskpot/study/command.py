@@ -34,6 +34,12 @@ def add_command(subparsers) -> None:
                         "'dft_water/egnn_mask@dft_positions_n30_s*p1' (pretraining seed 0 has no p suffix); "
                         "the pretrainings they need still run (with --ablation only those, and a glob that "
                         "matches none of its finetunes is refused); the report covers every finished run")
+    p.add_argument("--reread-converged", action="store_true",
+                   help="read out again at convergence the finished finetunes (of those --only selects) whose "
+                        "at-convergence read-out ran under another stopping rule than the config's (cap "
+                        "finetune.converge_steps, patience, patience_min_steps, anneal_steps); each old read-out "
+                        "is kept as RUN/converged.previousK, the fixed-budget read-out is reused. Repeating the "
+                        "command re-reads nothing more; an interrupted re-read resumes")
     p.add_argument("--plan", action="store_true", help="print the stages and run counts, run nothing")
     p.add_argument("--report-only", action="store_true", help="rebuild tables and plots from finished runs")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME",
@@ -54,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_dotted_overrides(args.override)
     if args.only:
         overrides["only"] = list(args.only)
+    if args.reread_converged:
+        overrides["reread_converged"] = True
     cfg = load_study(resolve_config_path(args.config), args.scale, overrides)
     out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
     check_run_configs(cfg, out)

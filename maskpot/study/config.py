@@ -306,6 +306,9 @@ class StudyConfig:
     # run only the finetunes whose name SETTING/RUN (e.g. dft_water/egnn_mask_n30_s1p1) matches one of these
     # shell globs (`maskpot study --only`); the pretrainings they need still run; empty: every finetune
     only: list[str] = field(default_factory=list)
+    # read out again at convergence the finished finetunes (of those `only` selects) whose at-convergence
+    # read-out ran under another stopping rule than finetune's (`maskpot study --reread-converged`)
+    reread_converged: bool = False
 
     def __post_init__(self):
         self.models = _models("models", self.models)

@@ -7,7 +7,8 @@ with early stopping on the validation force RMSE (`finetune.patience` validation
 `finetune.anneal_steps` of LR annealing; finetune.adapt.EarlyStopping) and at most `converge_steps` steps; its
 test figures, steps and stop reason are merged into RUN/results.json under "converged". A run is finished when
 both read-outs are in results.json; an interrupted study finishes only what is missing (a finished read-out is
-never redone).
+never redone, unless `reread_converged` asks to read out again at convergence the runs whose read-out ran under
+another stopping rule: the old one is kept as RUN/converged.previousK).
 A stop signal (SIGTERM, SIGUSR1: SLURM preemption, `kill`) checkpoints the running finetunes, starts no other,
 and exits naming them; the same command resumes them.
 """
@@ -29,6 +30,7 @@ import yaml
 
 from data_shards.config_io import from_dict
 from maskpot.study.config import ABLATION_MARK, FinetuneStageConfig, StudyConfig
+from maskpot.study.stopping_rule import STOPPING_RULE, changes_readout
 
 RESULTS = "results.json"
 CONVERGED = "converged"      # sub-folder and results.json key of the at-convergence read-out
@@ -74,6 +76,40 @@ class FinetuneJob:
         if not path.is_file():
             return False
         return not self.converge_steps or CONVERGED in json.loads(path.read_text())
+
+    def converged_rule_changes(self) -> dict[str, tuple]:
+        """{train key: (old, now)} for each STOPPING_RULE key the finished at-convergence read-out ran with
+        another value of (its RUN/converged/config.yaml) that could change it; {"folder": ...} when results.json
+        holds the read-out but its folder is gone (set aside by a re-read interrupted before it dropped the
+        entry); else {}."""
+        if not self.converge_steps or not self.finished():
+            return {}
+        saved = Path(self.run_dir) / CONVERGED / "config.yaml"
+        if not saved.parent.is_dir():
+            return {"folder": (CONVERGED, "missing")}
+        if not saved.is_file():
+            return {}
+        stopped_early = json.loads((Path(self.run_dir) / RESULTS).read_text())[CONVERGED].get("stopped_early")
+        old, now = (yaml.safe_load(saved.read_text()) or {}).get("train", {}), self.converged_config()["train"]
+        return {k: (old.get(k, 0), now.get(k, 0)) for k in STOPPING_RULE
+                if changes_readout(k, old.get(k, 0), now.get(k, 0), bool(stopped_early))}
+
+    def set_converged_aside(self) -> Path | None:
+        """Move the at-convergence read-out to RUN/converged.previousK (the first free K; None when an
+        interrupted re-read moved it already) and drop it from RUN/results.json, so the job's next run reads it
+        out again; the fixed-budget read-out stays."""
+        run_dir = Path(self.run_dir)
+        kept = None
+        if (run_dir / CONVERGED).exists():
+            k = 1
+            while (run_dir / f"{CONVERGED}.previous{k}").exists():
+                k += 1
+            kept = run_dir / f"{CONVERGED}.previous{k}"
+            (run_dir / CONVERGED).rename(kept)   # first: results.json still holds the read-out if we stop here
+        results = json.loads((run_dir / RESULTS).read_text())
+        results.pop(CONVERGED, None)
+        _write_json(run_dir / RESULTS, results)
+        return kept
 
 
 def pretraining_run_id(init: Path | None) -> str | None:
@@ -181,12 +217,30 @@ def selected(cfg: StudyConfig, jobs: list[FinetuneJob]) -> list[FinetuneJob]:
     return [j for j in jobs if wanted(cfg, j.name)]
 
 
+def _stopping_rule_changes(jobs: list[FinetuneJob]) -> dict[str, str]:
+    """{name: "key old → now, ..."} for each finished job whose at-convergence read-out ran under another
+    stopping rule than the job's."""
+    changes = {j.name: j.converged_rule_changes() for j in jobs}
+    return {name: ", ".join(f"{k} {old} → {now}" for k, (old, now) in diff.items())
+            for name, diff in changes.items() if diff}
+
+
 def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetuning") -> None:
     chosen = selected(cfg, jobs)
-    todo = [j for j in chosen if not j.finished()]
+    changed = _stopping_rule_changes(chosen)
+    reread = [j for j in chosen if j.name in changed] if cfg.reread_converged else []
+    todo = [j for j in chosen if not j.finished() or j in reread]
     skipped = f" ({len(jobs) - len(chosen)} not selected by `only`)" if len(chosen) < len(jobs) else ""
     _banner(f"{what}: {len(chosen) - len(todo)} of {len(chosen)} runs already finished{skipped}, {len(todo)} to go, "
             f"{cfg.finetune.jobs} at a time")
+    for job in reread:   # a finished fixed-budget read-out is reused; only the at-convergence one runs again
+        kept = job.set_converged_aside()
+        print(f"  {job.name}: read out again at convergence ({changed[job.name]}); the old read-out is "
+              f"{kept or 'in a converged.previous folder already'}", flush=True)
+    if changed and not reread:
+        name = next(iter(changed))
+        print(f"  {len(changed)} finished run(s) were read out at convergence under another stopping rule, e.g. "
+              f"{name} ({changed[name]}); kept as they are: --reread-converged reads them out again", flush=True)
     if not todo:
         return
     _prepare_tracking(cfg, todo[0])
