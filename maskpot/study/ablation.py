@@ -18,7 +18,7 @@ import yaml
 
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.finetunes import Timings, finetune_config, run_finetunes, run_name, wanted
+from maskpot.study.finetunes import Timings, finetune_config, pretrain_seed_tag, run_finetunes, run_name, wanted
 from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
 from maskpot.study.stages import stage_corpus, stage_dft_shards
 
@@ -57,7 +57,7 @@ def ablation_jobs(cfg: StudyConfig, out: Path, name: str, corpus: Path, dft_shar
             tag = (f"{variant}{ABLATION_MARK}{name}" if changed else variant) if pretrained else baseline
             run = f"{model}_{variant}{ABLATION_MARK}{pname}" if pre_changed else f"{model}_{variant}"
             for pseed in (a.pretrain_seeds or [pre.seed]) if pretrained else [pre.seed]:
-                tag_seed = None if pseed == pre.seed else pseed
+                tag_seed = pretrain_seed_tag(pseed, pre.seed)
                 if pretrain and pretrained and not _any_selected(cfg, name, model, tag, tag_seed):
                     continue
                 init = _pretraining(cfg, out, name, pre, model, params, variant, pseed, run, corpus, dft_shards) \

@@ -79,14 +79,14 @@ class FinetuneJob:
 
     def converged_rule_changes(self) -> dict[str, tuple]:
         """{train key: (old, now)} for each STOPPING_RULE key the finished at-convergence read-out ran with
-        another value of (its RUN/converged/config.yaml) that could change it; {"folder": ...} when results.json
+        another value of (its RUN/converged/config.yaml) that could change it; {"RUN/converged/": ...} when results.json
         holds the read-out but its folder is gone (set aside by a re-read interrupted before it dropped the
         entry); else {}."""
         if not self.converge_steps or not self.finished():
             return {}
         saved = Path(self.run_dir) / CONVERGED / "config.yaml"
         if not saved.parent.is_dir():
-            return {"folder": (CONVERGED, "missing")}
+            return {f"RUN/{CONVERGED}/": ("present", "missing")}
         if not saved.is_file():
             return {}
         stopped_early = json.loads((Path(self.run_dir) / RESULTS).read_text())[CONVERGED].get("stopped_early")
@@ -122,6 +122,11 @@ def pretraining_run_id(init: Path | None) -> str | None:
 def run_name(model: str, variant: str, budget: int, seed: int, pretrain_seed: int | None = None) -> str:
     """MODEL_VARIANT_nBUDGET_sSEED, with pPSEED appended for a pretraining seed other than the study's."""
     return f"{model}_{variant}_n{budget}_s{seed}" + (f"p{pretrain_seed}" if pretrain_seed is not None else "")
+
+
+def pretrain_seed_tag(pretrain_seed: int | None, own_seed: int) -> int | None:
+    """The pretraining seed a run's name carries (`pretrain_seed` of run_name): none for the stage's own seed."""
+    return None if pretrain_seed in (None, own_seed) else pretrain_seed
 
 
 def finetune_config(cfg: StudyConfig, out: Path, setting: str, manifest_dir: Path, model: str, params: dict,

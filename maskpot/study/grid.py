@@ -25,7 +25,7 @@ from data_shards.config_io import from_dict
 from data_shards.corpus.conditions import CorpusConfig as Conditions
 from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.finetunes import _banner, finetune_config, run_finetunes, run_name, wanted
+from maskpot.study.finetunes import _banner, finetune_config, pretrain_seed_tag, run_finetunes, run_name, wanted
 from maskpot.study.pretraining import corpus_pretraining, pretrain_one, pretrain_run_name, water_objective
 
 GENERATED = Path("data") / "generated"
@@ -69,7 +69,7 @@ def _pretrain_and_jobs(cfg, out, dft, corpora: dict[str, Path], variants, budget
         for tag, shards in corpora.items():
             for variant, pseed in ((v, p) for v in variants for p in cfg.headline_pretrain_seeds()):
                 run = f"{variant}{ABLATION_MARK}{tag}"
-                tag_seed = None if pseed == cfg.pretrain.seed else pseed
+                tag_seed = pretrain_seed_tag(pseed, cfg.pretrain.seed)
                 if not any(wanted(cfg, f"dft_water/{run_name(model, run, budget, seed, tag_seed)}")
                            for budget in budgets for seed in cfg.seeds):
                     continue

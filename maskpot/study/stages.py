@@ -19,7 +19,14 @@ from data_shards.config_io import to_dict
 from maskpot.dft_water import dft_water_inputs
 from maskpot.study import grid
 from maskpot.study.config import ETHANOL_VARIANTS, VARIANTS, StudyConfig
-from maskpot.study.finetunes import FinetuneJob, Timings, _banner, finetune_config, run_finetunes
+from maskpot.study.finetunes import (
+    FinetuneJob,
+    Timings,
+    _banner,
+    finetune_config,
+    pretrain_seed_tag,
+    run_finetunes,
+)
 from maskpot.study.grid import describe_plan  # the plan printed first; tests import it from here too
 from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
 
@@ -120,9 +127,9 @@ def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants
                 pseeds = [None] if VARIANTS[variant] is None else pretrain_seeds or [cfg.pretrain.seed]
                 for pseed in pseeds:
                     init = exports.get((model, variant, cfg.pretrain.seed if pseed is None else pseed))
-                    tag = None if pseed in (None, cfg.pretrain.seed) else pseed
                     jobs += [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed, init,
-                                             pretrain_seed=tag) for seed in cfg.seeds]
+                                             pretrain_seed=pretrain_seed_tag(pseed, cfg.pretrain.seed))
+                             for seed in cfg.seeds]
     return jobs
 
 

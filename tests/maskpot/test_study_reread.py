@@ -71,7 +71,7 @@ def test_reread_converged_reruns_only_stale_readouts_and_keeps_the_old_one(tmp_p
 
     # a re-read stopped after it moved the read-out aside but before it dropped it from results.json
     (run_dir / "converged").rename(run_dir / "converged.previous2")
-    assert job.converged_rule_changes() == {"folder": ("converged", "missing")}
+    assert job.converged_rule_changes() == {"RUN/converged/": ("present", "missing")}
     finetunes.run_finetunes(reread, [job])
     assert "in a converged.previous folder already" in capsys.readouterr().out
     assert (run_dir / "converged" / "results.json").is_file() and not (run_dir / "converged.previous3").exists()
