@@ -79,9 +79,9 @@ class FinetuneJob:
 
     def converged_rule_changes(self) -> dict[str, tuple]:
         """{train key: (old, now)} for each STOPPING_RULE key the finished at-convergence read-out ran with
-        another value of (its RUN/converged/config.yaml) that could change it; {"RUN/converged/": ...} when results.json
-        holds the read-out but its folder is gone (set aside by a re-read interrupted before it dropped the
-        entry); else {}."""
+        another value of (its RUN/converged/config.yaml) that could change it; {"RUN/converged/": ...} when
+        results.json holds the read-out but its folder is gone (set aside by a re-read interrupted before it
+        dropped the entry); else {}."""
         if not self.converge_steps or not self.finished():
             return {}
         saved = Path(self.run_dir) / CONVERGED / "config.yaml"
