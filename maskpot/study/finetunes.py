@@ -82,14 +82,16 @@ class FinetuneJob:
         another value of (its RUN/converged/config.yaml) that could change it; {"RUN/converged/": ...} when
         results.json holds the read-out but its folder is gone (set aside by a re-read interrupted before it
         dropped the entry); else {}."""
-        if not self.converge_steps or not self.finished():
+        results = Path(self.run_dir) / RESULTS
+        readout = json.loads(results.read_text()).get(CONVERGED) if self.converge_steps and results.is_file() else None
+        if readout is None:
             return {}
         saved = Path(self.run_dir) / CONVERGED / "config.yaml"
         if not saved.parent.is_dir():
             return {f"RUN/{CONVERGED}/": ("present", "missing")}
         if not saved.is_file():
             return {}
-        stopped_early = json.loads((Path(self.run_dir) / RESULTS).read_text())[CONVERGED].get("stopped_early")
+        stopped_early = readout.get("stopped_early")
         old, now = (yaml.safe_load(saved.read_text()) or {}).get("train", {}), self.converged_config()["train"]
         return {k: (old.get(k, 0), now.get(k, 0)) for k in STOPPING_RULE
                 if changes_readout(k, old.get(k, 0), now.get(k, 0), bool(stopped_early))}
@@ -236,7 +238,7 @@ def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetu
     reread = [j for j in chosen if j.name in changed] if cfg.reread_converged else []
     todo = [j for j in chosen if not j.finished() or j in reread]
     skipped = f" ({len(jobs) - len(chosen)} not selected by `only`)" if len(chosen) < len(jobs) else ""
-    _banner(f"{what}: {len(chosen) - len(todo)} of {len(chosen)} runs already finished{skipped}, {len(todo)} to go, "
+    banner(f"{what}: {len(chosen) - len(todo)} of {len(chosen)} runs already finished{skipped}, {len(todo)} to go, "
             f"{cfg.finetune.jobs} at a time")
     for job in reread:   # a finished fixed-budget read-out is reused; only the at-convergence one runs again
         kept = job.set_converged_aside()
@@ -323,7 +325,8 @@ def _stop_signals_noted() -> None:
         signal.signal(s, _note_stop)
 
 
-def _banner(text: str) -> None:
+def banner(text: str) -> None:
+    """Print a stage heading of the study's log (`=== study: TEXT`), flushed so it shows in a redirected log."""
     print(f"\n=== study: {text}", flush=True)
 
 

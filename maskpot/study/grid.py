@@ -25,7 +25,7 @@ from data_shards.config_io import from_dict
 from data_shards.corpus.conditions import CorpusConfig as Conditions
 from data_shards.corpus.conditions import plan
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
-from maskpot.study.finetunes import _banner, finetune_config, pretrain_seed_tag, run_finetunes, run_name, wanted
+from maskpot.study.finetunes import banner, finetune_config, pretrain_seed_tag, run_finetunes, run_name, wanted
 from maskpot.study.pretraining import corpus_pretraining, pretrain_one, pretrain_run_name, water_objective
 
 GENERATED = Path("data") / "generated"
@@ -46,13 +46,13 @@ def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes
     gen = out / GENERATED / name
     shards = {n: out / "shards" / f"{name}{n}" for n in sizes}
     if not all((s / "manifest.json").is_file() for s in shards.values()):
-        _banner(f"generating corpus {name}: {full.trajectories} trajectories × {full.frames_per_trajectory} "
+        banner(f"generating corpus {name}: {full.trajectories} trajectories × {full.frames_per_trajectory} "
                 f"frames (sampled conditions, one Ray task per trajectory)")
         generate_corpus(full, gen, progress=False)
     files = [str(gen / t.file_name) for t in plan(full)]
     for n, path in shards.items():
         if not (path / "manifest.json").is_file():
-            _banner(f"sharding the first {n} frames of corpus {name}")
+            banner(f"sharding the first {n} frames of corpus {name}")
             build_shards(files[:n // full.frames_per_trajectory], str(path), shard_size=cfg.corpus.shard_size,
                          split_fractions=(1.0 - cfg.corpus.val_fraction, cfg.corpus.val_fraction, 0.0),
                          require_labels=False)

@@ -13,7 +13,7 @@ import yaml
 
 from data_shards.config_io import from_dict
 from maskpot.study.config import VARIANTS, PretrainStageConfig, StudyConfig
-from maskpot.study.finetunes import _banner, finetune_config
+from maskpot.study.finetunes import banner, finetune_config
 from pretrain import cli as pretrain_cli
 
 
@@ -31,7 +31,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    _banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
+    banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
             f"    maskpot pretrain --config {path} --nproc {p.nproc}")
     code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
                                                allow_config_change=False, init=None))

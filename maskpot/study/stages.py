@@ -22,7 +22,7 @@ from maskpot.study.config import ETHANOL_VARIANTS, VARIANTS, StudyConfig
 from maskpot.study.finetunes import (
     FinetuneJob,
     Timings,
-    _banner,
+    banner,
     finetune_config,
     pretrain_seed_tag,
     run_finetunes,
@@ -65,10 +65,10 @@ def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
     c = cfg.corpus
     shards = out / "shards" / "corpus"
     if not (shards / "manifest.json").is_file():
-        _banner(f"TIP3P corpus: {c.frames} frames × {c.molecules} H2O, seed {c.seed}")
+        banner(f"TIP3P corpus: {c.frames} frames × {c.molecules} H2O, seed {c.seed}")
         xyz = generate_tip3p(out / "data", n_molecules=c.molecules, n_frames=c.frames, seed=c.seed,
                              steps_between_frames=c.steps_between_frames)
-        _banner("sharding the corpus with Ray")
+        banner("sharding the corpus with Ray")
         build_shards([str(xyz)], str(shards), shard_size=c.shard_size,
                      split_fractions=(1.0 - c.val_fraction, c.val_fraction, 0.0), require_labels=False)
     return shards
@@ -81,7 +81,7 @@ def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
     if not (shards / "manifest.json").is_file():
         inputs = dft_water_inputs(cfg.dft_water.path, "dft_water.path",
                                   hint="set dft_water.enabled=false to skip this setting")
-        _banner(f"sharding DFT water from {cfg.dft_water.path}")
+        banner(f"sharding DFT water from {cfg.dft_water.path}")
         build_shards(inputs, str(shards), shard_size=80)
     return shards
 
@@ -93,7 +93,7 @@ def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
     shards = out / "shards" / "tip3p_labels"
     if not (shards / "manifest.json").is_file():
         c = cfg.corpus
-        _banner(f"labelled TIP3P trajectory: {cfg.tip3p.labelled_frames} frames, seed {c.seed + 1}")
+        banner(f"labelled TIP3P trajectory: {cfg.tip3p.labelled_frames} frames, seed {c.seed + 1}")
         xyz = generate_tip3p(out / "data", n_molecules=c.molecules, n_frames=cfg.tip3p.labelled_frames,
                              seed=c.seed + 1, steps_between_frames=c.steps_between_frames)
         build_shards([str(xyz)], str(shards), shard_size=100, split_fractions=(0.6, 0.2, 0.2))
@@ -143,7 +143,7 @@ def ethanol_jobs(cfg: StudyConfig, out: Path) -> list[FinetuneJob]:
         missing = [str(root / n) for n in ("train.xyz", "test_MD.xyz") if not (root / n).is_file()]
         if missing:
             raise FileNotFoundError(f"ethanol.path {e.path}: missing {missing} (set ethanol.enabled=false to skip)")
-        _banner(f"sharding rMD17 ethanol from {root}: train.xyz 900 train + 100 val, test_MD.xyz test")
+        banner(f"sharding rMD17 ethanol from {root}: train.xyz 900 train + 100 val, test_MD.xyz test")
         build_shards([str(root / "train.xyz"), f"test={root / 'test_MD.xyz'}"], str(shards), shard_size=250,
                      split_fractions=(0.9, 0.1, 0.0))
     jobs = []
