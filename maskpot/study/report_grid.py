@@ -99,6 +99,10 @@ def scaling_markdown(rows: list[dict], image: str | None) -> str:
                      f"{compare(values(r['runs'], r['readout']), values(r['scratch'], r['readout']))} |")
     for (model, variant, budget), group in sorted(_by(rows, "model", "variant", "budget").items()):
         means = [mean_std(values(r["runs"], r["readout"]))[0] for r in group]
+        if len(group) < 2:   # one corpus size: a point, not a curve
+            lines.append(f"\n{model} {variant}, {budget} frames: one corpus size so far ({group[0]['frames']} "
+                         f"frames, {means[0]:.1f} meV/Å), no curve.")
+            continue
         falls = all(b < a for a, b in pairwise(means))
         steps = "; ".join(f"{a['frames']} → {b['frames']} frames: "
                           f"{compare(values(b['runs'], b['readout']), values(a['runs'], a['readout']))}"

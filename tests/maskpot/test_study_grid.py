@@ -308,6 +308,7 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
         for n, drop in ((8, 5), (16, 10)):
             _run(tmp_path, f"egnn_mask@corpus{n}_n30_s{s}", f, f - drop, 100)
         _run(tmp_path, f"egnn_mask@single16_n30_s{s}", f, f - 7, 100)
+        _run(tmp_path, f"egnn_mask@corpus8_n10_s{s}", f, f - 3, 100)       # one corpus size at 10 frames
         _run(tmp_path, f"egnn_mask@twostage_n30_s{s}", f, f - 40, 100)
         _run(tmp_path, f"egnn_mask@dft_positions_n30_s{s}", f, f - 25, 100)
     (tmp_path / "timings.json").write_text(json.dumps({"corpus": 36.0, "pretrain": {"wall_s": 7200, "cpu_s": 14400}}))
@@ -321,6 +322,7 @@ def test_report_has_the_convergence_table_the_scaling_curve_and_the_comparisons(
     assert "| egnn | mask | 30 | 16 | 2 | 102.0 ± 2.8 | 92.0 ± 2.8 |" in text
     assert "the curve falls monotonically with corpus size (97.0, 92.0 meV/Å); each step: 8 → 16 frames: " \
            "-5.2% (within the spread)." in text    # 97.0 ± 2.8 → 92.0 ± 2.8: 5.0 < 5.7
+    assert "egnn mask, 10 frames: one corpus size so far (8 frames, 99.0 meV/Å), no curve." in text
     assert (tmp_path / "report" / "scaling.png").stat().st_size > 5000
     assert "two-stage vs paper recipe (DFT positions) (converged): -19.5% (larger than the spread)" in text
     assert "sampled conditions and models vs one condition (converged): -3.2% (within the spread)" in text
