@@ -239,7 +239,7 @@ def run_finetunes(cfg: StudyConfig, jobs: list[FinetuneJob], what: str = "finetu
     todo = [j for j in chosen if not j.finished() or j in reread]
     skipped = f" ({len(jobs) - len(chosen)} not selected by `only`)" if len(chosen) < len(jobs) else ""
     banner(f"{what}: {len(chosen) - len(todo)} of {len(chosen)} runs already finished{skipped}, {len(todo)} to go, "
-            f"{cfg.finetune.jobs} at a time")
+           f"{cfg.finetune.jobs} at a time")
     for job in reread:   # a finished fixed-budget read-out is reused; only the at-convergence one runs again
         kept = job.set_converged_aside()
         print(f"  {job.name}: read out again at convergence ({changed[job.name]}); the old read-out is "

@@ -47,7 +47,7 @@ def stage_generated(cfg: StudyConfig, out: Path, name: str, mapping: dict, sizes
     shards = {n: out / "shards" / f"{name}{n}" for n in sizes}
     if not all((s / "manifest.json").is_file() for s in shards.values()):
         banner(f"generating corpus {name}: {full.trajectories} trajectories × {full.frames_per_trajectory} "
-                f"frames (sampled conditions, one Ray task per trajectory)")
+               f"frames (sampled conditions, one Ray task per trajectory)")
         generate_corpus(full, gen, progress=False)
     files = [str(gen / t.file_name) for t in plan(full)]
     for n, path in shards.items():

@@ -32,7 +32,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     path = run_dir.parent / f"{run_dir.name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     banner(f"pretraining {run_dir.name}: {steps} steps on {p.nproc} ranks\n"
-            f"    maskpot pretrain --config {path} --nproc {p.nproc}")
+           f"    maskpot pretrain --config {path} --nproc {p.nproc}")
     code = pretrain_cli.run(argparse.Namespace(config=str(path), nproc=p.nproc, override=[], resume="auto",
                                                allow_config_change=False, init=None))
     if code != 0:
