@@ -88,7 +88,9 @@ def mlflow_server(tmp_path_factory):
 
 @pytest.fixture
 def pretrain_configs(monkeypatch) -> dict:
-    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written."""
+    """Pretrainings are not run: each one's config is recorded (by run folder name) and an export written;
+    nor is the study's TIP3P corpus generated (its shard folder is named as if it were)."""
+    import maskpot.study.pretraining
     import pretrain.cli
 
     configs = {}
@@ -102,4 +104,5 @@ def pretrain_configs(monkeypatch) -> dict:
         return 0
 
     monkeypatch.setattr(pretrain.cli, "run", fake_pretrain)
+    monkeypatch.setattr(maskpot.study.pretraining, "stage_corpus", lambda cfg, out: Path(out) / "shards" / "corpus")
     return configs

@@ -19,8 +19,8 @@ import yaml
 from data_shards.config_io import to_dict
 from maskpot.study.config import ABLATION_MARK, VARIANTS, StudyConfig
 from maskpot.study.finetunes import Timings, finetune_config, pretrain_seed_tag, run_finetunes, run_name, wanted
-from maskpot.study.pretraining import corpus_pretraining, pretrain_one, water_objective
-from maskpot.study.stages import stage_corpus, stage_dft_shards
+from maskpot.study.pretraining import corpus_pretraining, pretrain_one, stage_corpus, water_objective
+from maskpot.study.stages import stage_dft_shards
 
 
 def resolve_names(cfg: StudyConfig, asked: list[str]) -> list[str]:
@@ -87,7 +87,7 @@ def _pretraining(cfg: StudyConfig, out: Path, name: str, pre, model: str, params
     objective = water_objective(pre, variant)
     if a.pretrain_data == "dft_train":   # DeePMD lists all O before all H: molecules by nearest oxygen
         objective["water_grouping"] = "nearest_oxygen"
-    first = corpus_pretraining(cfg, out, corpus, model, params, variant) if a.pretrain_init == "corpus" else None
+    first = corpus_pretraining(cfg, out, model, params, variant, corpus) if a.pretrain_init == "corpus" else None
     return pretrain_one(cfg, out / "pretrain" / (run + ("" if pseed == pre.seed else f"_p{pseed}")),
                         dft_shards if a.pretrain_data == "dft_train" else corpus, model, params, objective, pre.steps,
                         pre.batch_size, stage=dataclasses.replace(pre, seed=pseed), init=first)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_shards.config_io import parse_dotted_overrides
 from maskpot.study import ablation as study_ablation
-from maskpot.study import stages
+from maskpot.study import grid, stages
 from maskpot.study.config import load_study
 from maskpot.study.pretraining import check_run_configs
 
@@ -32,8 +32,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--only", nargs="+", default=[], metavar="GLOB",
                    help="run only the finetunes whose name SETTING/RUN matches a shell glob, e.g. "
                         "'dft_water/egnn_mask@dft_positions_n30_s*p1' (pretraining seed 0 has no p suffix); "
-                        "the pretrainings they need still run (with --ablation only those, and a glob that "
-                        "matches none of its finetunes is refused); the report covers every finished run")
+                        "only the pretrainings (and the corpus) they need run; a glob that matches no finetune "
+                        "of the grid (or of --ablation's) is refused before any work; --plan counts the selected "
+                        "runs; the report covers every finished run")
     p.add_argument("--reread-converged", action="store_true",
                    help="read out again at convergence the finished finetunes (of those --only selects) whose "
                         "at-convergence read-out ran under another stopping rule than the config's (cap "
@@ -66,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{cfg.out_dir}_{cfg.scale}").resolve()
     check_run_configs(cfg, out)
     names = study_ablation.resolve_names(cfg, args.ablation) if args.ablation else []
+    if not names:
+        grid.check_only(cfg)   # the ablations check their own runs (run_ablations)
     if args.plan:
         print(study_ablation.describe(cfg, names) if names else stages.describe_plan(cfg, out))
         return 0

@@ -115,7 +115,8 @@ class FinetuneStageConfig:
     def __post_init__(self):
         _positive("finetune.steps/batch_size/val_every/jobs/patience",
                   [self.steps, self.batch_size, self.val_every, self.jobs, self.patience])
-        _require(0 <= self.patience_min_steps <= max(self.converge_steps, self.steps),
+        # converge_steps 0 turns the at-convergence read-out off: the small scale's patience_min_steps stays unused
+        _require(0 <= self.patience_min_steps <= (self.converge_steps or self.patience_min_steps),
                  f"finetune.patience_min_steps must be in [0, converge_steps], got {self.patience_min_steps}")
         _require(self.anneal_steps >= 0,
                  f"finetune.anneal_steps must be >= 0 (0: stop at once), got {self.anneal_steps}")
@@ -304,7 +305,7 @@ class StudyConfig:
     diversity: DiversityConfig = field(default_factory=DiversityConfig)
     two_stage: TwoStageConfig = field(default_factory=TwoStageConfig)
     # run only the finetunes whose name SETTING/RUN (e.g. dft_water/egnn_mask_n30_s1p1) matches one of these
-    # shell globs (`maskpot study --only`); the pretrainings they need still run; empty: every finetune
+    # shell globs (`maskpot study --only`); only the pretrainings and corpora they need run; empty: every finetune
     only: list[str] = field(default_factory=list)
     # read out again at convergence the finished finetunes (of those `only` selects) whose at-convergence
     # read-out ran under another stopping rule than finetune's (`maskpot study --reread-converged`)

@@ -19,6 +19,7 @@ Experiment runs are named VARIANT@TAG on DFT water, next to the main runs:
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from pathlib import Path
 
 from data_shards.config_io import from_dict
@@ -87,7 +88,7 @@ def _main_jobs(cfg, out, dft, variants, budgets, models) -> list:
     for model, params in (models or cfg.models).items():
         for variant in ["scratch", *variants]:
             init = None if VARIANTS[variant] is None else \
-                corpus_pretraining(cfg, out, out / "shards" / "corpus", model, params, variant)
+                corpus_pretraining(cfg, out, model, params, variant)
             jobs += [finetune_config(cfg, out, "dft_water", dft, model, params, variant, budget, seed, init)
                      for budget in budgets for seed in cfg.seeds]
     return jobs
@@ -101,7 +102,7 @@ def two_stage_jobs(cfg: StudyConfig, out: Path, dft: Path) -> list:
         for variant in t.variants:
             # DeePMD lists all O before all H: molecules by nearest oxygen
             objective = {**water_objective(cfg.pretrain, variant), "water_grouping": "nearest_oxygen"}
-            corpus_export = corpus_pretraining(cfg, out, out / "shards" / "corpus", model, params, variant)
+            corpus_export = corpus_pretraining(cfg, out, model, params, variant)
             runs = {"twostage": (t.steps, second, corpus_export),
                     "dft_positions": (cfg.pretrain.steps, cfg.pretrain, None)}
             for tag, (steps, stage, init) in runs.items():
@@ -135,7 +136,7 @@ def experiments(cfg: StudyConfig) -> list[tuple[str, object]]:
     return [(name, fn) for name, fn, on in wanted if on]
 
 
-def run_experiments(cfg: StudyConfig, out: Path, timings, corpus: Path, dft: Path) -> None:
+def run_experiments(cfg: StudyConfig, out: Path, timings, dft: Path) -> None:
     for name, build in experiments(cfg):
         built = timings.stage(f"{name}_pretrain", lambda build=build: build(cfg, out, dft))
         jobs = list({j.run_dir: j for j in built}.values())
@@ -152,60 +153,96 @@ def _readouts(cfg: StudyConfig) -> str:
             f"cap {f.converge_steps} steps)")
 
 
+def planned_runs(cfg: StudyConfig) -> list[tuple[str, list[str]]]:
+    """(stage, its finetunes' names SETTING/RUN) of the main grid, in the order it runs, without building
+    anything: what `--only` selects from and what `--plan` counts. A run shared by two stages (the scratch
+    baseline, the corpus-only arm) is listed under each; the runners finish it once."""
+    pseeds, own = cfg.headline_pretrain_seeds(), cfg.pretrain.seed
+
+    def names(setting, models, variants, budgets, pretrain_seeds=(own,)) -> list[str]:
+        return [f"{setting}/{run_name(model, variant, budget, seed, pretrain_seed_tag(pseed, own))}"
+                for model in models for budget in budgets for variant in variants
+                for pseed in ([own] if VARIANTS.get(variant.split(ABLATION_MARK)[0]) is None else pretrain_seeds)
+                for seed in cfg.seeds]
+
+    models = list(cfg.models)
+    stages = []
+    if cfg.dft_water.enabled:
+        stages.append(("headline", names("dft_water", models, cfg.variants, cfg.dft_water.budgets, pseeds)))
+    if cfg.tip3p.enabled:
+        stages.append(("tip3p", names("tip3p", models, cfg.tip3p.variants, [cfg.tip3p.budget])))
+    for name, _ in experiments(cfg) if cfg.dft_water.enabled else []:
+        if name == "two_stage":
+            t = cfg.two_stage
+            arms = ["scratch", *t.variants] + [f"{v}{ABLATION_MARK}{tag}" for v in t.variants
+                                                for tag in ("twostage", "dft_positions")]
+            stages.append((name, names("dft_water", models, arms, t.budgets)))
+            continue
+        s, d = cfg.scaling, cfg.diversity
+        tags = [f"corpus{n}" for n in s.sizes] if name == "scaling" else [f"single{d.frames}", f"corpus{d.frames}"]
+        exp_models = list(s.models or cfg.models) if name == "scaling" else models
+        exp_variants, budgets = (s.variants, s.budgets) if name == "scaling" else (d.variants, d.budgets)
+        stages.append((name, names("dft_water", exp_models, ["scratch"], budgets) + names(
+            "dft_water", exp_models, [f"{v}{ABLATION_MARK}{t}" for t in tags for v in exp_variants], budgets, pseeds)))
+    if cfg.ethanol.enabled:
+        stages.append(("ethanol", names("ethanol", models, cfg.ethanol.variants, cfg.ethanol.budgets)))
+    return stages
+
+
+def check_only(cfg: StudyConfig) -> None:
+    """Every `only` glob must match some finetune of the main grid: a mistyped one fails before any work (it
+    would select nothing, silently, after the corpus was generated)."""
+    runs = sorted({n for _, stage in planned_runs(cfg) for n in stage})
+    unmatched = [p for p in cfg.only if not any(fnmatch.fnmatchcase(r, p) for r in runs)]
+    if unmatched:
+        raise ValueError(f"--only {unmatched}: no finetune of this study is named like that (pretraining seed "
+                         f"{cfg.pretrain.seed} has no p suffix); its names: {', '.join(runs)}")
+
+
 def describe_plan(cfg: StudyConfig, out: Path) -> str:
-    """The grid, in the order it runs (headline rows first), with run counts."""
+    """The grid, in the order it runs (headline rows first), with run counts (and those `only` selects)."""
     models, seeds, pseeds = list(cfg.models), cfg.seeds, cfg.headline_pretrain_seeds()
     pre = cfg.pretrain_variants()
     lines = [f"study '{cfg.experiment}', scale {cfg.scale} → {out}",
              f"  finetune budget for every run: {cfg.finetune.steps} steps, batch {cfg.finetune.batch_size}, "
              f"lr {cfg.finetune.lr:g} (cosine to {cfg.finetune.min_lr:g}); finetune seeds {seeds}",
              f"  {_readouts(cfg)}",
-             f"1. corpus: {cfg.corpus.frames} TIP3P frames × {cfg.corpus.molecules} H2O (seed {cfg.corpus.seed})",
+             f"1. corpus: {cfg.corpus.frames} TIP3P frames × {cfg.corpus.molecules} H2O (seed {cfg.corpus.seed})"
+             " (made only when a selected run needs it)",
              f"2. pretraining: {models} × {pre} × pretraining seeds "
              f"{pseeds if cfg.dft_water.enabled else [cfg.pretrain.seed]} × {cfg.pretrain.steps} steps on "
              f"{cfg.pretrain.nproc} ranks"]
-    total, step = 0, 3
-    if cfg.dft_water.enabled:
-        n_pre = sum(1 for v in cfg.variants if VARIANTS[v] is not None)
-        n = len(models) * len(cfg.dft_water.budgets) * len(seeds) * (len(cfg.variants) - n_pre + n_pre * len(pseeds))
-        total += n
-        lines.append(f"{step}. HEADLINE dft_water: {cfg.variants} × budgets {cfg.dft_water.budgets} × finetune seeds "
-                     f"{seeds} (× pretraining seeds {pseeds} for pretrained variants) → {n} finetunes")
-        step += 1
-    if cfg.tip3p.enabled:
-        n = len(models) * len(cfg.tip3p.variants) * len(seeds)
-        total += n
-        lines.append(f"{step}. tip3p: {cfg.tip3p.variants} × budget {cfg.tip3p.budget} → {n} finetunes")
-        step += 1
-    for name, _ in experiments(cfg) if cfg.dft_water.enabled else []:
-        text, n = _describe_experiment(cfg, name)
-        total += n
-        lines.append(f"{step}. {text} → {n} new finetunes (at most)")
-        step += 1
-    if cfg.ethanol.enabled:
-        n = len(models) * len(cfg.ethanol.variants) * len(cfg.ethanol.budgets) * len(seeds)
-        total += n
-        lines.append(f"{step}. ethanol: {cfg.ethanol.variants} × budgets {cfg.ethanol.budgets} → {n} finetunes")
-    lines.append(f"  {total} finetunes (× {2 if cfg.finetune.converge_steps else 1} read-outs), "
-                 f"{cfg.finetune.jobs} at a time")
+    texts = {"headline": f"HEADLINE dft_water: {cfg.variants} × budgets {cfg.dft_water.budgets} × finetune seeds "
+                         f"{seeds} (× pretraining seeds {pseeds} for pretrained variants)",
+             "tip3p": f"tip3p: {cfg.tip3p.variants} × budget {cfg.tip3p.budget}",
+             "ethanol": f"ethanol: {cfg.ethanol.variants} × budgets {cfg.ethanol.budgets}"}
+    seen: set[str] = set()
+    chosen: set[str] = set()
+    for step, (name, runs) in enumerate(planned_runs(cfg), start=3):
+        new = [r for r in dict.fromkeys(runs) if r not in seen]   # a shared baseline counts where it first runs
+        seen.update(new)
+        picked = [r for r in runs if wanted(cfg, r)]
+        chosen.update(picked)
+        text = texts.get(name) or _describe_experiment(cfg, name)
+        count = f"{len(new)} finetunes" if name in texts else f"{len(new)} new finetunes"
+        lines.append(f"{step}. {text} → {count}" + (f", {len(picked)} selected by --only" if cfg.only else ""))
+    lines.append(f"  {len(seen)} finetunes (× {2 if cfg.finetune.converge_steps else 1} read-outs), "
+                 f"{cfg.finetune.jobs} at a time" + (f"; --only selects {len(chosen)}" if cfg.only else ""))
     return "\n".join(lines)
 
 
-def _describe_experiment(cfg: StudyConfig, name: str) -> tuple[str, int]:
-    seeds, pseeds = len(cfg.seeds), cfg.headline_pretrain_seeds()
+def _describe_experiment(cfg: StudyConfig, name: str) -> str:
+    pseeds = cfg.headline_pretrain_seeds()
     if name == "two_stage":
         t = cfg.two_stage
         return (f"two-stage: {t.variants}@twostage (corpus export + {t.steps} steps on the DFT train positions, "
                 f"lr {t.lr:g}) and @dft_positions (paper recipe, {cfg.pretrain.steps} steps) vs corpus-only and "
-                f"scratch "
-                f"× budgets {t.budgets}", len(cfg.models) * 2 * len(t.variants) * len(t.budgets) * seeds)
+                f"scratch × budgets {t.budgets}")
     if name == "scaling":
         s = cfg.scaling
-        models = list(s.models or cfg.models)
-        return (f"scaling: {models} × {s.variants} × corpus sizes {s.sizes} (sampled conditions, "
-                f"{cfg.pretrain.steps} pretraining steps each) × pretraining seeds {pseeds} × budgets {s.budgets}",
-                len(models) * len(s.variants) * len(s.sizes) * len(pseeds) * len(s.budgets) * seeds)
+        return (f"scaling: {list(s.models or cfg.models)} × {s.variants} × corpus sizes {s.sizes} (sampled "
+                f"conditions, {cfg.pretrain.steps} pretraining steps each) × pretraining seeds {pseeds} × budgets "
+                f"{s.budgets}")
     d = cfg.diversity
     return (f"diversity at {d.frames} frames: {d.variants} on one condition ({cfg.diversity.single}) vs sampled "
-            f"conditions × pretraining seeds {pseeds} × budgets {d.budgets}",
-            len(cfg.models) * len(d.variants) * len(pseeds) * len(d.budgets) * seeds)
+            f"conditions × pretraining seeds {pseeds} × budgets {d.budgets}")

@@ -24,7 +24,7 @@ def pretrain_one(cfg: StudyConfig, run_dir: Path, manifest_dir: Path, model: str
     `stage` (default: the study's pretrain section) gives the learning rates, ranks, ZeRO stage and seed;
     `init` an export to continue from (two-stage pretraining, pretrain train.init)."""
     export = run_dir / "export"
-    if (export / "model.json").is_file():
+    if exported(run_dir):
         return export
     p = stage or cfg.pretrain
     config = pretrain_config(cfg, run_dir, manifest_dir, model, params, objective, steps, batch_size, p, init)
@@ -94,12 +94,38 @@ def water_objective(p: PretrainStageConfig, variant: str) -> dict:
     return {"kind": VARIANTS[variant], "mask_ratio": p.mask_ratio, "noise_sigma": p.noise_sigma}
 
 
-def corpus_pretraining(cfg: StudyConfig, out: Path, corpus: Path, model: str, params: dict, variant: str) -> Path:
-    """The export of `variant`'s main pretraining on the corpus (study pretrain seed), run first if missing:
-    the corpus-only arm of the experiments and the first stage of every two-stage pretraining."""
-    return pretrain_one(cfg, out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed), corpus,
-                        model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+def corpus_pretraining(cfg: StudyConfig, out: Path, model: str, params: dict, variant: str,
+                       corpus: Path | None = None) -> Path:
+    """The export of `variant`'s main pretraining on the TIP3P corpus (study pretrain seed), run first if missing:
+    the corpus-only arm of the experiments and the first stage of every two-stage pretraining. `corpus`: its
+    shards when the caller has made them; by default stage_corpus makes them, only if the export is missing."""
+    run = out / "pretrain" / pretrain_run_name(cfg, model, variant, cfg.pretrain.seed)
+    if corpus is None:
+        corpus = out / "shards" / "corpus" if exported(run) else stage_corpus(cfg, out)
+    return pretrain_one(cfg, run, corpus, model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
                         cfg.pretrain.batch_size)
+
+
+def exported(run_dir: Path) -> bool:
+    """Whether the pretraining in `run_dir` has finished (written its export)."""
+    return (run_dir / "export" / "model.json").is_file()
+
+
+def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
+    """The shards of the TIP3P corpus (cfg.corpus), generated and sharded first if missing."""
+    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
+    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
+
+    c = cfg.corpus
+    shards = out / "shards" / "corpus"
+    if not (shards / "manifest.json").is_file():
+        banner(f"TIP3P corpus: {c.frames} frames × {c.molecules} H2O, seed {c.seed}")
+        xyz = generate_tip3p(out / "data", n_molecules=c.molecules, n_frames=c.frames, seed=c.seed,
+                             steps_between_frames=c.steps_between_frames)
+        banner("sharding the corpus with Ray")
+        build_shards([str(xyz)], str(shards), shard_size=c.shard_size,
+                     split_fractions=(1.0 - c.val_fraction, c.val_fraction, 0.0), require_labels=False)
+    return shards
 
 
 def pretrain_run_name(cfg: StudyConfig, model: str, variant: str, seed: int) -> str:

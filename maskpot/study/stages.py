@@ -26,9 +26,11 @@ from maskpot.study.finetunes import (
     finetune_config,
     pretrain_seed_tag,
     run_finetunes,
+    run_name,
+    wanted,
 )
 from maskpot.study.grid import describe_plan  # the plan printed first; tests import it from here too
-from maskpot.study.pretraining import pretrain_one, pretrain_run_name, water_objective
+from maskpot.study.pretraining import exported, pretrain_one, pretrain_run_name, stage_corpus, water_objective
 
 SETTINGS = ("dft_water", "tip3p", "ethanol")
 TIMINGS_FILE = "timings.json"
@@ -40,8 +42,11 @@ def run_study(cfg: StudyConfig, out: Path) -> None:
     timings = Timings(out / TIMINGS_FILE)
     print(describe_plan(cfg, out), flush=True)
     # the order of describe_plan: the headline DFT-water rows first, then the other settings and experiments
-    corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
-    exports = timings.stage("pretrain", lambda: stage_pretrain_water(cfg, out, corpus))
+    needed = headline_pretrainings(cfg)
+    corpus = out / "shards" / "corpus"
+    if any(not exported(out / "pretrain" / pretrain_run_name(cfg, *key)) for key in needed):
+        corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
+    exports = timings.stage("pretrain", lambda: stage_pretrain_water(cfg, out, corpus, needed))
     if cfg.dft_water.enabled:
         dft = stage_dft_shards(cfg, out)
         jobs = water_jobs(cfg, out, "dft_water", dft, cfg.variants, cfg.dft_water.budgets, exports,
@@ -52,26 +57,10 @@ def run_study(cfg: StudyConfig, out: Path) -> None:
                           [cfg.tip3p.budget], exports)
         timings.stage("finetune_tip3p", lambda: run_finetunes(cfg, jobs, "TIP3P finetunes"))
     if cfg.dft_water.enabled:
-        grid.run_experiments(cfg, out, timings, corpus, dft)
+        grid.run_experiments(cfg, out, timings, dft)
     if cfg.ethanol.enabled:
         jobs = timings.stage("ethanol_pretrain", lambda: ethanol_jobs(cfg, out))
         timings.stage("finetune_ethanol", lambda: run_finetunes(cfg, jobs, "ethanol finetunes"))
-
-
-def stage_corpus(cfg: StudyConfig, out: Path) -> Path:
-    from data_shards.build import build_shards  # startup: imports torch (+7 s); kept off the maskpot CLI start
-    from data_shards.tip3p import generate_tip3p  # startup: OpenMM + ase (+3 s) off the maskpot CLI start
-
-    c = cfg.corpus
-    shards = out / "shards" / "corpus"
-    if not (shards / "manifest.json").is_file():
-        banner(f"TIP3P corpus: {c.frames} frames × {c.molecules} H2O, seed {c.seed}")
-        xyz = generate_tip3p(out / "data", n_molecules=c.molecules, n_frames=c.frames, seed=c.seed,
-                             steps_between_frames=c.steps_between_frames)
-        banner("sharding the corpus with Ray")
-        build_shards([str(xyz)], str(shards), shard_size=c.shard_size,
-                     split_fractions=(1.0 - c.val_fraction, c.val_fraction, 0.0), require_labels=False)
-    return shards
 
 
 def stage_dft_shards(cfg: StudyConfig, out: Path) -> Path:
@@ -100,20 +89,32 @@ def stage_tip3p_labels(cfg: StudyConfig, out: Path) -> Path:
     return shards
 
 
-def stage_pretrain_water(cfg: StudyConfig, out: Path, corpus: Path) -> dict[tuple[str, str, int], Path]:
-    """Every pretraining of the headline rows: model × pretrained variant × pretraining seed (the first
-    seed of every variant first, so that one full set of rows can finish before the other seeds)."""
+def headline_pretrainings(cfg: StudyConfig) -> list[tuple[str, str, int]]:
+    """(model, variant, pretraining seed) of every pretraining a selected headline or TIP3P finetune reads, the
+    first seed of every variant first (so that one full set of rows can finish before the other seeds)."""
+    own = cfg.pretrain.seed
+    seeds = [own] + [s for s in cfg.headline_pretrain_seeds() if s != own] if cfg.dft_water.enabled else [own]
+
+    def read(model: str, variant: str, pseed: int) -> bool:
+        dft = cfg.dft_water.enabled and variant in cfg.variants and any(
+            wanted(cfg, f"dft_water/{run_name(model, variant, b, s, pretrain_seed_tag(pseed, own))}")
+            for b in cfg.dft_water.budgets for s in cfg.seeds)
+        return dft or (cfg.tip3p.enabled and pseed == own and variant in cfg.tip3p.variants and any(
+            wanted(cfg, f"tip3p/{run_name(model, variant, cfg.tip3p.budget, s)}") for s in cfg.seeds))
+
+    return [(model, variant, pseed) for pseed in seeds for model in cfg.models for variant in cfg.pretrain_variants()
+            if read(model, variant, pseed)]
+
+
+def stage_pretrain_water(cfg: StudyConfig, out: Path, corpus: Path,
+                         needed: list[tuple[str, str, int]]) -> dict[tuple[str, str, int], Path]:
+    """The exports of the headline pretrainings `needed` (model, variant, seed; headline_pretrainings)."""
     exports = {}
-    seeds = [cfg.pretrain.seed] + [s for s in cfg.headline_pretrain_seeds() if s != cfg.pretrain.seed] \
-        if cfg.dft_water.enabled else [cfg.pretrain.seed]
-    for seed in seeds:
-        stage = dataclasses.replace(cfg.pretrain, seed=seed)
-        for model, params in cfg.models.items():
-            for variant in cfg.pretrain_variants():
-                run = out / "pretrain" / pretrain_run_name(cfg, model, variant, seed)
-                exports[(model, variant, seed)] = pretrain_one(
-                    cfg, run, corpus, model, params, water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
-                    cfg.pretrain.batch_size, stage=stage)
+    for model, variant, seed in needed:
+        run = out / "pretrain" / pretrain_run_name(cfg, model, variant, seed)
+        exports[(model, variant, seed)] = pretrain_one(
+            cfg, run, corpus, model, cfg.models[model], water_objective(cfg.pretrain, variant), cfg.pretrain.steps,
+            cfg.pretrain.batch_size, stage=dataclasses.replace(cfg.pretrain, seed=seed))
     return exports
 
 
@@ -127,6 +128,7 @@ def water_jobs(cfg: StudyConfig, out: Path, setting: str, shards: Path, variants
                 pseeds = [None] if VARIANTS[variant] is None else pretrain_seeds or [cfg.pretrain.seed]
                 for pseed in pseeds:
                     init = exports.get((model, variant, cfg.pretrain.seed if pseed is None else pseed))
+                    # a pretrained variant without an export: no selected finetune reads it (headline_pretrainings)
                     jobs += [finetune_config(cfg, out, setting, shards, model, params, variant, budget, seed, init,
                                              pretrain_seed=pretrain_seed_tag(pseed, cfg.pretrain.seed))
                              for seed in cfg.seeds]

@@ -117,7 +117,7 @@ def test_experiments_pretrain_each_corpus_once_and_finetune_every_arm(tmp_path, 
     monkeypatch.setattr(grid, "run_finetunes", run_finetunes)
     cfg = tiny_grid()
     timings = finetunes.Timings(tmp_path / "timings.json")
-    run_experiments(cfg, tmp_path, timings, tmp_path / "shards" / "corpus", tmp_path / "dft")
+    run_experiments(cfg, tmp_path, timings, tmp_path / "dft")
     assert list(finetuned) == ["two_stage finetunes", "scaling finetunes", "diversity finetunes"]
     assert finetuned["two_stage finetunes"] == ["egnn_mask@dft_positions_n8_s0", "egnn_mask@twostage_n8_s0",
                                                 "egnn_mask_n8_s0", "egnn_scratch_n8_s0"]
@@ -149,7 +149,7 @@ def test_only_skips_the_experiment_pretrainings_no_selected_finetune_reads(tmp_p
     cfg = load_study(STUDY, "tiny", {
         "scaling": {"sizes": [8, 16], "models": {"egnn": {"hidden": 8, "layers": 1}, "gns": {"latent": 8, "steps": 1}}},
         "only": ["dft_water/egnn_mask@corpus16_n8_s0", "dft_water/gns_scratch_n8_s0"]})
-    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "corpus", tmp_path / "dft")
+    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "dft")
     assert sorted(pretrain_configs) == ["egnn_mask@corpus16"]
     assert sorted(j.name for j in finetuned["scaling finetunes"]) == ["dft_water/egnn_mask@corpus16_n8_s0",
                                                                       "dft_water/gns_scratch_n8_s0"]
@@ -163,7 +163,7 @@ def test_the_scaling_curve_is_pretrained_with_every_pretraining_seed(tmp_path, m
                         lambda cfg, out, name, mapping, sizes: {n: out / "shards" / f"{name}{n}" for n in sizes})
     monkeypatch.setattr(grid, "run_finetunes", lambda cfg, jobs, what: finetuned.update({what: jobs}))
     cfg = load_study(STUDY, "tiny", {"scaling": {"sizes": [8, 16]}, "pretrain_seeds": [0, 1]})
-    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "corpus", tmp_path / "dft")
+    run_experiments(cfg, tmp_path, finetunes.Timings(tmp_path / "timings.json"), tmp_path / "dft")
     assert sorted(pretrain_configs) == ["egnn_mask@corpus16", "egnn_mask@corpus16_p1", "egnn_mask@corpus8",
                                         "egnn_mask@corpus8_p1"]
     assert {k: c["train"]["seed"] for k, c in pretrain_configs.items()} == {
@@ -224,6 +224,10 @@ def test_the_convergence_readout_does_not_stop_early_before_patience_min_steps_a
     assert "early_stopping_anneal_steps" not in job.config["train"]
     with pytest.raises(ConfigError, match="patience_min_steps must be in"):
         load_study(STUDY, "tiny", {"finetune": {"patience_min_steps": 13}})
+    with pytest.raises(ConfigError, match="patience_min_steps must be in"):
+        load_study(STUDY, "tiny", {"finetune": {"patience_min_steps": -1, "converge_steps": 0}})
+    # the fixed-budget read-out alone (REPORT's 600-step commands): the scale's patience_min_steps is unused
+    assert load_study(STUDY, "small", {"finetune": {"converge_steps": 0}}).finetune.patience_min_steps == 3000
     with pytest.raises(ConfigError, match="anneal_steps must be >= 0"):
         load_study(STUDY, "tiny", {"finetune": {"anneal_steps": -1}})
 
