@@ -44,7 +44,8 @@ def run_study(cfg: StudyConfig, out: Path) -> None:
     # the order of describe_plan: the headline DFT-water rows first, then the other settings and experiments
     needed = headline_pretrainings(cfg)
     corpus = out / "shards" / "corpus"
-    if any(not exported(out / "pretrain" / pretrain_run_name(cfg, *key)) for key in needed):
+    # pretrained finetunes replay the corpus when finetune.replay is set
+    if cfg.finetune.replay or any(not exported(out / "pretrain" / pretrain_run_name(cfg, *key)) for key in needed):
         corpus = timings.stage("corpus", lambda: stage_corpus(cfg, out))
     exports = timings.stage("pretrain", lambda: stage_pretrain_water(cfg, out, corpus, needed))
     if cfg.dft_water.enabled:
